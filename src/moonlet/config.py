@@ -1,0 +1,79 @@
+"""One typed configuration object for an engine.
+
+All tunables live here rather than in scattered environment variables; the
+CLI maps its flags onto this object and tests construct it directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one :class:`~moonlet.engine.TransferEngine`.
+
+    Attributes:
+        listen_host: address the engine's data/control listener binds to.
+            Loopback by default so an engine never exposes memory by accident.
+        advertise_host: address peers should dial; defaults to ``listen_host``
+            (or the host name when listening on a wildcard address).
+        port: TCP port of the listener; 0 picks a free one.
+        lanes: parallel TCP connections kept per peer.
+        slice_size: requests larger than this are cut into slices so that
+            several lanes carry one request in parallel.
+        frame_bytes: small requests bound for one peer are coalesced into one
+            frame until it carries this many payload bytes.
+        frame_entries: ... or this many requests.
+        request_timeout: default deadline of a request, in seconds.
+        connect_timeout: deadline of a TCP connect + hello, in seconds.
+        metadata_timeout: deadline of one metadata-service call, in seconds.
+        socket_buffer: SO_SNDBUF/SO_RCVBUF size, None keeps the OS default.
+        transports: transport names in order of preference; empty means all
+            installed ones, picked per request.
+    """
+
+    listen_host: str = "127.0.0.1"
+    advertise_host: str | None = None
+    port: int = 0
+    lanes: int = 2
+    slice_size: int = 4 * MiB
+    frame_bytes: int = 4 * MiB
+    frame_entries: int = 256
+    request_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    metadata_timeout: float = 5.0
+    socket_buffer: int | None = 4 * MiB
+    transports: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in 0..65535, got {self.port}")
+        if not 1 <= self.lanes <= 64:
+            raise ConfigError(f"lanes must be in 1..64, got {self.lanes}")
+        for name in ("slice_size", "frame_bytes"):
+            if getattr(self, name) < 4 * KiB:
+                raise ConfigError(f"{name} must be at least 4096 bytes, got {getattr(self, name)}")
+        if not 1 <= self.frame_entries <= 4096:
+            raise ConfigError(f"frame_entries must be in 1..4096, got {self.frame_entries}")
+        for name in ("request_timeout", "connect_timeout", "metadata_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+        if self.socket_buffer is not None and self.socket_buffer < 64 * KiB:
+            raise ConfigError(f"socket_buffer must be at least 65536 bytes, got {self.socket_buffer}")
+        if isinstance(self.transports, str):
+            raise ConfigError("transports must be a sequence of names, e.g. ('tcp',)")
+        object.__setattr__(self, "transports", tuple(self.transports))
+
+    def with_(self, **changes: object) -> "EngineConfig":
+        """Return a copy with ``changes`` applied (validated like the original)."""
+        known = {f.name for f in fields(self)}
+        unknown = set(changes) - known
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+        return replace(self, **changes)

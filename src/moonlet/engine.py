@@ -1,0 +1,316 @@
+"""The transfer engine: registered memory, segments, and batches over pluggable transports."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Iterable
+
+from . import metadata as md
+from .batch import Batch, Op, Request, RequestStatus
+from .config import EngineConfig
+from .errors import ConfigError, MemoryAccessError, MoonletError, SegmentError, TransferError
+from .memory import Buffer, MemoryRegistry, address_of, check_range, host_numa_node, parse_location
+from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
+from .transport.base import HostContext, Transport, WorkItem
+from .transport.tcp import TcpTransport
+
+log = logging.getLogger("moonlet")
+
+
+class TransferEngine:
+    """Moves bytes between this process's registered memory and other engines'.
+
+    ``metadata`` says where segment descriptors live: ``"p2p"`` (no server;
+    the engine's name is its listener's ``host:port``) or an HTTP metadata
+    server URL (the engine is published under ``name``).
+    """
+
+    def __init__(self, name: str | None = None, metadata: str = "p2p", *,
+                 config: EngineConfig | None = None, **overrides: Any) -> None:
+        cfg = config or EngineConfig()
+        if overrides:
+            cfg = cfg.with_(**overrides)
+        self.config = cfg
+        self._registry = MemoryRegistry()
+        self._instance = new_instance_id()
+        self._host = host_identity()
+        self._meta = md.connect(metadata, cfg.metadata_timeout)
+        if not self._meta.names_are_endpoints:
+            if not name or any(c.isspace() for c in name) or "/" in name:
+                raise ConfigError(f"engine name must be a non-empty string without spaces or '/', got {name!r}")
+        self._segments: dict[str, Segment] = {}
+        self._stale: set[str] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        ctx = HostContext(name or "", cfg, self._registry)
+        tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add)
+        self._name = tcp.endpoint() if self._meta.names_are_endpoints else str(name)
+        ctx.name = self._name
+        available: dict[str, Transport] = {tcp.name: tcp}
+        self._all_transports = list(available.values())
+        wanted = cfg.transports or tuple(available)
+        unknown = [t for t in wanted if t not in available]
+        if unknown:
+            self._close_transports()
+            raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {sorted(available)}")
+        self._transports = [available[t] for t in wanted]
+        try:
+            self._publish()
+        except MoonletError:
+            self._close_transports()
+            raise
+
+    # -- identity and metadata ---------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The segment name peers pass to :meth:`open_segment`."""
+        return self._name
+
+    @property
+    def metadata(self) -> str:
+        return str(self._meta)
+
+    def _identity(self) -> dict:
+        return {"name": self._name, "instance": self._instance}
+
+    def descriptor(self) -> SegmentDescriptor:
+        """This engine's current segment descriptor."""
+        return SegmentDescriptor(
+            name=self._name,
+            instance=self._instance,
+            host=self._host,
+            pid=os.getpid(),
+            endpoints={t.name: ep for t in self._all_transports if (ep := t.endpoint())},
+            buffers=[b.describe() for b in self._registry.buffers()],
+        )
+
+    def _descriptor_json(self) -> bytes:
+        return self.descriptor().to_json()
+
+    def _publish(self) -> None:
+        self._meta.publish(self._name, self._descriptor_json())
+
+    # -- memory ------------------------------------------------------------------
+
+    def register(self, target: Any, length: int | None = None, location: str | None = None, *,
+                 remote_read: bool = True, remote_write: bool = True) -> Buffer:
+        """Register memory so transfers (and, with the rights given, peers) may use it.
+
+        ``target`` is an address (``int``, with ``length``) or an object
+        exposing the buffer protocol (bytearray, numpy array, mmap).
+        ``location`` (``"cpu:N"``) is detected when not given.
+        """
+        self._check_open()
+        keep = None
+        if isinstance(target, int) and not isinstance(target, bool):
+            if length is None:
+                raise MemoryAccessError("registering a raw address needs a length")
+            addr = target
+            check_range(addr, length)
+        else:
+            addr, size, keep = address_of(target)
+            if length is not None:
+                if not 0 < length <= size:
+                    raise MemoryAccessError(f"length {length} outside 1..{size}, the size of the object")
+                size = length
+            length = size
+        if location is None:
+            location = f"cpu:{host_numa_node(addr)}"
+        kind, _ = parse_location(location)
+        if kind != "cpu":
+            raise MemoryAccessError(f"location {location!r}: GPU memory needs the moonlet[cuda] extra")
+        buf = Buffer(addr, length, location, remote_read, remote_write, keep)
+        self._registry.add(buf)
+        for t in self._all_transports:
+            t.register(buf)
+        self._publish()
+        return buf
+
+    def unregister(self, buf: Buffer | int) -> None:
+        """Unregister a buffer (by object or start address); waits for transfers using it to end."""
+        self._check_open()
+        addr = buf.addr if isinstance(buf, Buffer) else buf
+        removed = self._registry.remove(addr, timeout=self.config.request_timeout)
+        for t in self._all_transports:
+            t.unregister(removed)
+        self._publish()
+
+    def buffers(self) -> list[Buffer]:
+        """The buffers registered now, by address."""
+        return self._registry.buffers()
+
+    # -- segments ------------------------------------------------------------------
+
+    def open_segment(self, name: str) -> Segment:
+        """Resolve a peer by segment name (cached; re-fetched when found stale)."""
+        self._check_open()
+        if not isinstance(name, str) or not name:
+            raise SegmentError(f"segment name must be a non-empty string, got {name!r}")
+        with self._lock:
+            seg = self._segments.get(name)
+        if seg is not None and name not in self._stale:
+            return seg
+        desc = self._fetch(name)
+        with self._lock:
+            seg = self._segments.get(name)
+            if seg is None:
+                seg = self._segments[name] = Segment(name, desc)
+            else:
+                seg.update(desc)
+            self._stale.discard(name)
+        return seg
+
+    def _fetch(self, name: str) -> SegmentDescriptor:
+        raw = self._meta.fetch(name)
+        if raw is None:
+            raise SegmentError(f"unknown segment {name!r}: no descriptor in metadata service {self._meta}")
+        desc = SegmentDescriptor.from_json(raw)
+        if desc.name != name:
+            raise SegmentError(f"metadata for {name!r} describes segment {desc.name!r}")
+        return desc
+
+    def _refresh(self, seg: Segment) -> bool:
+        """Re-fetch ``seg``'s descriptor; False if the peer cannot be asked right now."""
+        try:
+            seg.update(self._fetch(seg.name))
+            self._stale.discard(seg.name)
+            return True
+        except MoonletError as e:
+            log.info("could not refresh segment %s: %s", seg.name, e)
+            return False
+
+    def _segment(self, ref: object) -> Segment:
+        if isinstance(ref, Segment):
+            if ref.name in self._stale:
+                self._refresh(ref)
+            return ref
+        if isinstance(ref, str):
+            return self.open_segment(ref)
+        raise SegmentError(f"segment must be a Segment from open_segment() or a segment name, got {ref!r}")
+
+    # -- transfers -------------------------------------------------------------------
+
+    def submit(self, requests: Iterable[Request], timeout: float | None = None) -> Batch:
+        """Start a batch of requests; returns at once with a :class:`Batch` to wait on.
+
+        Local mistakes (unregistered local memory, zero length, bad segment)
+        raise before anything moves; remote refusals end the request FAILED.
+        ``timeout`` (seconds, default ``config.request_timeout``) bounds the batch.
+        """
+        self._check_open()
+        reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
+        timeout = self.config.request_timeout if timeout is None else timeout
+        if not timeout > 0:
+            raise ConfigError(f"timeout must be positive, got {timeout}")
+        plan: list[tuple[int, Request, Buffer, Segment]] = []
+        for i, r in enumerate(reqs):
+            if not isinstance(r.op, Op):
+                raise TransferError(f"request {i}: op must be Op.READ or Op.WRITE, got {r.op!r}")
+            try:
+                check_range(r.local_addr, r.length)
+                check_range(r.remote_addr, r.length)
+            except MemoryAccessError as e:
+                raise MemoryAccessError(f"request {i}: {e}") from None
+            local = self._registry.require(r.local_addr, r.length, f"request {i}: local")
+            plan.append((i, r, local, self._segment(r.segment)))
+        batch = Batch(reqs, time.monotonic() + timeout)
+        batch._expire = self._expire
+        groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]] = {}
+        refreshed: set[str] = set()
+        for i, r, local, seg in plan:
+            remote = seg.find(r.remote_addr, r.length)
+            if remote is None and seg.name not in refreshed:
+                refreshed.add(seg.name)  # the peer may have registered more: ask again once
+                self._refresh(seg)
+                remote = seg.find(r.remote_addr, r.length)
+            if remote is None:
+                batch.fail(i, f"remote range [{r.remote_addr:#x}, +{r.length}) is not inside a registered "
+                              f"buffer of segment {seg.name!r}")
+                continue
+            t = next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)), None)
+            if t is None:
+                batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
+                              f"{remote['location']} memory of {seg.name!r} from local {local.location}")
+                continue
+            groups.setdefault((id(t), id(seg)), (t, seg, []))[2].append(WorkItem(i, r, local))
+        for t, seg, items in groups.values():
+            t.submit(seg, batch, items)
+        return batch
+
+    def _expire(self, batch: Batch) -> None:
+        for t in self._transports:
+            t.expire(batch)
+
+    def _one(self, op: Op, local_addr: int, segment: object, remote_addr: int, length: int,
+             timeout: float | None) -> Batch:
+        return self.submit([Request(op, local_addr, segment, remote_addr, length)], timeout)
+
+    def write(self, local_addr: int, segment: object, remote_addr: int, length: int,
+              timeout: float | None = None) -> RequestStatus:
+        """Copy ``length`` bytes from local memory to the peer; raise :class:`TransferError` on failure."""
+        batch = self._one(Op.WRITE, local_addr, segment, remote_addr, length, timeout)
+        batch.check()
+        return batch.status(0)
+
+    def read(self, local_addr: int, segment: object, remote_addr: int, length: int,
+             timeout: float | None = None) -> RequestStatus:
+        """Copy ``length`` bytes from the peer into local memory; raise :class:`TransferError` on failure."""
+        batch = self._one(Op.READ, local_addr, segment, remote_addr, length, timeout)
+        batch.check()
+        return batch.status(0)
+
+    async def _one_async(self, op: Op, local_addr: int, segment: object, remote_addr: int, length: int,
+                         timeout: float | None) -> RequestStatus:
+        batch = self._one(op, local_addr, segment, remote_addr, length, timeout)
+        status = (await batch)[0]
+        if not status.ok:
+            raise TransferError(f"{op.name} {status.state.name}: {status.reason}", [status])
+        return status
+
+    async def write_async(self, local_addr: int, segment: object, remote_addr: int, length: int,
+                          timeout: float | None = None) -> RequestStatus:
+        """asyncio form of :meth:`write`."""
+        return await self._one_async(Op.WRITE, local_addr, segment, remote_addr, length, timeout)
+
+    async def read_async(self, local_addr: int, segment: object, remote_addr: int, length: int,
+                         timeout: float | None = None) -> RequestStatus:
+        """asyncio form of :meth:`read`."""
+        return await self._one_async(Op.READ, local_addr, segment, remote_addr, length, timeout)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MoonletError("engine is closed")
+
+    def _close_transports(self) -> None:
+        for t in self._all_transports:
+            t.close()
+
+    def close(self) -> None:
+        """Withdraw the descriptor, close connections and stop serving peers."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._meta.remove(self._name)
+        except MoonletError as e:
+            log.warning("could not withdraw descriptor of %s: %s", self._name, e)
+        self._close_transports()
+        self._meta.close()
+
+    def __enter__(self) -> "TransferEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TransferEngine({self._name!r}, metadata={self.metadata!r}, buffers={len(self._registry)})"
+
+
+__all__ = ["TransferEngine"]

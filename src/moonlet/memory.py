@@ -1,0 +1,277 @@
+"""Registered memory: buffers, their locations, and the registry that guards them.
+
+Only ranges inside a registered buffer may be touched by a transfer, local or
+remote.  The registry answers "which buffer holds [addr, addr+len)" with a
+bisect over sorted start addresses, and pins buffers while a transfer uses
+them so that ``unregister`` never returns while bytes are still moving into
+memory the caller is about to free.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import os
+import platform
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .errors import MemoryAccessError, RegistrationError
+
+_LOCATION_RE = re.compile(r"^(cpu|cuda):(\d+)$")
+_ADDR_LIMIT = 1 << 64
+
+
+def parse_location(location: str) -> tuple[str, int]:
+    """Split ``"cpu:0"`` / ``"cuda:1"`` into ``("cpu", 0)``; raise on anything else."""
+    m = _LOCATION_RE.match(location or "")
+    if not m:
+        raise RegistrationError(f"location must look like 'cpu:N' or 'cuda:N', got {location!r}")
+    return m.group(1), int(m.group(2))
+
+
+def view_at(addr: int, length: int) -> memoryview:
+    """A writable byte memoryview over raw host memory at ``addr``.
+
+    No copy is made; the caller guarantees the memory stays valid.
+    """
+    return memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+
+
+def address_of(obj: Any) -> tuple[int, int, Any]:
+    """Return ``(address, length, keepalive)`` of a buffer-protocol object.
+
+    ``keepalive`` must be held for as long as the address is used: for a
+    bytearray it also prevents a resize that would move the memory.
+    """
+    try:
+        mv = memoryview(obj)
+    except TypeError:
+        raise RegistrationError(
+            f"cannot register {type(obj).__name__}: pass an address and length, "
+            "or an object exposing the buffer protocol (bytearray, numpy array, mmap)"
+        ) from None
+    if not mv.contiguous:
+        raise RegistrationError("cannot register a non-contiguous buffer; make it contiguous first")
+    if mv.readonly:
+        raise RegistrationError(
+            f"cannot register read-only {type(obj).__name__}: moonlet needs writable memory "
+            "(use bytearray, a writable numpy array or mmap)"
+        )
+    mv = mv.cast("B")
+    if mv.nbytes == 0:
+        raise RegistrationError("cannot register an empty buffer (length 0)")
+    anchor = ctypes.c_char.from_buffer(mv)
+    return ctypes.addressof(anchor), mv.nbytes, (mv, anchor)
+
+
+_MOVE_PAGES = {"x86_64": 279, "aarch64": 239}
+
+
+def _numa_nodes() -> list[int]:
+    try:
+        names = os.listdir("/sys/devices/system/node")
+    except OSError:
+        return [0]
+    nodes = sorted(int(n[4:]) for n in names if n.startswith("node") and n[4:].isdigit())
+    return nodes or [0]
+
+
+def host_numa_node(addr: int) -> int:
+    """NUMA node that holds the page at ``addr`` (0 on single-node hosts or when unknown)."""
+    if len(_numa_nodes()) <= 1:
+        return 0
+    nr = _MOVE_PAGES.get(platform.machine())
+    if nr is None:
+        return 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    page = ctypes.c_void_p(addr & ~(os.sysconf("SC_PAGE_SIZE") - 1))
+    status = ctypes.c_int(-1)
+    pages = (ctypes.c_void_p * 1)(page)
+    rc = libc.syscall(nr, 0, ctypes.c_ulong(1), pages, None, ctypes.byref(status), 0)
+    return status.value if rc == 0 and status.value >= 0 else 0
+
+
+class Denied:
+    """Why a remote access to a range was refused (codes travel on the wire)."""
+
+    OK = 0
+    BAD_RANGE = 1
+    NOT_REGISTERED = 2
+    NO_PERMISSION = 3
+    NOT_HOST_MEMORY = 4
+
+    REASONS = {
+        BAD_RANGE: "empty range or range past the end of the address space",
+        NOT_REGISTERED: "range is not inside a registered buffer of the target",
+        NO_PERMISSION: "the target buffer does not allow this access",
+        NOT_HOST_MEMORY: "the target buffer is not host memory reachable by this transport",
+    }
+
+
+@dataclass(eq=False)
+class Buffer:
+    """A registered memory range.
+
+    Attributes:
+        addr: start address (virtual address in the owning process).
+        length: size in bytes.
+        location: ``"cpu:N"`` (NUMA node) or ``"cuda:N"`` (GPU ordinal).
+        remote_read / remote_write: whether peers may read / write it.
+    """
+
+    addr: int
+    length: int
+    location: str
+    remote_read: bool = True
+    remote_write: bool = True
+    keepalive: Any = field(default=None, repr=False)
+    _view: memoryview | None = field(default=None, repr=False)
+    _users: int = field(default=0, repr=False)
+    _dead: bool = field(default=False, repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.addr + self.length
+
+    @property
+    def is_host(self) -> bool:
+        return self.location.startswith("cpu:")
+
+    def view(self, addr: int, length: int) -> memoryview:
+        """Memoryview of ``[addr, addr+length)``, which must lie inside this host buffer."""
+        if self._view is None:
+            self._view = view_at(self.addr, self.length)
+        off = addr - self.addr
+        return self._view[off : off + length]
+
+    def describe(self) -> dict:
+        """The JSON-able form published in the segment descriptor."""
+        return {
+            "addr": self.addr,
+            "length": self.length,
+            "location": self.location,
+            "remote_read": self.remote_read,
+            "remote_write": self.remote_write,
+        }
+
+
+def check_range(addr: int, length: int) -> None:
+    """Reject ranges that are empty, negative or wrap past the end of the address space."""
+    if not isinstance(addr, int) or not isinstance(length, int):
+        raise MemoryAccessError(f"address and length must be integers, got {addr!r}, {length!r}")
+    if length <= 0:
+        raise MemoryAccessError(f"length must be positive, got {length}")
+    if addr < 0 or addr + length > _ADDR_LIMIT:
+        raise MemoryAccessError(f"range [{addr:#x}, +{length}) is outside the 64-bit address space")
+
+
+class MemoryRegistry:
+    """The set of buffers an engine has registered, keyed by address."""
+
+    def __init__(self) -> None:
+        self._starts: list[int] = []
+        self._by_start: dict[int, Buffer] = {}
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+
+    def __len__(self) -> int:
+        return len(self._starts)
+
+    def buffers(self) -> list[Buffer]:
+        with self._lock:
+            return [self._by_start[s] for s in self._starts]
+
+    def add(self, buf: Buffer) -> Buffer:
+        """Insert ``buf``; refuse exact duplicates and overlaps with a clear reason."""
+        check_range(buf.addr, buf.length)
+        with self._lock:
+            i = bisect.bisect_right(self._starts, buf.addr)
+            for j in (i - 1, i):
+                if 0 <= j < len(self._starts):
+                    other = self._by_start[self._starts[j]]
+                    if other.addr < buf.end and buf.addr < other.end:
+                        what = "is already registered" if (other.addr, other.length) == (buf.addr, buf.length) \
+                            else f"overlaps registered buffer [{other.addr:#x}, +{other.length})"
+                        raise RegistrationError(f"range [{buf.addr:#x}, +{buf.length}) {what}")
+            self._starts.insert(i, buf.addr)
+            self._by_start[buf.addr] = buf
+        return buf
+
+    def remove(self, addr: int, timeout: float) -> Buffer:
+        """Unregister the buffer starting at ``addr``; wait for transfers using it to end."""
+        with self._lock:
+            buf = self._by_start.get(addr)
+            if buf is None:
+                raise RegistrationError(f"no buffer is registered at {addr:#x}")
+            buf._dead = True
+            i = bisect.bisect_left(self._starts, addr)
+            del self._starts[i]
+            del self._by_start[addr]
+            deadline = time.monotonic() + timeout
+            while buf._users:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RegistrationError(
+                        f"buffer at {addr:#x} is still in use by {buf._users} transfer(s) after {timeout}s"
+                    )
+                self._idle.wait(left)
+        return buf
+
+    def _find_locked(self, addr: int, length: int) -> Buffer | None:
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0:
+            return None
+        buf = self._by_start[self._starts[i]]
+        return buf if addr + length <= buf.end else None
+
+    def find(self, addr: int, length: int) -> Buffer | None:
+        """The buffer holding all of ``[addr, addr+length)``, or None."""
+        with self._lock:
+            return self._find_locked(addr, length)
+
+    def require(self, addr: int, length: int, what: str = "local") -> Buffer:
+        """Like :meth:`find` but raise :class:`MemoryAccessError` naming the range."""
+        check_range(addr, length)
+        buf = self.find(addr, length)
+        if buf is None:
+            raise MemoryAccessError(f"{what} range [{addr:#x}, +{length}) is not inside a registered buffer")
+        return buf
+
+    def acquire(self, ranges: Iterable[tuple[int, int]], write: bool) -> tuple[list[Buffer | int], list[Buffer]]:
+        """Resolve and pin the buffers behind ``ranges`` for a remote access.
+
+        Returns ``(per_range, pinned)``: per range its buffer, or a
+        :class:`Denied` code saying why it may not be touched; and the
+        distinct buffers pinned, to hand to :meth:`release`.
+        """
+        out: list[Buffer | int] = []
+        pinned: dict[int, Buffer] = {}
+        with self._lock:
+            for addr, length in ranges:
+                if length <= 0 or addr < 0 or addr + length > _ADDR_LIMIT:
+                    out.append(Denied.BAD_RANGE)
+                    continue
+                buf = self._find_locked(addr, length)
+                if buf is None:
+                    out.append(Denied.NOT_REGISTERED)
+                elif not (buf.remote_write if write else buf.remote_read):
+                    out.append(Denied.NO_PERMISSION)
+                else:
+                    out.append(buf)
+                    if id(buf) not in pinned:
+                        pinned[id(buf)] = buf
+                        buf._users += 1
+        return out, list(pinned.values())
+
+    def release(self, pinned: list[Buffer]) -> None:
+        """Unpin buffers returned by :meth:`acquire`."""
+        if not pinned:
+            return
+        with self._lock:
+            for buf in pinned:
+                buf._users -= 1
+            self._idle.notify_all()

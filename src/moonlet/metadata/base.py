@@ -1,0 +1,30 @@
+"""The interface of a metadata backend: a key-value home for segment descriptors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+
+class MetadataBackend(ABC):
+    """Stores and finds segment descriptors by segment name."""
+
+    #: True when the segment name must be the engine's own ``host:port`` (peer-to-peer mode).
+    names_are_endpoints: bool = False
+
+    @abstractmethod
+    def publish(self, name: str, descriptor: bytes) -> None:
+        """Make ``descriptor`` (JSON) findable under ``name``, replacing any older one."""
+
+    @abstractmethod
+    def fetch(self, name: str) -> bytes | None:
+        """The descriptor published under ``name``, or None if there is none."""
+
+    @abstractmethod
+    def remove(self, name: str) -> None:
+        """Withdraw the descriptor of ``name`` (missing is not an error)."""
+
+    def close(self) -> None:
+        """Release connections."""
+
+    def __str__(self) -> str:
+        return type(self).__name__

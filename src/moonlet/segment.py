@@ -1,0 +1,141 @@
+"""Segment descriptors: what an engine tells the world about itself.
+
+A descriptor names the engine, says how to reach it (endpoints per
+transport), which host and process it runs in (so peers can pick same-host
+paths), and which buffers it has registered.  It is plain JSON so that any
+metadata store can keep it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+
+from .errors import SegmentError
+
+DESCRIPTOR_VERSION = 1
+
+
+def host_identity() -> str:
+    """A stable id of this host's kernel instance: machine-id + boot-id, hashed.
+
+    Two processes with the same id share physical memory, whatever their IP
+    addresses look like.
+    """
+    parts = [socket.gethostname()]
+    for path in ("/etc/machine-id", "/proc/sys/kernel/random/boot_id"):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            pass
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
+@dataclass
+class SegmentDescriptor:
+    """The published description of one engine."""
+
+    name: str
+    instance: str
+    host: str
+    pid: int
+    endpoints: dict[str, str]
+    buffers: list[dict] = field(default_factory=list)
+
+    @property
+    def transports(self) -> list[str]:
+        return sorted(self.endpoints)
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "version": DESCRIPTOR_VERSION,
+                "name": self.name,
+                "instance": self.instance,
+                "host": self.host,
+                "pid": self.pid,
+                "endpoints": self.endpoints,
+                "transports": self.transports,
+                "buffers": self.buffers,
+            },
+            separators=(",", ":"),
+        ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str | dict) -> "SegmentDescriptor":
+        """Parse and validate a descriptor; raise :class:`SegmentError` on anything malformed."""
+        try:
+            d = json.loads(data) if isinstance(data, (bytes, str)) else data
+            if d.get("version") != DESCRIPTOR_VERSION:
+                raise SegmentError(f"unsupported segment descriptor version {d.get('version')!r}")
+            bufs = [
+                {
+                    "addr": int(b["addr"]),
+                    "length": int(b["length"]),
+                    "location": str(b["location"]),
+                    "remote_read": bool(b.get("remote_read", True)),
+                    "remote_write": bool(b.get("remote_write", True)),
+                }
+                for b in d["buffers"]
+            ]
+            return cls(
+                name=str(d["name"]),
+                instance=str(d["instance"]),
+                host=str(d["host"]),
+                pid=int(d["pid"]),
+                endpoints={str(k): str(v) for k, v in dict(d["endpoints"]).items()},
+                buffers=bufs,
+            )
+        except SegmentError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise SegmentError(f"malformed segment descriptor: {e!r}") from None
+
+
+class Segment:
+    """A handle on a peer engine, as returned by ``open_segment``.
+
+    It caches the peer's descriptor; the engine refreshes it when a request
+    names memory the cached copy does not know (the peer may have registered
+    more since) or when the peer's instance changed (it restarted).
+    """
+
+    def __init__(self, name: str, descriptor: SegmentDescriptor) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self.update(descriptor)
+
+    def update(self, descriptor: SegmentDescriptor) -> None:
+        with self._lock:
+            self.descriptor = descriptor
+            bufs = sorted(descriptor.buffers, key=lambda b: b["addr"])
+            self._starts = [b["addr"] for b in bufs]
+            self._bufs = bufs
+
+    def find(self, addr: int, length: int) -> dict | None:
+        """The cached remote buffer holding ``[addr, addr+length)``, or None."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, addr) - 1
+            if i < 0:
+                return None
+            b = self._bufs[i]
+            return b if addr + length <= b["addr"] + b["length"] else None
+
+    @property
+    def buffers(self) -> list[dict]:
+        """The peer's registered buffers as last seen."""
+        return list(self._bufs)
+
+    def __repr__(self) -> str:
+        d = self.descriptor
+        return f"Segment({self.name!r}, endpoints={d.endpoints}, buffers={len(d.buffers)})"
+
+
+def new_instance_id() -> str:
+    return os.urandom(8).hex()

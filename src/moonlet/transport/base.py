@@ -1,0 +1,64 @@
+"""The one interface every transport implements.
+
+The engine resolves segments, validates local memory, picks a transport per
+request and hands each transport the requests it carries.  A transport moves
+the bytes and reports every slice's end to the :class:`~moonlet.batch.Batch`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from ..batch import Batch, Request
+from ..config import EngineConfig
+from ..memory import Buffer, MemoryRegistry
+from ..segment import Segment, SegmentDescriptor
+
+
+@dataclass
+class WorkItem:
+    """One request as the engine hands it to a transport."""
+
+    index: int  # position in the batch
+    request: Request
+    local: Buffer  # the registered local buffer holding the local range
+
+
+@dataclass
+class HostContext:
+    """What a transport may know about the engine it serves."""
+
+    name: str
+    config: EngineConfig
+    registry: MemoryRegistry
+
+
+class Transport(ABC):
+    """A way to move bytes between this engine's memory and a peer's."""
+
+    name: str = ""
+
+    def endpoint(self) -> str | None:
+        """The address peers use to reach this transport (published in the descriptor)."""
+        return None
+
+    @abstractmethod
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+        """Whether this transport can carry a request between ``local`` and the peer's ``remote`` buffer."""
+
+    @abstractmethod
+    def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
+        """Start moving ``items``; report each one's end to ``batch`` (never block on the network)."""
+
+    def expire(self, batch: Batch) -> None:
+        """``batch`` passed its deadline: end its requests now, so no late byte lands."""
+
+    def register(self, buf: Buffer) -> None:
+        """A buffer was registered with the engine."""
+
+    def unregister(self, buf: Buffer) -> None:
+        """A buffer is being unregistered; drop any state kept for it."""
+
+    def close(self) -> None:
+        """Release sockets, threads and handles."""

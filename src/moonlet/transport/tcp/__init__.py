@@ -1,0 +1,119 @@
+"""TCP transport: any host, host memory on both ends (GPU memory is staged by later layers).
+
+Small requests of one submit bound for one peer are coalesced into frames of
+up to ``config.frame_entries`` entries / ``config.frame_bytes`` bytes; large
+requests are cut into ``config.slice_size`` slices so several lanes carry
+them in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+from ...batch import Batch
+from ...memory import Buffer
+from ...segment import Segment, SegmentDescriptor
+from ..base import HostContext, Transport, WorkItem
+from . import protocol as P
+from .client import OutFrame, Peer
+from .server import TcpServer
+
+_WATCHDOG_PERIOD = 0.05
+
+
+class TcpTransport(Transport):
+    """Listener for peers' requests plus pooled, pipelined connections to peers."""
+
+    name = "tcp"
+
+    def __init__(self, ctx: HostContext, describe: Callable[[], bytes], identity: Callable[[], dict],
+                 on_stale: Callable[[str], None]) -> None:
+        cfg = ctx.config
+        self._cfg = cfg
+        self._on_stale = on_stale
+        self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer)
+        host = cfg.advertise_host or self.server.address[0]
+        if host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+        self._endpoint = f"[{host}]:{self.server.address[1]}" if ":" in host else f"{host}:{self.server.address[1]}"
+        self._peers: dict[tuple[str, str], Peer] = {}
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="moonlet-tcp-watchdog", daemon=True)
+        self._watchdog.start()
+
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+        return "tcp" in peer.endpoints and local.is_host and remote["location"].startswith("cpu:")
+
+    def _peer(self, segment: Segment) -> Peer:
+        d = segment.descriptor
+        key = (segment.name, d.endpoints["tcp"])
+        with self._lock:
+            peer = self._peers.get(key)
+            if peer is None or peer.closed:
+                peer = self._peers[key] = Peer(segment.name, d.endpoints["tcp"], d.instance, self._cfg.lanes,
+                                               self._cfg.connect_timeout, self._cfg.socket_buffer, self._on_stale)
+            elif peer.instance != d.instance:
+                peer.instance = d.instance
+        return peer
+
+    def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
+        peer = self._peer(segment)
+        cfg = self._cfg
+        slice_size, max_bytes, max_entries = cfg.slice_size, cfg.frame_bytes, cfg.frame_entries
+        for kind in (P.READ, P.WRITE):
+            entries: list = []
+            views: list = []
+            refs: list = []
+            nbytes = 0
+            for item in items:
+                req = item.request
+                if (P.WRITE if req.op else P.READ) != kind:
+                    continue
+                n_slices = -(-req.length // slice_size)
+                batch.add_parts(item.index, n_slices, self.name)
+                for off in range(0, req.length, slice_size):
+                    n = min(slice_size, req.length - off)
+                    entries.append((req.remote_addr + off, n))
+                    views.append(item.local.view(req.local_addr + off, n))
+                    refs.append(item.index)
+                    nbytes += n
+                    if nbytes >= max_bytes or len(entries) >= max_entries:
+                        peer.send(OutFrame(kind, entries, views, refs, batch, nbytes))
+                        entries, views, refs, nbytes = [], [], [], 0
+            if entries:
+                peer.send(OutFrame(kind, entries, views, refs, batch, nbytes))
+
+    def expire(self, batch: Batch) -> None:
+        with self._lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            peer.expire(batch, time.monotonic())
+
+    def _watch(self) -> None:
+        while not self._closed.wait(_WATCHDOG_PERIOD):
+            with self._lock:
+                peers = list(self._peers.values())
+            now = time.monotonic()
+            for peer in peers:
+                peer.expire(None, now)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            peers = list(self._peers.values())
+            self._peers.clear()
+        for peer in peers:
+            peer.close()
+        self.server.close()
+        self._watchdog.join(timeout=2)
+
+
+__all__ = ["TcpTransport"]

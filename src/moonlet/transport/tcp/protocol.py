@@ -1,0 +1,244 @@
+"""The moonlet TCP wire format, sans-IO: bytes in, events out.
+
+No socket is touched here.  The transport's hot path calls the same
+``parse_prefix`` / ``parse_entries`` / ``parse_statuses`` functions that
+:class:`FrameParser` uses, so fuzzing the parser exercises the exact checks
+the server runs on untrusted input.
+
+Every frame starts with a fixed 24-byte prefix (little-endian)::
+
+    magic u16 | version u8 | kind u8 | count u32 | req_id u64 | payload_len u64
+
+followed by a kind-specific table, then ``payload_len`` payload bytes:
+
+=========  ===========================  ==============================================
+kind       table                        payload
+=========  ===========================  ==============================================
+HELLO      none                         JSON: {"name": expected segment name or ""}
+GET_DESC   none                         none
+DESC       none                         JSON segment descriptor
+WRITE      count x (addr u64, len u64)  the bytes of every entry, back to back
+READ       count x (addr u64, len u64)  none
+RESP       count x status u8            for a READ: the bytes of every OK entry
+ERROR      none                         UTF-8 message; the sender then closes
+=========  ===========================  ==============================================
+
+A WRITE or READ frame carries up to ``MAX_ENTRIES`` requests, so a batch of
+small requests bound for one peer costs one frame and one response.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass, field
+from typing import Union
+
+from ...errors import ProtocolError
+from ...memory import Denied
+
+MAGIC = 0x4D4C  # "ML"
+VERSION = 1
+
+HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR = 1, 2, 3, 4, 5, 6, 7
+KINDS = {HELLO: "HELLO", GET_DESC: "GET_DESC", DESC: "DESC", WRITE: "WRITE", READ: "READ", RESP: "RESP", ERROR: "ERROR"}
+
+PREFIX = struct.Struct("<HBBIQQ")
+PREFIX_SIZE = PREFIX.size  # 24
+ENTRY_SIZE = 16
+
+MAX_ENTRIES = 4096
+MAX_CONTROL_BODY = 64 * 1024  # HELLO / ERROR
+MAX_DESC_BODY = 64 * 1024 * 1024  # a descriptor with very many buffers
+MAX_PAYLOAD = 1 << 48
+MAX_STATUS = max(Denied.REASONS)
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The fixed part of a frame."""
+
+    kind: int
+    count: int
+    req_id: int
+    payload_len: int
+
+    @property
+    def table_size(self) -> int:
+        """Bytes of the table that follows the prefix."""
+        if self.kind in (WRITE, READ):
+            return self.count * ENTRY_SIZE
+        if self.kind == RESP:
+            return self.count
+        return 0
+
+
+def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
+    """Decode and validate a 24-byte prefix."""
+    magic, version, kind, count, req_id, payload_len = PREFIX.unpack(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {magic:#06x}, expected {MAGIC:#06x}: not a moonlet peer")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}, this side speaks {VERSION}")
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown frame kind {kind}")
+    if kind in (WRITE, READ, RESP):
+        if not 1 <= count <= MAX_ENTRIES:
+            raise ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
+    elif count:
+        raise ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
+    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, DESC: MAX_DESC_BODY, GET_DESC: 0, READ: 0}
+    cap = limit.get(kind, MAX_PAYLOAD)
+    if payload_len > cap:
+        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at most {cap}")
+    return Prefix(kind, count, req_id, payload_len)
+
+
+def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
+    """Decode the (addr, length) table of a WRITE/READ frame and check it against the prefix."""
+    entries = list(struct.iter_unpack("<QQ", table))
+    if prefix.kind == WRITE:
+        total = sum(length for _, length in entries)
+        if total != prefix.payload_len:
+            raise ProtocolError(f"WRITE entries add up to {total} bytes but the frame carries {prefix.payload_len}")
+    for _, length in entries:
+        if length == 0:
+            raise ProtocolError("entry of length 0")
+    return entries
+
+
+def parse_statuses(prefix: Prefix, table: bytes | bytearray | memoryview) -> bytes:
+    """Decode the status table of a RESP frame (one :class:`~moonlet.memory.Denied` code per entry)."""
+    statuses = bytes(table)
+    if max(statuses) > MAX_STATUS:
+        raise ProtocolError(f"unknown status code {max(statuses)} in RESP frame")
+    return statuses
+
+
+def encode_prefix(kind: int, count: int, req_id: int, payload_len: int) -> bytes:
+    return PREFIX.pack(MAGIC, VERSION, kind, count, req_id, payload_len)
+
+
+def encode_request(kind: int, req_id: int, entries: list[tuple[int, int]]) -> bytes:
+    """Prefix + table of a WRITE or READ frame (the WRITE payload is sent after it)."""
+    n = len(entries)
+    flat = [x for e in entries for x in e]
+    payload = sum(flat[1::2]) if kind == WRITE else 0
+    return PREFIX.pack(MAGIC, VERSION, kind, n, req_id, payload) + struct.pack(f"<{2 * n}Q", *flat)
+
+
+def encode_response(req_id: int, statuses: bytes, payload_len: int) -> bytes:
+    """Prefix + status table of a RESP frame (READ data follows it)."""
+    return PREFIX.pack(MAGIC, VERSION, RESP, len(statuses), req_id, payload_len) + statuses
+
+
+def encode_control(kind: int, body: bytes = b"", req_id: int = 0) -> bytes:
+    """A whole HELLO / GET_DESC / DESC / ERROR frame."""
+    return PREFIX.pack(MAGIC, VERSION, kind, 0, req_id, len(body)) + body
+
+
+def encode_hello(name: str) -> bytes:
+    return encode_control(HELLO, json.dumps({"name": name}).encode())
+
+
+def decode_hello(body: bytes) -> str:
+    try:
+        d = json.loads(body)
+        name = d["name"]
+        if not isinstance(name, str):
+            raise TypeError("name is not a string")
+        return name
+    except (ValueError, TypeError, KeyError) as e:
+        raise ProtocolError(f"malformed HELLO body: {e!r}") from None
+
+
+# --- incremental parser (used by tests, fuzzing and control paths) -------------
+
+
+@dataclass
+class Frame:
+    """A whole frame header: prefix, decoded table, and for control frames the body."""
+
+    kind: int
+    req_id: int
+    entries: list[tuple[int, int]] = field(default_factory=list)
+    statuses: bytes = b""
+    payload_len: int = 0
+    body: bytes | None = None
+
+
+@dataclass
+class Payload:
+    """A piece of a WRITE or RESP frame's payload."""
+
+    data: bytes
+
+
+Event = Union[Frame, Payload]
+
+
+class FrameParser:
+    """Feed bytes with :meth:`feed`, take :class:`Frame` / :class:`Payload` events from :meth:`events`.
+
+    Any malformed input raises :class:`ProtocolError`; after that the parser
+    refuses further input, as the connection must be closed.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._prefix: Prefix | None = None
+        self._payload_left = 0
+        self._broken = False
+
+    def feed(self, data: bytes) -> None:
+        if self._broken:
+            raise ProtocolError("parser already failed; the connection must be closed")
+        self._buf += data
+
+    def events(self) -> list[Event]:
+        out: list[Event] = []
+        try:
+            while True:
+                ev = self._next()
+                if ev is None:
+                    return out
+                out.append(ev)
+        except ProtocolError:
+            self._broken = True
+            raise
+        except struct.error as e:  # pragma: no cover - sizes are checked before unpacking
+            self._broken = True
+            raise ProtocolError(str(e)) from None
+
+    def _next(self) -> Event | None:
+        if self._payload_left:
+            if not self._buf:
+                return None
+            n = min(self._payload_left, len(self._buf))
+            chunk = bytes(self._buf[:n])
+            del self._buf[:n]
+            self._payload_left -= n
+            return Payload(chunk)
+        if self._prefix is None:
+            if len(self._buf) < PREFIX_SIZE:
+                return None
+            self._prefix = parse_prefix(self._buf[:PREFIX_SIZE])
+            del self._buf[:PREFIX_SIZE]
+        p = self._prefix
+        if p.kind in (WRITE, READ, RESP):
+            need = p.table_size
+            if len(self._buf) < need:
+                return None
+            table = bytes(self._buf[:need])
+            del self._buf[:need]
+            self._prefix = None
+            self._payload_left = p.payload_len
+            if p.kind == RESP:
+                return Frame(p.kind, p.req_id, statuses=parse_statuses(p, table), payload_len=p.payload_len)
+            return Frame(p.kind, p.req_id, entries=parse_entries(p, table), payload_len=p.payload_len)
+        if len(self._buf) < p.payload_len:
+            return None
+        body = bytes(self._buf[: p.payload_len])
+        del self._buf[: p.payload_len]
+        self._prefix = None
+        return Frame(p.kind, p.req_id, payload_len=p.payload_len, body=body)
