@@ -57,6 +57,17 @@ class RequestStatus:
         return self.state is State.COMPLETED
 
 
+_COMPLETED: dict[str, RequestStatus] = {}
+
+
+def _completed(transport: str) -> RequestStatus:
+    """A shared COMPLETED status per transport (statuses are immutable)."""
+    status = _COMPLETED.get(transport)
+    if status is None:
+        status = _COMPLETED[transport] = RequestStatus(State.COMPLETED, "", transport)
+    return status
+
+
 class Batch:
     """A group of submitted requests, completed by transports as their bytes land."""
 
@@ -71,8 +82,8 @@ class Batch:
         self._pending = n
         self._lock = threading.Lock()
         self._done = threading.Event()
-        self._callbacks: list[Callable[[], None]] = []
         self._expire: Callable[["Batch"], None] | None = None
+        self._drivers: list[Callable[["Batch", bool], None]] = []
         if n == 0:
             self._done.set()
 
@@ -81,11 +92,13 @@ class Batch:
 
     # -- filled in by the engine and transports ---------------------------------
 
-    def add_parts(self, index: int, count: int, transport: str) -> None:
-        """Announce that request ``index`` travels as ``count`` slices over ``transport``."""
+    def add_parts(self, counts: list[tuple[int, int]], transport: str) -> None:
+        """Announce that each request ``index`` of ``(index, count)`` travels as ``count`` slices over ``transport``."""
         with self._lock:
-            self._parts[index] += count
-            self._transport[index] = transport
+            parts, names = self._parts, self._transport
+            for index, count in counts:
+                parts[index] += count
+                names[index] = transport
 
     def part_done(self, index: int, state: State = State.COMPLETED, reason: str = "") -> None:
         """Record the end of one slice of request ``index``; the first failure wins."""
@@ -121,17 +134,11 @@ class Batch:
     def fail(self, index: int, reason: str, state: State = State.FAILED) -> None:
         """End request ``index`` before any slice of it was sent."""
         with self._lock:
-            if self._parts[index]:
-                raise RuntimeError("fail() called on a request with slices in flight")
-            self._parts[index] = 1
+            self._parts[index] += 1
         self.part_done(index, state, reason)
 
     def _finish(self) -> None:
         self._done.set()
-        with self._lock:
-            callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            cb()
 
     # -- read by the user -------------------------------------------------------
 
@@ -140,15 +147,31 @@ class Batch:
         return self._done.is_set()
 
     def status(self, index: int) -> RequestStatus:
+        """Status of request ``index`` now."""
         with self._lock:
             state = self._state[index]
             if self._parts[index] > 0 and state is not State.PENDING:
                 state = State.PENDING  # a failed slice, but others still moving
             return RequestStatus(state, self._reason[index], self._transport[index])
 
+    def statuses(self) -> list[RequestStatus]:
+        """Status of every request now (no progress is made)."""
+        with self._lock:
+            out = []
+            for state, reason, transport, parts in zip(self._state, self._reason, self._transport, self._parts):
+                if parts > 0:
+                    state = State.PENDING
+                if state is State.COMPLETED:
+                    out.append(_completed(transport))
+                else:
+                    out.append(RequestStatus(state, reason, transport))
+            return out
+
     def poll(self) -> list[RequestStatus]:
-        """Current status of every request, without blocking."""
-        return [self.status(i) for i in range(len(self.requests))]
+        """Make what progress is possible without blocking; return every request's status."""
+        for drive in self._drivers:
+            drive(self, False)
+        return self.statuses()
 
     def wait(self, timeout: float | None = None) -> list[RequestStatus]:
         """Block until every request has ended; return their statuses.
@@ -159,10 +182,12 @@ class Batch:
         """
         if timeout is not None:
             self.expire_at(time.monotonic() + timeout)
+        for drive in self._drivers:
+            drive(self, True)
         while not self._done.wait(max(0.0, min(self.deadline - time.monotonic(), 1.0)) + 0.01):
             if time.monotonic() >= self.deadline and self._expire is not None:
                 self._expire(self)
-        return self.poll()
+        return self.statuses()
 
     def expire_at(self, deadline: float) -> None:
         """Move the deadline earlier (never later)."""
@@ -178,26 +203,7 @@ class Batch:
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise TransferError(f"request {i} {s.state.name}: {s.reason}{more}", statuses)
 
-    def add_done_callback(self, cb: Callable[[], None]) -> None:
-        """Call ``cb`` (from a transport thread) once every request has ended."""
-        with self._lock:
-            if not self._done.is_set():
-                self._callbacks.append(cb)
-                return
-        cb()
-
     def __await__(self) -> Generator[object, None, list[RequestStatus]]:
+        """``await batch``: waits in a worker thread, so the event loop never blocks."""
         loop = asyncio.get_running_loop()
-        fut = loop.create_future()
-
-        def wake() -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
-
-        self.add_done_callback(wake)
-        left = self.deadline - time.monotonic()
-        handle = loop.call_later(max(left, 0) + 0.05, lambda: self._expire and self._expire(self))
-        try:
-            yield from fut.__await__()
-        finally:
-            handle.cancel()
-        return self.poll()
+        return (yield from loop.run_in_executor(None, self.wait).__await__())

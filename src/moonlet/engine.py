@@ -202,44 +202,71 @@ class TransferEngine:
         ``timeout`` (seconds, default ``config.request_timeout``) bounds the batch.
         """
         self._check_open()
-        reqs = [r if isinstance(r, Request) else Request(*r) for r in requests]
+        reqs = [r if type(r) is Request else Request(*r) for r in requests]
         timeout = self.config.request_timeout if timeout is None else timeout
         if not timeout > 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
-        plan: list[tuple[int, Request, Buffer, Segment]] = []
-        for i, r in enumerate(reqs):
-            if not isinstance(r.op, Op):
-                raise TransferError(f"request {i}: op must be Op.READ or Op.WRITE, got {r.op!r}")
-            try:
-                check_range(r.local_addr, r.length)
-                check_range(r.remote_addr, r.length)
-            except MemoryAccessError as e:
-                raise MemoryAccessError(f"request {i}: {e}") from None
-            local = self._registry.require(r.local_addr, r.length, f"request {i}: local")
-            plan.append((i, r, local, self._segment(r.segment)))
+        plan = self._validate(reqs)
         batch = Batch(reqs, time.monotonic() + timeout)
         batch._expire = self._expire
         groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]] = {}
         refreshed: set[str] = set()
+        routes: dict[tuple[int, int], Transport | None] = {}
+        remote: dict | None = None  # last remote buffer hit: batches mostly stay in one buffer
         for i, r, local, seg in plan:
-            remote = seg.find(r.remote_addr, r.length)
-            if remote is None and seg.name not in refreshed:
-                refreshed.add(seg.name)  # the peer may have registered more: ask again once
-                self._refresh(seg)
-                remote = seg.find(r.remote_addr, r.length)
-            if remote is None:
-                batch.fail(i, f"remote range [{r.remote_addr:#x}, +{r.length}) is not inside a registered "
-                              f"buffer of segment {seg.name!r}")
-                continue
-            t = next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)), None)
+            ra, n = r.remote_addr, r.length
+            if remote is None or remote["_seg"] is not seg or ra < remote["addr"] or ra + n > remote["_end"]:
+                remote = seg.find(ra, n)
+                if remote is None and seg.name not in refreshed:
+                    refreshed.add(seg.name)  # the peer may have registered more: ask again once
+                    self._refresh(seg)
+                    remote = seg.find(ra, n)
+                if remote is None:
+                    batch.fail(i, f"remote range [{ra:#x}, +{n}) is not inside a registered "
+                                  f"buffer of segment {seg.name!r}")
+                    continue
+            route = (id(local), id(remote))
+            t = routes.get(route, False)
+            if t is False:
+                t = routes[route] = next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)),
+                                         None)
             if t is None:
                 batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
                               f"{remote['location']} memory of {seg.name!r} from local {local.location}")
                 continue
-            groups.setdefault((id(t), id(seg)), (t, seg, []))[2].append(WorkItem(i, r, local))
+            key = (id(t), id(seg))
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = (t, seg, [])
+            group[2].append(WorkItem(i, r, local))
         for t, seg, items in groups.values():
+            if t.drive not in batch._drivers:
+                batch._drivers.append(t.drive)
             t.submit(seg, batch, items)
         return batch
+
+    def _validate(self, reqs: list[Request]) -> list[tuple[int, Request, Buffer, Segment]]:
+        """Check every request's local side and resolve its segment; raise on the first mistake."""
+        plan = []
+        local: Buffer | None = None
+        segs: dict[int, Segment] = {}
+        for i, r in enumerate(reqs):
+            op, la, ref, ra, n = r
+            if op is not Op.WRITE and op is not Op.READ:
+                raise TransferError(f"request {i}: op must be Op.READ or Op.WRITE, got {op!r}")
+            if type(la) is not int or type(ra) is not int or type(n) is not int or n <= 0 or la < 0 or ra < 0:
+                try:
+                    check_range(la, n)
+                    check_range(ra, n)
+                except MemoryAccessError as e:
+                    raise MemoryAccessError(f"request {i}: {e}") from None
+            if local is None or la < local.addr or la + n > local.addr + local.length:
+                local = self._registry.require(la, n, f"request {i}: local")
+            seg = segs.get(id(ref))
+            if seg is None:
+                seg = segs[id(ref)] = self._segment(ref)
+            plan.append((i, r, local, seg))
+        return plan
 
     def _expire(self, batch: Batch) -> None:
         for t in self._transports:

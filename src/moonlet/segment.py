@@ -114,7 +114,9 @@ class Segment:
     def update(self, descriptor: SegmentDescriptor) -> None:
         with self._lock:
             self.descriptor = descriptor
-            bufs = sorted(descriptor.buffers, key=lambda b: b["addr"])
+            # Private keys let the engine test "still inside the last buffer hit" without a lookup.
+            bufs = sorted(({**b, "_seg": self, "_end": b["addr"] + b["length"]} for b in descriptor.buffers),
+                          key=lambda b: b["addr"])
             self._starts = [b["addr"] for b in bufs]
             self._bufs = bufs
 
@@ -125,12 +127,12 @@ class Segment:
             if i < 0:
                 return None
             b = self._bufs[i]
-            return b if addr + length <= b["addr"] + b["length"] else None
+            return b if addr + length <= b["_end"] else None
 
     @property
     def buffers(self) -> list[dict]:
-        """The peer's registered buffers as last seen."""
-        return list(self._bufs)
+        """The peer's registered buffers as last seen (addr, length, location, rights)."""
+        return list(self.descriptor.buffers)
 
     def __repr__(self) -> str:
         d = self.descriptor

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..batch import Batch, Request
 from ..config import EngineConfig
@@ -16,8 +17,7 @@ from ..memory import Buffer, MemoryRegistry
 from ..segment import Segment, SegmentDescriptor
 
 
-@dataclass
-class WorkItem:
+class WorkItem(NamedTuple):
     """One request as the engine hands it to a transport."""
 
     index: int  # position in the batch
@@ -50,6 +50,12 @@ class Transport(ABC):
     @abstractmethod
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         """Start moving ``items``; report each one's end to ``batch`` (never block on the network)."""
+
+    def drive(self, batch: Batch, block: bool) -> None:
+        """Make progress on ``batch`` in the calling thread: until it is done if ``block``, else once.
+
+        Transports that complete requests on their own threads need not override this.
+        """
 
     def expire(self, batch: Batch) -> None:
         """``batch`` passed its deadline: end its requests now, so no late byte lands."""

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 from ...batch import Batch
 from ...memory import Buffer
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from . import protocol as P
-from .client import OutFrame, Peer
+from .client import OutFrame, Peer, Progress
 from .server import TcpServer
 
 _WATCHDOG_PERIOD = 0.05
@@ -33,7 +33,10 @@ class TcpTransport(Transport):
         cfg = ctx.config
         self._cfg = cfg
         self._on_stale = on_stale
-        self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer)
+        self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer,
+                                cfg.spin_us)
+        self.progress = Progress(cfg.spin_us)
+        self.progress.on_tick = self._expire_overdue
         host = cfg.advertise_host or self.server.address[0]
         if host in ("0.0.0.0", "::", ""):
             import socket
@@ -59,7 +62,8 @@ class TcpTransport(Transport):
             peer = self._peers.get(key)
             if peer is None or peer.closed:
                 peer = self._peers[key] = Peer(segment.name, d.endpoints["tcp"], d.instance, self._cfg.lanes,
-                                               self._cfg.connect_timeout, self._cfg.socket_buffer, self._on_stale)
+                                               self._cfg.connect_timeout, self._cfg.request_timeout,
+                                               self._cfg.socket_buffer, self.progress, self._on_stale)
             elif peer.instance != d.instance:
                 peer.instance = d.instance
         return peer
@@ -68,22 +72,26 @@ class TcpTransport(Transport):
         peer = self._peer(segment)
         cfg = self._cfg
         slice_size, max_bytes, max_entries = cfg.slice_size, cfg.frame_bytes, cfg.frame_entries
+        # Announce every slice before the first frame leaves, so no reply can finish a request early.
+        batch.add_parts([(item.index, -(-item.request.length // slice_size)) for item in items], self.name)
         for kind in (P.READ, P.WRITE):
             entries: list = []
             views: list = []
             refs: list = []
             nbytes = 0
-            for item in items:
-                req = item.request
+            for index, req, local in items:
                 if (P.WRITE if req.op else P.READ) != kind:
                     continue
-                n_slices = -(-req.length // slice_size)
-                batch.add_parts(item.index, n_slices, self.name)
-                for off in range(0, req.length, slice_size):
-                    n = min(slice_size, req.length - off)
-                    entries.append((req.remote_addr + off, n))
-                    views.append(item.local.view(req.local_addr + off, n))
-                    refs.append(item.index)
+                length = req.length
+                if length <= slice_size:
+                    pieces: Iterable = ((req.remote_addr, req.local_addr, length),)
+                else:
+                    pieces = [(req.remote_addr + off, req.local_addr + off, min(slice_size, length - off))
+                              for off in range(0, length, slice_size)]
+                for remote_addr, local_addr, n in pieces:
+                    entries.append((remote_addr, n))
+                    views.append(local.view(local_addr, n))
+                    refs.append(index)
                     nbytes += n
                     if nbytes >= max_bytes or len(entries) >= max_entries:
                         peer.send(OutFrame(kind, entries, views, refs, batch, nbytes))
@@ -91,19 +99,25 @@ class TcpTransport(Transport):
             if entries:
                 peer.send(OutFrame(kind, entries, views, refs, batch, nbytes))
 
+    def drive(self, batch: Batch, block: bool) -> None:
+        self.progress.wait(batch, block)
+
     def expire(self, batch: Batch) -> None:
         with self._lock:
             peers = list(self._peers.values())
         for peer in peers:
             peer.expire(batch, time.monotonic())
 
+    def _expire_overdue(self, now: float) -> None:
+        with self._lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            peer.expire(None, now)
+
     def _watch(self) -> None:
+        """Enforce deadlines while no waiting thread is driving (e.g. nobody waits at all)."""
         while not self._closed.wait(_WATCHDOG_PERIOD):
-            with self._lock:
-                peers = list(self._peers.values())
-            now = time.monotonic()
-            for peer in peers:
-                peer.expire(None, now)
+            self.progress.try_tick()
 
     def close(self) -> None:
         self._closed.set()
@@ -112,8 +126,9 @@ class TcpTransport(Transport):
             self._peers.clear()
         for peer in peers:
             peer.close()
-        self.server.close()
         self._watchdog.join(timeout=2)
+        self.progress.close()
+        self.server.close()
 
 
 __all__ = ["TcpTransport"]

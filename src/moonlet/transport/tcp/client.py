@@ -1,16 +1,18 @@
-"""Initiator side of the TCP transport: peers, lanes and in-flight frames.
+"""Initiator side of the TCP transport: peers, lanes, and caller-driven progress.
 
-Each peer gets ``config.lanes`` persistent connections ("lanes").  A lane
-has a sender thread, which connects, then sends queued frames back to back
-(several per ``sendmsg`` when they pile up), and a receiver thread, which
-matches responses to frames and lands READ data straight in registered
-memory.  Frames are pipelined: a lane never waits for one response before
-sending the next frame.
+Each peer gets ``config.lanes`` persistent connections ("lanes").  Frames are
+sent inline by the submitting thread (one ``sendmsg`` of header + registered
+memory views) and pipelined: a lane never waits for one reply before the next
+frame goes out.  Replies are read by whichever thread is waiting for a batch:
+it takes the driver role in :class:`Progress`, polls every lane without
+sleeping for ``spin_us`` and then blocks, and completes every frame that
+arrives, its own and other threads'.  No thread hand-off sits on the path of
+a request; on virtual machines each hand-off costs tens of microseconds.
 
-Whoever pops a frame from ``Lane.inflight`` (the receiver on a response,
-``abort`` on failure) owns it and ends it exactly once.  Since only the
-receiver writes into local memory, and it pops the frame first, a frame
-reported FAILED or TIMEOUT can never be written to afterwards.
+Whoever pops a frame from ``Lane.inflight`` (the driver on a reply,
+``abort`` on failure) owns it and ends it exactly once.  Only the driver
+writes into local memory, and it pops the frame first, so a frame reported
+FAILED or TIMEOUT is never written to afterwards.
 """
 
 from __future__ import annotations
@@ -18,22 +20,27 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
+import select
 import socket
+import struct
 import threading
 import time
-from collections import deque
+from typing import Callable
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, SegmentError
 from ...memory import Denied
 from . import protocol as P
 from .server import tune_socket
-from .sockio import recv_exact, recv_views, send_all
+from .sockio import recv_exact, recv_some, send_all
 
 log = logging.getLogger("moonlet.tcp")
 
 MAX_ATTEMPTS = 2
 _req_ids = itertools.count(1)
+_CHECK_PERIOD = 0.02
+_GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -83,44 +90,59 @@ class OutFrame:
 
 
 class Lane:
-    """One persistent connection to a peer, with its sender and receiver threads."""
+    """One persistent connection to a peer."""
 
-    def __init__(self, peer: "Peer") -> None:
+    def __init__(self, peer: "Peer", sock: socket.socket) -> None:
         self.peer = peer
+        self.sock = sock
+        self.fd = sock.fileno()
         self.inflight: dict[int, OutFrame] = {}
         self.load = 0
         self.aborted = False
         self.reason = ""
-        self.sock: socket.socket | None = None
-        self._queue: deque[OutFrame] = deque()
-        self._cv = threading.Condition()
-        threading.Thread(target=self._send_loop, name="moonlet-tcp-send", daemon=True).start()
+        self.send_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        # Reply parsing state: touched only by the thread holding the driver role.
+        self._pre = bytearray(P.PREFIX_SIZE)
+        self._pview = memoryview(self._pre)
+        self._got = 0
+        self._phase = 0  # 0 prefix, 1 status table, 2 READ payload
+        self._prefix: P.Prefix | None = None
+        self._table = bytearray()
+        self._cur: OutFrame | None = None
+        self._statuses = b""
+        self._views: list[memoryview] = []
 
-    def enqueue(self, frame: OutFrame) -> bool:
-        """Queue ``frame``; False if the lane is already dead."""
-        with self._cv:
+    def send(self, frame: OutFrame) -> bool:
+        """Send ``frame`` now (blocking until the kernel took it); False if the lane is dead."""
+        bufs = [P.encode_request(frame.kind, frame.req_id, frame.entries)]
+        if frame.kind == P.WRITE:
+            bufs.extend(frame.views)
+        with self.send_lock:
             if self.aborted:
                 return False
             self.inflight[frame.req_id] = frame
             self.load += frame.nbytes
-            self._queue.append(frame)
-            self._cv.notify()
-        return True
+            try:
+                send_all(self.sock, bufs)
+            except OSError as e:
+                err = e
+            else:
+                return True
+        self.abort(f"sending to {self.peer.name} failed: {err}")
+        return True  # the frame was in flight: abort() ended or retried it
 
     def abort(self, reason: str) -> None:
         """Kill the connection and end every frame on it (retried elsewhere when allowed)."""
-        with self._cv:
-            first = not self.aborted
-            self.aborted = True
-            if first:
+        with self._state_lock:
+            if not self.aborted:
+                self.aborted = True
                 self.reason = reason
-            self._queue.clear()
-            self._cv.notify_all()
-        if first and self.sock is not None:
-            try:
-                self.sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+                try:
+                    self.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                self.peer.progress.changed()
         while True:
             try:
                 _, frame = self.inflight.popitem()
@@ -128,142 +150,295 @@ class Lane:
                 break
             self.peer.fail_frame(frame, reason)
 
-    def _connect(self) -> socket.socket:
-        peer = self.peer
-        host, port = split_endpoint(peer.endpoint)
-        try:
-            sock = socket.create_connection((host, port), timeout=peer.connect_timeout)
-        except OSError as e:
-            peer.on_connect_failure()
-            raise ConnectionError(f"cannot connect to {peer.name} at {peer.endpoint}: {e}") from None
-        try:
-            tune_socket(sock, peer.socket_buffer)
-            sock.sendall(P.encode_hello(peer.name))
-            ident = json.loads(_read_control(sock, P.HELLO, "HELLO"))
-            if ident.get("instance") != peer.instance:
-                peer.on_connect_failure()
-                raise SegmentError(
-                    f"peer {peer.name} at {peer.endpoint} restarted (instance {ident.get('instance')}, "
-                    f"expected {peer.instance}); its segment will be re-resolved"
-                )
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+    def overdue(self, now: float) -> bool:
+        return any(now >= f.batch.deadline for f in list(self.inflight.values()))
 
-    def _send_loop(self) -> None:
-        try:
-            self.sock = self._connect()
-            with self._cv:
-                if self.aborted:  # aborted while connecting
-                    self.sock.close()
-                    return
-            threading.Thread(target=self._recv_loop, name="moonlet-tcp-recv", daemon=True).start()
-            while True:
-                with self._cv:
-                    while not self._queue and not self.aborted:
-                        self._cv.wait()
-                    if self.aborted:
-                        return
-                    frames = list(self._queue)
-                    self._queue.clear()
-                bufs: list = []
-                for f in frames:
-                    if f.req_id in self.inflight:
-                        bufs.append(P.encode_request(f.kind, f.req_id, f.entries))
-                        if f.kind == P.WRITE:
-                            bufs.extend(f.views)
-                if bufs:
-                    send_all(self.sock, bufs)
-        except Exception as e:
-            self.abort(f"sending to {self.peer.name} failed: {e}")
+    def carries(self, batch: Batch) -> bool:
+        return any(f.batch is batch for f in list(self.inflight.values())) or (
+            self._cur is not None and self._cur.batch is batch)
 
-    def _recv_loop(self) -> None:
+    # -- reply parsing (driver only) -------------------------------------------------
+
+    def on_readable(self) -> None:
+        """Consume every reply byte available now; complete frames whose reply is whole."""
+        try:
+            self._read()
+        except Exception as e:  # noqa: BLE001 - any failure ends this lane, never the driver
+            if isinstance(e, (ConnectionError, OSError)):
+                reason = self.reason or f"connection to {self.peer.name} lost: {e}"
+            else:
+                reason = f"{self.peer.name}: {e}"
+            cur, self._cur = self._cur, None
+            if cur is not None:
+                self.peer.fail_frame(cur, reason)
+            self.abort(reason)
+
+    def _read(self) -> None:
         sock = self.sock
-        assert sock is not None
-        pre = bytearray(P.PREFIX_SIZE)
-        pview = memoryview(pre)
-        frame = None
-        try:
-            while True:
-                recv_exact(sock, pview)
-                p = P.parse_prefix(pre)
+        while True:
+            if self._phase == 2:
+                if not recv_some(sock, self._views):
+                    return
+                if not self._views:
+                    self._finish()
+                continue
+            if self._phase == 0:
+                view, need = self._pview, P.PREFIX_SIZE
+            else:
+                view, need = memoryview(self._table), len(self._table)
+            try:
+                n = sock.recv_into(view[self._got:], need - self._got, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            if n == 0:
+                raise ConnectionError("peer closed the connection")
+            self._got += n
+            if self._got < need:
+                continue
+            self._got = 0
+            if self._phase == 0:
+                p = self._prefix = P.parse_prefix(self._pre)
                 if p.kind == P.ERROR:
                     body = bytearray(p.payload_len)
                     recv_exact(sock, memoryview(body))
                     raise ProtocolError(f"peer reported a protocol error: {body.decode(errors='replace')}")
                 if p.kind != P.RESP:
                     raise ProtocolError(f"expected RESP from peer, got {P.KINDS[p.kind]}")
-                table = bytearray(p.count)
-                recv_exact(sock, memoryview(table))
-                statuses = P.parse_statuses(p, table)
-                frame = self.inflight.pop(p.req_id, None)
-                if frame is None:
-                    raise ProtocolError(f"RESP for unknown request id {p.req_id}")
-                if len(statuses) != len(frame.refs):
-                    raise ProtocolError(f"RESP has {len(statuses)} statuses for {len(frame.refs)} entries")
-                if frame.kind == P.READ:
-                    views = [v for v, s in zip(frame.views, statuses) if not s]
-                    if sum(v.nbytes for v in views) != p.payload_len:
-                        raise ProtocolError("READ reply carries a payload of the wrong size")
-                    if views:
-                        recv_views(sock, views)
-                elif p.payload_len:
-                    raise ProtocolError("WRITE reply carries a payload")
-                with self._cv:
-                    self.load -= frame.nbytes
-                done, frame = frame, None
-                self.peer.complete(done, statuses)
-        except Exception as e:
-            if isinstance(e, (ConnectionError, OSError)) and not isinstance(e, ProtocolError):
-                reason = self.reason or f"connection to {self.peer.name} lost: {e}"
-            else:
-                reason = f"{self.peer.name}: {e}"
-            if frame is not None:
-                self.peer.fail_frame(frame, reason)
-            self.abort(reason)
+                self._table = bytearray(p.count)
+                self._phase = 1
+                continue
+            p = self._prefix
+            assert p is not None
+            statuses = P.parse_statuses(p, self._table)
+            frame = self.inflight.pop(p.req_id, None)
+            if frame is None:
+                raise ProtocolError(f"RESP for unknown request id {p.req_id}")
+            self._cur, self._statuses = frame, statuses
+            if len(statuses) != len(frame.refs):
+                raise ProtocolError(f"RESP has {len(statuses)} statuses for {len(frame.refs)} entries")
+            if frame.kind == P.READ:
+                views = [v for v, s in zip(frame.views, statuses) if not s]
+                if sum(v.nbytes for v in views) != p.payload_len:
+                    raise ProtocolError("READ reply carries a payload of the wrong size")
+                if views:
+                    self._views, self._phase = views, 2
+                    continue
+            elif p.payload_len:
+                raise ProtocolError("WRITE reply carries a payload")
+            self._finish()
+
+    def _finish(self) -> None:
+        frame, self._cur = self._cur, None
+        self._phase = 0
+        assert frame is not None
+        self.load -= frame.nbytes
+        self.peer.complete(frame, self._statuses)
+
+
+class Progress:
+    """The driver role: one waiting thread at a time reads replies for all lanes of a transport."""
+
+    def __init__(self, spin_us: int) -> None:
+        self._spin = spin_us / 1e6
+        self._cv = threading.Condition()
+        self._driving = False
+        self._waiters = 0
+        self._lanes: set[Lane] = set()
+        self._version = 0
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._closed = False
+        self.on_tick: Callable[[float], None] = lambda now: None
+
+    def add(self, lane: Lane) -> None:
+        with self._cv:
+            self._lanes.add(lane)
+        self.changed()
+
+    def changed(self) -> None:
+        """The lane set changed: make the driver rebuild its poll set now."""
+        self._version += 1
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def wait(self, batch: Batch, block: bool = True) -> None:
+        """Drive replies until ``batch`` is done or past its deadline (once, without blocking, if not ``block``)."""
+        with self._cv:
+            self._waiters += 1
+            try:
+                while not batch.done and time.monotonic() < batch.deadline + _GRACE:
+                    if self._driving:
+                        if not block:
+                            return
+                        self._cv.wait(0.05)
+                        continue
+                    self._driving = True
+                    self._cv.release()
+                    try:
+                        self._drive(batch, block)
+                    finally:
+                        self._cv.acquire()
+                        self._driving = False
+                        self._cv.notify()
+                    if not block:
+                        return
+            finally:
+                self._waiters -= 1
+
+    def try_tick(self) -> None:
+        """Run deadline checks if no thread is driving (the watchdog's entry point)."""
+        with self._cv:
+            if self._driving:
+                return
+            self._driving = True
+        try:
+            self._reap()
+            self.on_tick(time.monotonic())
         finally:
-            sock.close()
+            with self._cv:
+                self._driving = False
+                self._cv.notify()
+
+    def _reap(self) -> dict[int, Lane]:
+        """Drop aborted lanes (closing their sockets) and return the live ones by fd."""
+        with self._cv:
+            dead = [lane for lane in self._lanes if lane.aborted]
+            for lane in dead:
+                self._lanes.discard(lane)
+            live = {lane.fd: lane for lane in self._lanes}
+        for lane in dead:
+            lane.sock.close()
+        return live
+
+    def _drive(self, batch: Batch, block: bool) -> None:
+        version = -1
+        poller = select.poll()
+        lanes: dict[int, Lane] = {}
+        last = next_check = time.monotonic()
+        while not batch.done:
+            if version != self._version:
+                version = self._version
+                lanes = self._reap()
+                poller = select.poll()
+                poller.register(self._wake_r, select.POLLIN)
+                for fd in lanes:
+                    poller.register(fd, select.POLLIN)
+            events = poller.poll(0)
+            now = time.monotonic()
+            if not events:
+                if not block or now >= batch.deadline + _GRACE:
+                    self.on_tick(now)
+                    return
+                if now >= next_check:
+                    next_check = now + _CHECK_PERIOD
+                    self.on_tick(now)
+                    continue
+                if now - last < self._spin:
+                    continue
+                events = poller.poll(max(1, min(50, int((batch.deadline - now) * 1000) + 1)))
+                if not events:
+                    continue
+                now = time.monotonic()
+            last = now
+            for fd, _ in events:
+                if fd == self._wake_r:
+                    try:
+                        os.read(self._wake_r, 4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                lane = lanes.get(fd)
+                if lane is not None and not lane.aborted:
+                    lane.on_readable()
+            if self._waiters > 1:
+                with self._cv:
+                    self._cv.notify_all()
+
+    def close(self) -> None:
+        for lane in list(self._lanes):
+            lane.abort("engine closed")
+        self._reap()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
 
 
 class Peer:
     """All lanes to one remote engine endpoint."""
 
     def __init__(self, name: str, endpoint: str, instance: str, lanes: int, connect_timeout: float,
-                 socket_buffer: int | None, on_stale) -> None:
+                 send_timeout: float, socket_buffer: int | None, progress: Progress,
+                 on_stale: Callable[[str], None]) -> None:
         self.name = name
         self.endpoint = endpoint
         self.instance = instance
         self.connect_timeout = connect_timeout
+        self.send_timeout = send_timeout
         self.socket_buffer = socket_buffer
+        self.progress = progress
         self._on_stale = on_stale
         self._lanes: list[Lane | None] = [None] * lanes
         self._lock = threading.Lock()
         self.closed = False
 
-    def on_connect_failure(self) -> None:
-        """The endpoint refused us or changed hands: have the segment re-resolved."""
-        self._on_stale(self.name)
+    def _connect(self) -> Lane:
+        host, port = split_endpoint(self.endpoint)
+        try:
+            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+        except OSError as e:
+            self._on_stale(self.name)
+            raise ConnectionError(f"cannot connect to {self.name} at {self.endpoint}: {e}") from None
+        try:
+            tune_socket(sock, self.socket_buffer)
+            sock.sendall(P.encode_hello(self.name))
+            ident = json.loads(_read_control(sock, P.HELLO, "HELLO"))
+            if ident.get("instance") != self.instance:
+                self._on_stale(self.name)
+                raise SegmentError(
+                    f"peer {self.name} at {self.endpoint} restarted (instance {ident.get('instance')}, "
+                    f"expected {self.instance}); its segment will be re-resolved"
+                )
+            sock.settimeout(None)
+            sec = int(self.send_timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                            struct.pack("ll", sec, int((self.send_timeout - sec) * 1e6)))
+        except BaseException:
+            sock.close()
+            raise
+        lane = Lane(self, sock)
+        self.progress.add(lane)
+        return lane
+
+    def _pick(self) -> Lane:
+        """The least loaded live lane, opening missing lanes first."""
+        with self._lock:
+            if self.closed:
+                raise ConnectionError(f"connection to {self.name} closed by the local engine")
+            best = None
+            for i, lane in enumerate(self._lanes):
+                if lane is None or lane.aborted:
+                    lane = self._lanes[i] = self._connect()
+                if best is None or lane.load < best.load:
+                    best = lane
+            assert best is not None
+            return best
 
     def send(self, frame: OutFrame) -> None:
-        """Queue ``frame`` on the least loaded live lane (opening lanes as needed)."""
-        while True:
-            with self._lock:
-                if self.closed:
-                    break
-                best = None
-                for i, lane in enumerate(self._lanes):
-                    if lane is None or lane.aborted:
-                        lane = self._lanes[i] = Lane(self)
-                    if best is None or lane.load < best.load:
-                        best = lane
-            if best.enqueue(frame):
+        """Send ``frame`` on the least loaded lane; end it FAILED if no lane can be had."""
+        for _ in range(3):
+            try:
+                lane = self._pick()
+            except (OSError, SegmentError, ProtocolError, ValueError) as e:
+                self._end(frame, State.FAILED, str(e))
                 return
-        self._end(frame, State.FAILED, f"connection to {self.name} closed by the local engine")
+            if lane.send(frame):
+                return
+        self._end(frame, State.FAILED, f"no usable connection to {self.name}")
 
     def complete(self, frame: OutFrame, statuses: bytes) -> None:
-        """A response arrived: end each entry as its status says."""
+        """A reply arrived: end each entry as its status says."""
         batch = frame.batch
         if not any(statuses):
             batch.parts_completed(frame.refs)
@@ -297,10 +472,8 @@ class Peer:
     def expire(self, batch: Batch | None, now: float) -> None:
         """Abort lanes carrying frames of ``batch`` (or, with None, of any batch past its deadline)."""
         for lane in self.lanes():
-            for f in list(lane.inflight.values()):
-                if f.batch is batch or (batch is None and now >= f.batch.deadline):
-                    lane.abort(f"deadline passed with bytes in flight to {self.name}")
-                    break
+            if not lane.aborted and (lane.carries(batch) if batch is not None else lane.overdue(now)):
+                lane.abort(f"deadline passed with bytes in flight to {self.name}")
 
     def close(self) -> None:
         with self._lock:

@@ -1,4 +1,9 @@
-"""Scatter-gather socket helpers: move bytes between sockets and memoryviews without copies in Python."""
+"""Scatter-gather socket helpers: move bytes between sockets and memoryviews without copies in Python.
+
+Each helper consumes its list of buffers in place (sent or filled buffers are
+removed, a partly done one is replaced by its remainder), so a caller can
+resume where the kernel stopped.
+"""
 
 from __future__ import annotations
 
@@ -8,27 +13,41 @@ import socket
 _MAX_IOV = 512
 
 
-def send_all(sock: socket.socket, bufs: list) -> None:
-    """Send every buffer in ``bufs`` in order with as few ``sendmsg`` calls as the kernel allows."""
+def _consume(bufs: list, n: int) -> None:
+    """Drop the first ``n`` bytes of ``bufs``."""
     i = 0
-    n = len(bufs)
-    while i < n:
-        chunk = bufs[i : i + _MAX_IOV]
-        sent = sock.sendmsg(chunk)
-        # Skip the buffers sent whole; resume inside the first partial one.
-        for b in chunk:
-            size = len(b) if not isinstance(b, memoryview) else b.nbytes
-            if sent >= size:
-                sent -= size
-                i += 1
-            else:
-                if sent:
-                    bufs[i] = memoryview(b)[sent:]
-                break
+    while i < len(bufs):
+        size = bufs[i].nbytes if isinstance(bufs[i], memoryview) else len(bufs[i])
+        if n < size:
+            break
+        n -= size
+        i += 1
+    del bufs[:i]
+    if n:
+        bufs[0] = memoryview(bufs[0])[n:]
+
+
+def send_all(sock: socket.socket, bufs: list) -> None:
+    """Send every buffer in ``bufs`` in order, blocking, with as few ``sendmsg`` calls as possible."""
+    while bufs:
+        _consume(bufs, sock.sendmsg(bufs[:_MAX_IOV]))
+
+
+def sendmsg_some(sock: socket.socket, bufs: list) -> int:
+    """Send what the socket takes now without blocking; return the byte count."""
+    total = 0
+    while bufs:
+        try:
+            n = sock.sendmsg(bufs[:_MAX_IOV], [], socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            break
+        _consume(bufs, n)
+        total += n
+    return total
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill ``view`` completely from ``sock``; raise ConnectionError on EOF."""
+    """Fill ``view`` completely from a blocking ``sock``; raise ConnectionError on EOF."""
     got = 0
     n = view.nbytes
     while got < n:
@@ -38,24 +57,19 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
-def recv_views(sock: socket.socket, views: list[memoryview]) -> None:
-    """Fill every view in ``views`` in order, with ``recvmsg_into`` over many buffers at once."""
-    if len(views) == 1:
-        recv_exact(sock, views[0])
-        return
-    i = 0
-    n = len(views)
-    while i < n:
-        chunk = views[i : i + _MAX_IOV]
-        r = sock.recvmsg_into(chunk)[0]
-        if r == 0:
-            raise ConnectionError("peer closed the connection")
-        for v in chunk:
-            size = v.nbytes
-            if r >= size:
-                r -= size
-                i += 1
-            else:
-                if r:
-                    views[i] = v[r:]
-                break
+def recv_some(sock: socket.socket, views: list[memoryview]) -> int:
+    """Fill ``views`` with what has arrived, without blocking; return the byte count (0: nothing yet).
+
+    Raises ConnectionError when the peer has closed the connection.
+    """
+    try:
+        if len(views) == 1:
+            n = sock.recv_into(views[0], 0, socket.MSG_DONTWAIT)
+        else:
+            n = sock.recvmsg_into(views[:_MAX_IOV], 0, socket.MSG_DONTWAIT)[0]
+    except BlockingIOError:
+        return 0
+    if n == 0:
+        raise ConnectionError("peer closed the connection")
+    _consume(views, n)
+    return n

@@ -1,0 +1,1 @@
+"""Command-line tools: ``moonlet bench``, ``moonlet info``, ``moonlet metadata-server``."""
