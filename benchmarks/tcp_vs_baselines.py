@@ -147,7 +147,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=2.0)
-    ap.add_argument("--threads", type=int, default=2, help="moonlet initiator threads")
+    ap.add_argument("--threads", type=int, default=1, help="moonlet initiator threads")
     ap.add_argument("--mooncake-python", help="a Python that imports mooncake.engine")
     ap.add_argument("--no-mooncake", action="store_true")
     ap.add_argument("--json", help="write all results here")

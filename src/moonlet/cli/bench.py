@@ -60,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op", choices=["read", "write"], help="operation (default: the standard table)")
     p.add_argument("--block-size", type=parse_size, help="bytes per request, e.g. 4K, 1M")
     p.add_argument("--batch-size", type=int, help="requests per batch")
-    p.add_argument("--threads", type=int, default=2, help="initiator threads submitting batches (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="initiator threads submitting batches (default 1)")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per row (default 2)")
     p.add_argument("--buffer-size", type=parse_size, default=1 * GiB, help="registered bytes per side (default 1G)")
     p.add_argument("--protocol", default="auto", help="transport to use: auto (default) or a name, e.g. tcp")
@@ -135,7 +135,7 @@ def run_row(eng: TransferEngine, seg, local, remote, op: str, block: int, batch:
     """Run one table row: ``threads`` threads each submitting ``batch`` requests of ``block`` bytes."""
     stride = block * 2  # scattered: never adjacent, so nothing can merge them
     per_thread = stride * batch
-    if per_thread * threads > min(local.length, remote["length"]) // 2:
+    if per_thread * threads > min(local.length, remote["length"]):
         raise MoonletError(f"buffer too small for {threads} x {batch} x {human(block)}; raise --buffer-size")
     kind = Op.WRITE if op == "write" else Op.READ
     reqs_by_thread = []

@@ -1,0 +1,91 @@
+"""Shared fixtures: engines in this process and target engines in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moonlet import EngineConfig, MetadataServer, TransferEngine
+
+PEER = str(Path(__file__).with_name("peer.py"))
+
+
+class PeerProcess:
+    """A target engine in a subprocess (see peer.py)."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, PEER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer did not start (exit {self.proc.wait()})")
+        info = json.loads(line)
+        self.name, self.addr, self.size, self.pid = info["name"], info["addr"], info["size"], info["pid"]
+
+    def call(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def digest(self, addr: int, length: int) -> str:
+        return self.call(f"digest {addr} {length}")["sha256"]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+@pytest.fixture
+def peer_factory():
+    peers: list[PeerProcess] = []
+
+    def make(*args: str) -> PeerProcess:
+        p = PeerProcess(*args)
+        peers.append(p)
+        return p
+
+    yield make
+    for p in peers:
+        p.close()
+
+
+@pytest.fixture
+def peer(peer_factory) -> PeerProcess:
+    return peer_factory()
+
+
+@pytest.fixture
+def engine():
+    with TransferEngine(config=EngineConfig(request_timeout=10.0)) as eng:
+        yield eng
+
+
+@pytest.fixture
+def local(engine):
+    """64 MiB of registered local memory filled with random bytes: (buffer, memoryview)."""
+    mem = mmap.mmap(-1, 64 << 20)
+    mem[:] = os.urandom(64 << 20)
+    buf = engine.register(mem)
+    return buf, memoryview(mem)
+
+
+@pytest.fixture
+def metadata_server():
+    with MetadataServer(port=0) as srv:
+        yield srv

@@ -1,0 +1,57 @@
+"""A moonlet engine in its own process, driven over stdin/stdout by the tests.
+
+Prints one JSON line when ready: {"name", "addr", "size", "pid"}.  Then reads
+commands, one per line, answering each with one JSON line:
+  register SIZE     -> {"addr": A}   register another random-filled buffer
+  unregister ADDR   -> {"ok": true}
+  digest ADDR LEN   -> {"sha256": H} hash of local memory, to check bytes independently
+  exit              -> closes the engine
+"""
+
+import argparse
+import hashlib
+import json
+import mmap
+import os
+import sys
+
+from moonlet import EngineConfig, TransferEngine
+from moonlet.memory import view_at
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size", type=int, default=64 << 20)
+    ap.add_argument("--metadata", default="p2p")
+    ap.add_argument("--name")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--read-only", action="store_true")
+    args = ap.parse_args()
+    eng = TransferEngine(args.name, args.metadata, config=EngineConfig(port=args.port))
+    keep = []
+
+    def new_buffer(size: int, **rights) -> int:
+        mem = mmap.mmap(-1, size)
+        mem[:] = os.urandom(size)
+        keep.append(mem)
+        return eng.register(mem, **rights).addr
+
+    addr = new_buffer(args.size, remote_write=not args.read_only)
+    print(json.dumps({"name": eng.name, "addr": addr, "size": args.size, "pid": os.getpid()}), flush=True)
+    for line in sys.stdin:
+        cmd, *rest = line.split()
+        if cmd == "register":
+            print(json.dumps({"addr": new_buffer(int(rest[0]))}), flush=True)
+        elif cmd == "unregister":
+            eng.unregister(int(rest[0]))
+            print(json.dumps({"ok": True}), flush=True)
+        elif cmd == "digest":
+            a, n = int(rest[0]), int(rest[1])
+            print(json.dumps({"sha256": hashlib.sha256(view_at(a, n)).hexdigest()}), flush=True)
+        elif cmd == "exit":
+            break
+    eng.close()
+
+
+if __name__ == "__main__":
+    main()

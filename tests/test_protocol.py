@@ -1,0 +1,87 @@
+"""The sans-IO wire format: round trips, every split point, and fuzzing without sockets."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moonlet import ProtocolError
+from moonlet.transport.tcp import protocol as P
+
+
+def parse_all(data: bytes, step: int) -> list:
+    parser = P.FrameParser()
+    out = []
+    for i in range(0, len(data), step):
+        parser.feed(data[i:i + step])
+        out.extend(parser.events())
+    return out
+
+
+def stream() -> tuple[bytes, list]:
+    entries = [(0x1000, 3), (0x2000, 5)]
+    payload = b"abc" + b"defgh"
+    data = (P.encode_hello("peer") + P.encode_request(P.WRITE, 7, entries) + payload
+            + P.encode_request(P.READ, 8, [(0x3000, 10)]) + P.encode_response(7, b"\x00\x02", 0)
+            + P.encode_response(8, b"\x00", 4) + b"wxyz" + P.encode_control(P.GET_DESC))
+    return data, entries
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 24, 1000])
+def test_stream_parses_identically_at_every_split(step):
+    data, entries = stream()
+    events = parse_all(data, step)
+    frames = [e for e in events if isinstance(e, P.Frame)]
+    payload = b"".join(e.data for e in events if isinstance(e, P.Payload))
+    assert [f.kind for f in frames] == [P.HELLO, P.WRITE, P.READ, P.RESP, P.RESP, P.GET_DESC]
+    assert P.decode_hello(frames[0].body) == "peer"
+    assert frames[1].entries == entries and frames[1].req_id == 7 and frames[1].payload_len == 8
+    assert frames[2].entries == [(0x3000, 10)] and frames[2].payload_len == 0
+    assert frames[3].statuses == b"\x00\x02"
+    assert payload == b"abcdefgh" + b"wxyz"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (struct.pack("<HBBIQQ", 0xBEEF, 1, P.WRITE, 1, 0, 1), "bad magic"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 9, P.WRITE, 1, 0, 1), "unsupported protocol version"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, 99, 0, 0, 0), "unknown frame kind"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.WRITE, 0, 0, 0), "entries; allowed"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.WRITE, P.MAX_ENTRIES + 1, 0, 0), "entries; allowed"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.HELLO, 0, 0, P.MAX_CONTROL_BODY + 1), "payload bytes; at most"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.READ, 1, 0, 5), "payload bytes; at most 0"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.GET_DESC, 3, 0, 0), "must have count 0"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.WRITE, 1, 0, 10) + struct.pack("<QQ", 0, 9), "add up to 9 bytes"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.READ, 1, 0, 0) + struct.pack("<QQ", 5, 0), "length 0"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.RESP, 1, 0, 0) + b"\x09", "unknown status code"),
+])
+def test_malformed_frames_raise_protocol_error(bad, message):
+    parser = P.FrameParser()
+    parser.feed(bad)
+    with pytest.raises(ProtocolError, match=message):
+        parser.events()
+    with pytest.raises(ProtocolError, match="already failed"):
+        parser.feed(b"more")
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600), st.integers(1, 64))
+def test_fuzz_parser_only_raises_protocol_error(data, step):
+    try:
+        parse_all(data, step)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(1, 2**40)), min_size=1, max_size=50),
+       st.integers(0, 2**64 - 1))
+def test_request_round_trip(entries, req_id):
+    for kind in (P.READ, P.WRITE):
+        data = P.encode_request(kind, req_id, entries)
+        p = P.parse_prefix(data[:P.PREFIX_SIZE])
+        assert (p.kind, p.count, p.req_id) == (kind, len(entries), req_id)
+        assert P.parse_entries(p, data[P.PREFIX_SIZE:]) == entries
+        assert p.payload_len == (sum(n for _, n in entries) if kind == P.WRITE else 0)
