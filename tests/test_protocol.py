@@ -26,7 +26,7 @@ def stream() -> tuple[bytes, list]:
     payload = b"abc" + b"defgh"
     data = (P.encode_hello("peer") + P.encode_request(P.WRITE, 7, entries) + payload
             + P.encode_request(P.READ, 8, [(0x3000, 10)]) + P.encode_response(7, b"\x00\x02", 0)
-            + P.encode_response(8, b"\x00", 4) + b"wxyz" + P.encode_control(P.GET_DESC))
+            + P.encode_response(8, b"\x00", 4) + b"wxyz" + P.encode_get_desc())
     return data, entries
 
 
@@ -53,6 +53,8 @@ def test_stream_parses_identically_at_every_split(step):
     (struct.pack("<HBBIQQ", P.MAGIC, 1, P.HELLO, 0, 0, P.MAX_CONTROL_BODY + 1), "payload bytes; at most"),
     (struct.pack("<HBBIQQ", P.MAGIC, 1, P.READ, 1, 0, 5), "payload bytes; at most 0"),
     (struct.pack("<HBBIQQ", P.MAGIC, 1, P.GET_DESC, 3, 0, 0), "must have count 0"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.GET_DESC, 0, 0, 0), "at least 16"),
+    (struct.pack("<HBBIQQ", P.MAGIC, 1, P.ERROR, 0, 0, 0), "at least 1"),
     (struct.pack("<HBBIQQ", P.MAGIC, 1, P.WRITE, 1, 0, 10) + struct.pack("<QQ", 0, 9), "add up to 9 bytes"),
     (struct.pack("<HBBIQQ", P.MAGIC, 1, P.READ, 1, 0, 0) + struct.pack("<QQ", 5, 0), "length 0"),
     (struct.pack("<HBBIQQ", P.MAGIC, 1, P.RESP, 1, 0, 0) + b"\x09", "unknown status code"),

@@ -157,6 +157,8 @@ class Batch:
     def statuses(self) -> list[RequestStatus]:
         """Status of every request now (no progress is made)."""
         with self._lock:
+            if self._done.is_set() and not any(self._reason):  # all completed: shared status objects
+                return [_COMPLETED.get(t) or _completed(t) for t in self._transport]
             out = []
             for state, reason, transport, parts in zip(self._state, self._reason, self._transport, self._parts):
                 if parts > 0:

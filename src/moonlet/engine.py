@@ -206,50 +206,19 @@ class TransferEngine:
         timeout = self.config.request_timeout if timeout is None else timeout
         if not timeout > 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
-        plan = self._validate(reqs)
         batch = Batch(reqs, time.monotonic() + timeout)
         batch._expire = self._expire
         groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]] = {}
-        refreshed: set[str] = set()
         routes: dict[tuple[int, int], Transport | None] = {}
-        remote: dict | None = None  # last remote buffer hit: batches mostly stay in one buffer
-        for i, r, local, seg in plan:
-            ra, n = r.remote_addr, r.length
-            if remote is None or remote["_seg"] is not seg or ra < remote["addr"] or ra + n > remote["_end"]:
-                remote = seg.find(ra, n)
-                if remote is None and seg.name not in refreshed:
-                    refreshed.add(seg.name)  # the peer may have registered more: ask again once
-                    self._refresh(seg)
-                    remote = seg.find(ra, n)
-                if remote is None:
-                    batch.fail(i, f"remote range [{ra:#x}, +{n}) is not inside a registered "
-                                  f"buffer of segment {seg.name!r}")
-                    continue
-            route = (id(local), id(remote))
-            t = routes.get(route, False)
-            if t is False:
-                t = routes[route] = next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)),
-                                         None)
-            if t is None:
-                batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
-                              f"{remote['location']} memory of {seg.name!r} from local {local.location}")
-                continue
-            key = (id(t), id(seg))
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = (t, seg, [])
-            group[2].append(WorkItem(i, r, local))
-        for t, seg, items in groups.values():
-            if t.drive not in batch._drivers:
-                batch._drivers.append(t.drive)
-            t.submit(seg, batch, items)
-        return batch
-
-    def _validate(self, reqs: list[Request]) -> list[tuple[int, Request, Buffer, Segment]]:
-        """Check every request's local side and resolve its segment; raise on the first mistake."""
-        plan = []
+        refreshed: set[str] = set()
+        # One pass; the last local buffer, segment, remote buffer and group hit are kept in locals,
+        # since the requests of a batch mostly share them (this loop is the hot path for small blocks).
         local: Buffer | None = None
-        segs: dict[int, Segment] = {}
+        l_lo = l_hi = r_lo = r_hi = 0
+        ref_hit: object = None
+        seg: Segment | None = None
+        remote: dict | None = None
+        items: list | None = None
         for i, r in enumerate(reqs):
             op, la, ref, ra, n = r
             if op is not Op.WRITE and op is not Op.READ:
@@ -260,13 +229,49 @@ class TransferEngine:
                     check_range(ra, n)
                 except MemoryAccessError as e:
                     raise MemoryAccessError(f"request {i}: {e}") from None
-            if local is None or la < local.addr or la + n > local.addr + local.length:
+            if la < l_lo or la + n > l_hi:
                 local = self._registry.require(la, n, f"request {i}: local")
-            seg = segs.get(id(ref))
-            if seg is None:
-                seg = segs[id(ref)] = self._segment(ref)
-            plan.append((i, r, local, seg))
-        return plan
+                l_lo, l_hi, items = local.addr, local.addr + local.length, None
+            if ref is not ref_hit:
+                seg, ref_hit, remote, items = self._segment(ref), ref, None, None
+            if remote is None or ra < r_lo or ra + n > r_hi:
+                remote = seg.find(ra, n)  # type: ignore[union-attr]
+                if remote is None and seg.name not in refreshed:  # type: ignore[union-attr]
+                    refreshed.add(seg.name)  # type: ignore[union-attr]
+                    self._refresh(seg)  # the peer may have registered more: ask again once
+                    remote = seg.find(ra, n)  # type: ignore[union-attr]
+                if remote is None:
+                    batch.fail(i, f"remote range [{ra:#x}, +{n}) is not inside a registered "
+                                  f"buffer of segment {seg.name!r}")  # type: ignore[union-attr]
+                    continue
+                r_lo, r_hi, items = remote["addr"], remote["_end"], None
+            if items is None:
+                items = self._route(batch, groups, routes, local, seg, remote)  # type: ignore[arg-type]
+            if items is False:
+                batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
+                              f"{remote['location']} memory of {seg.name!r} from local "  # type: ignore[union-attr]
+                              f"{local.location}")  # type: ignore[union-attr]
+                continue
+            items.append((i, r, local))
+        for t, seg, work in groups.values():
+            t.submit(seg, batch, work)
+        return batch
+
+    def _route(self, batch: Batch, groups: dict, routes: dict, local: Buffer, seg: Segment,
+               remote: dict) -> list | bool:
+        """The work list of the transport that carries local -> remote, or False if none does."""
+        key = (id(local), id(remote))
+        t = routes.get(key, False)
+        if t is False:
+            t = routes[key] = next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)), None)
+        if t is None:
+            return False
+        group = groups.get((id(t), id(seg)))
+        if group is None:
+            group = groups[(id(t), id(seg))] = (t, seg, [])
+            if t.drive not in batch._drivers:
+                batch._drivers.append(t.drive)
+        return group[2]
 
     def _expire(self, batch: Batch) -> None:
         for t in self._transports:

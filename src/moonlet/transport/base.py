@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from ..batch import Batch, Request
 from ..config import EngineConfig
@@ -17,12 +16,9 @@ from ..memory import Buffer, MemoryRegistry
 from ..segment import Segment, SegmentDescriptor
 
 
-class WorkItem(NamedTuple):
-    """One request as the engine hands it to a transport."""
-
-    index: int  # position in the batch
-    request: Request
-    local: Buffer  # the registered local buffer holding the local range
+#: One request as the engine hands it to a transport: (position in the batch, the request,
+#: the registered local buffer holding its local range). A plain tuple: it is made per request.
+WorkItem = tuple[int, Request, Buffer]
 
 
 @dataclass

@@ -73,9 +73,9 @@ class TcpTransport(Transport):
         cfg = self._cfg
         slice_size, max_bytes, max_entries = cfg.slice_size, cfg.frame_bytes, cfg.frame_entries
         # Announce every slice before the first frame leaves, so no reply can finish a request early.
-        batch.add_parts([(item.index, -(-item.request.length // slice_size)) for item in items], self.name)
+        batch.add_parts([(index, -(-req.length // slice_size)) for index, req, _ in items], self.name)
         for kind in (P.READ, P.WRITE):
-            entries: list = []
+            table: list[int] = []  # addr, length, addr, length, ...
             views: list = []
             refs: list = []
             nbytes = 0
@@ -89,15 +89,15 @@ class TcpTransport(Transport):
                     pieces = [(req.remote_addr + off, req.local_addr + off, min(slice_size, length - off))
                               for off in range(0, length, slice_size)]
                 for remote_addr, local_addr, n in pieces:
-                    entries.append((remote_addr, n))
+                    table += (remote_addr, n)
                     views.append(local.view(local_addr, n))
                     refs.append(index)
                     nbytes += n
-                    if nbytes >= max_bytes or len(entries) >= max_entries:
-                        peer.send(OutFrame(kind, entries, views, refs, batch, nbytes))
-                        entries, views, refs, nbytes = [], [], [], 0
-            if entries:
-                peer.send(OutFrame(kind, entries, views, refs, batch, nbytes))
+                    if nbytes >= max_bytes or len(refs) >= max_entries:
+                        peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
+                        table, views, refs, nbytes = [], [], [], 0
+            if refs:
+                peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
 
     def drive(self, batch: Batch, block: bool) -> None:
         self.progress.wait(batch, block)

@@ -40,6 +40,7 @@ log = logging.getLogger("moonlet.tcp")
 MAX_ATTEMPTS = 2
 _req_ids = itertools.count(1)
 _CHECK_PERIOD = 0.02
+_HEAD = P.PREFIX_SIZE + P.MIN_INITIATOR_TAIL  # read with the prefix: the first status byte
 _GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
 
 
@@ -69,19 +70,19 @@ def fetch_descriptor(endpoint: str, timeout: float) -> bytes:
     """Ask the engine at ``endpoint`` for its segment descriptor (peer-to-peer metadata)."""
     host, port = split_endpoint(endpoint)
     with socket.create_connection((host, port), timeout=timeout) as sock:
-        sock.sendall(P.encode_control(P.GET_DESC))
+        sock.sendall(P.encode_get_desc())
         return _read_control(sock, P.DESC, "GET_DESC")
 
 
 class OutFrame:
     """One WRITE or READ frame: several requests (or slices) bound for one peer."""
 
-    __slots__ = ("kind", "req_id", "entries", "views", "refs", "batch", "nbytes", "attempts")
+    __slots__ = ("kind", "req_id", "table", "views", "refs", "batch", "nbytes", "attempts")
 
-    def __init__(self, kind: int, entries: list, views: list, refs: list, batch: Batch, nbytes: int) -> None:
+    def __init__(self, kind: int, table: list[int], views: list, refs: list, batch: Batch, nbytes: int) -> None:
         self.kind = kind
         self.req_id = next(_req_ids)
-        self.entries = entries
+        self.table = table  # flat [remote addr, length, ...], one pair per entry
         self.views = views
         self.refs = refs
         self.batch = batch
@@ -103,7 +104,7 @@ class Lane:
         self.send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         # Reply parsing state: touched only by the thread holding the driver role.
-        self._pre = bytearray(P.PREFIX_SIZE)
+        self._pre = bytearray(_HEAD)
         self._pview = memoryview(self._pre)
         self._got = 0
         self._phase = 0  # 0 prefix, 1 status table, 2 READ payload
@@ -115,7 +116,8 @@ class Lane:
 
     def send(self, frame: OutFrame) -> bool:
         """Send ``frame`` now (blocking until the kernel took it); False if the lane is dead."""
-        bufs = [P.encode_request(frame.kind, frame.req_id, frame.entries)]
+        bufs = [P.encode_request_flat(frame.kind, frame.req_id, frame.table,
+                                      frame.nbytes if frame.kind == P.WRITE else 0)]
         if frame.kind == P.WRITE:
             bufs.extend(frame.views)
         with self.send_lock:
@@ -183,7 +185,7 @@ class Lane:
                     self._finish()
                 continue
             if self._phase == 0:
-                view, need = self._pview, P.PREFIX_SIZE
+                view, need = self._pview, _HEAD
             else:
                 view, need = memoryview(self._table), len(self._table)
             try:
@@ -197,16 +199,19 @@ class Lane:
                 continue
             self._got = 0
             if self._phase == 0:
-                p = self._prefix = P.parse_prefix(self._pre)
+                p = self._prefix = P.parse_prefix(self._pview[: P.PREFIX_SIZE])
                 if p.kind == P.ERROR:
-                    body = bytearray(p.payload_len)
+                    body = bytearray(p.payload_len - 1)
                     recv_exact(sock, memoryview(body))
-                    raise ProtocolError(f"peer reported a protocol error: {body.decode(errors='replace')}")
+                    text = (self._pre[P.PREFIX_SIZE:] + body).decode(errors="replace")
+                    raise ProtocolError(f"peer reported a protocol error: {text}")
                 if p.kind != P.RESP:
                     raise ProtocolError(f"expected RESP from peer, got {P.KINDS[p.kind]}")
                 self._table = bytearray(p.count)
-                self._phase = 1
-                continue
+                self._table[0] = self._pre[P.PREFIX_SIZE]
+                if p.count > 1:
+                    self._got, self._phase = 1, 1
+                    continue
             p = self._prefix
             assert p is not None
             statuses = P.parse_statuses(p, self._table)
@@ -245,6 +250,8 @@ class Progress:
         self._waiters = 0
         self._lanes: set[Lane] = set()
         self._version = 0
+        self._poll_version = -1
+        self._poll_cache: tuple[select.poll, dict[int, Lane]] = (select.poll(), {})
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -313,19 +320,24 @@ class Progress:
             lane.sock.close()
         return live
 
+    def _poller(self) -> tuple[select.poll, dict[int, Lane]]:
+        """The poll set over live lanes (and the wake-up pipe), rebuilt only when lanes changed."""
+        version = self._version
+        if version != self._poll_version:
+            lanes = self._reap()
+            poller = select.poll()
+            poller.register(self._wake_r, select.POLLIN)
+            for fd in lanes:
+                poller.register(fd, select.POLLIN)
+            self._poll_cache = (poller, lanes)
+            self._poll_version = version
+        return self._poll_cache
+
     def _drive(self, batch: Batch, block: bool) -> None:
-        version = -1
-        poller = select.poll()
-        lanes: dict[int, Lane] = {}
-        last = next_check = time.monotonic()
+        last = time.monotonic()
+        next_check = last + _CHECK_PERIOD
         while not batch.done:
-            if version != self._version:
-                version = self._version
-                lanes = self._reap()
-                poller = select.poll()
-                poller.register(self._wake_r, select.POLLIN)
-                for fd in lanes:
-                    poller.register(fd, select.POLLIN)
+            poller, lanes = self._poller()
             events = poller.poll(0)
             now = time.monotonic()
             if not events:
@@ -443,7 +455,9 @@ class Peer:
         if not any(statuses):
             batch.parts_completed(frame.refs)
             return
-        for idx, st, (addr, length) in zip(frame.refs, statuses, frame.entries):
+        table = frame.table
+        for k, (idx, st) in enumerate(zip(frame.refs, statuses)):
+            addr, length = table[2 * k], table[2 * k + 1]
             if st:
                 batch.part_done(idx, State.FAILED,
                                 f"{self.name} refused [{addr:#x}, +{length}): {Denied.REASONS[st]}")

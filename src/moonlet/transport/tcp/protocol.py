@@ -14,8 +14,8 @@ followed by a kind-specific table, then ``payload_len`` payload bytes:
 =========  ===========================  ==============================================
 kind       table                        payload
 =========  ===========================  ==============================================
-HELLO      none                         JSON: {"name": expected segment name or ""}
-GET_DESC   none                         none
+HELLO      none                         JSON: {"name": expected segment name or ""}, >= 16 bytes
+GET_DESC   none                         16 zero bytes
 DESC       none                         JSON segment descriptor
 WRITE      count x (addr u64, len u64)  the bytes of every entry, back to back
 READ       count x (addr u64, len u64)  none
@@ -25,6 +25,11 @@ ERROR      none                         UTF-8 message; the sender then closes
 
 A WRITE or READ frame carries up to ``MAX_ENTRIES`` requests, so a batch of
 small requests bound for one peer costs one frame and one response.
+
+Every frame a target receives has at least ``MIN_TARGET_TAIL`` bytes after its
+prefix, and every frame an initiator receives at least one, so each side may
+read that much with the prefix in one system call without ever reading into
+the next frame.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ MAX_CONTROL_BODY = 64 * 1024  # HELLO / ERROR
 MAX_DESC_BODY = 64 * 1024 * 1024  # a descriptor with very many buffers
 MAX_PAYLOAD = 1 << 48
 MAX_STATUS = max(Denied.REASONS)
+MIN_TARGET_TAIL = ENTRY_SIZE  # bytes after the prefix of HELLO / GET_DESC / WRITE / READ frames
+MIN_INITIATOR_TAIL = 1  # bytes after the prefix of HELLO / DESC / RESP / ERROR frames
 
 
 @dataclass(frozen=True)
@@ -87,10 +94,14 @@ def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
             raise ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
     elif count:
         raise ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
-    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, DESC: MAX_DESC_BODY, GET_DESC: 0, READ: 0}
+    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL,
+             READ: 0}
     cap = limit.get(kind, MAX_PAYLOAD)
     if payload_len > cap:
         raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at most {cap}")
+    floor = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}.get(kind, 0)
+    if payload_len < floor:
+        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at least {floor}")
     return Prefix(kind, count, req_id, payload_len)
 
 
@@ -121,10 +132,15 @@ def encode_prefix(kind: int, count: int, req_id: int, payload_len: int) -> bytes
 
 def encode_request(kind: int, req_id: int, entries: list[tuple[int, int]]) -> bytes:
     """Prefix + table of a WRITE or READ frame (the WRITE payload is sent after it)."""
-    n = len(entries)
-    flat = [x for e in entries for x in e]
-    payload = sum(flat[1::2]) if kind == WRITE else 0
-    return PREFIX.pack(MAGIC, VERSION, kind, n, req_id, payload) + struct.pack(f"<{2 * n}Q", *flat)
+    return encode_request_flat(kind, req_id, [x for e in entries for x in e])
+
+
+def encode_request_flat(kind: int, req_id: int, table: list[int], payload_len: int | None = None) -> bytes:
+    """:func:`encode_request` from a flat ``[addr, len, addr, len, ...]`` table (the hot path's form)."""
+    if payload_len is None:
+        payload_len = sum(table[1::2]) if kind == WRITE else 0
+    return PREFIX.pack(MAGIC, VERSION, kind, len(table) // 2, req_id, payload_len) + struct.pack(
+        f"<{len(table)}Q", *table)
 
 
 def encode_response(req_id: int, statuses: bytes, payload_len: int) -> bytes:
@@ -138,7 +154,15 @@ def encode_control(kind: int, body: bytes = b"", req_id: int = 0) -> bytes:
 
 
 def encode_hello(name: str) -> bytes:
-    return encode_control(HELLO, json.dumps({"name": name}).encode())
+    return encode_control(HELLO, json.dumps({"name": name}).encode().ljust(MIN_TARGET_TAIL))
+
+
+def encode_get_desc() -> bytes:
+    return encode_control(GET_DESC, bytes(MIN_TARGET_TAIL))
+
+
+def encode_error(message: str) -> bytes:
+    return encode_control(ERROR, (message or "error").encode()[:MAX_CONTROL_BODY])
 
 
 def decode_hello(body: bytes) -> str:

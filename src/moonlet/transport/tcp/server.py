@@ -35,6 +35,7 @@ log = logging.getLogger("moonlet.tcp")
 _SCRATCH = 1 << 20
 _OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this many bytes
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn
+_HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
 _IN, _OUT, _ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -55,7 +56,7 @@ class _Conn:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.pre = bytearray(P.PREFIX_SIZE)
+        self.pre = bytearray(_HEAD)
         self.pview = memoryview(self.pre)
         self.out: deque[list] = deque()  # [bufs, pinned]
         self.out_bytes = 0
@@ -154,8 +155,7 @@ class TcpServer:
                     except ProtocolError as e:
                         log.warning("closing connection after protocol error: %s", e)
                         try:
-                            conn.sock.send(P.encode_control(P.ERROR, str(e).encode()[: P.MAX_CONTROL_BODY]),
-                                           socket.MSG_DONTWAIT)
+                            conn.sock.send(P.encode_error(str(e)), socket.MSG_DONTWAIT)
                         except OSError:
                             pass
                         self._drop(conn)
@@ -217,7 +217,7 @@ class TcpServer:
                     self._write_done(conn)
                 continue
             if conn.phase == 0:
-                target, need = conn.pview, P.PREFIX_SIZE
+                target, need = conn.pview, _HEAD
             else:
                 target, need = memoryview(conn.buf), len(conn.buf)  # type: ignore[arg-type]
             try:
@@ -239,18 +239,24 @@ class TcpServer:
         self._set_mask(conn)
 
     def _on_prefix(self, conn: _Conn) -> None:
-        p = conn.prefix = P.parse_prefix(conn.pre)
+        """The prefix and the 16 bytes after it are in: start the table or body with those 16."""
+        p = conn.prefix = P.parse_prefix(conn.pview[: P.PREFIX_SIZE])
         if p.kind in (P.WRITE, P.READ):
-            conn.buf = bytearray(p.table_size)
-            conn.phase = 1
+            size = p.table_size
         elif p.kind in (P.HELLO, P.GET_DESC):
-            if p.payload_len:
-                conn.buf = bytearray(p.payload_len)
-                conn.phase = 3
-            else:
-                self._on_control(conn)
+            size = p.payload_len
         else:
             raise ProtocolError(f"a target does not accept {P.KINDS[p.kind]} frames")
+        conn.buf = bytearray(size)
+        conn.buf[: P.MIN_TARGET_TAIL] = conn.pview[P.PREFIX_SIZE:]
+        conn.got = P.MIN_TARGET_TAIL
+        conn.phase = 1 if p.kind in (P.WRITE, P.READ) else 3
+        if size == P.MIN_TARGET_TAIL:
+            conn.got = 0
+            if conn.phase == 1:
+                self._on_table(conn)
+            else:
+                self._on_control(conn)
 
     def _on_control(self, conn: _Conn) -> None:
         p = conn.prefix
