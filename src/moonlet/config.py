@@ -46,7 +46,7 @@ class EngineConfig:
     port: int = 0
     lanes: int = 2
     slice_size: int = 4 * MiB
-    frame_bytes: int = 4 * MiB
+    frame_bytes: int = 1 * MiB
     frame_entries: int = 256
     request_timeout: float = 30.0
     connect_timeout: float = 5.0
