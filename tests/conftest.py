@@ -70,9 +70,17 @@ def peer(peer_factory) -> PeerProcess:
     return peer_factory()
 
 
+@pytest.fixture(params=["tcp", "shm"])
+def engine(request):
+    """An initiator restricted to one transport, so each test runs over each path."""
+    with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=(request.param,))) as eng:
+        yield eng
+
+
 @pytest.fixture
-def engine():
-    with TransferEngine(config=EngineConfig(request_timeout=10.0)) as eng:
+def tcp_engine():
+    """An initiator that speaks TCP only (for tests of TCP-specific failures)."""
+    with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=("tcp",))) as eng:
         yield eng
 
 

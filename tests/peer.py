@@ -3,6 +3,7 @@
 Prints one JSON line when ready: {"name", "addr", "size", "pid"}.  Then reads
 commands, one per line, answering each with one JSON line:
   register SIZE     -> {"addr": A}   register another random-filled buffer
+  allocate SIZE [ro] -> {"addr": A}  engine.allocate() a shareable random-filled buffer
   unregister ADDR   -> {"ok": true}
   digest ADDR LEN   -> {"sha256": H} hash of local memory, to check bytes independently
   exit              -> closes the engine
@@ -19,6 +20,22 @@ from moonlet import EngineConfig, TransferEngine
 from moonlet.memory import view_at
 
 
+def drop_cap_sys_ptrace() -> None:
+    """Remove CAP_SYS_PTRACE from this process (capset(2) through ctypes)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    data = (ctypes.c_uint32 * 6)()  # two {effective, permitted, inheritable} words
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    bit = 1 << 19  # CAP_SYS_PTRACE
+    data[0] &= ~bit
+    data[1] &= ~bit
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=64 << 20)
@@ -26,7 +43,10 @@ def main() -> None:
     ap.add_argument("--name")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--read-only", action="store_true")
+    ap.add_argument("--no-ptrace", action="store_true", help="drop CAP_SYS_PTRACE: attaching to others fails")
     args = ap.parse_args()
+    if args.no_ptrace:
+        drop_cap_sys_ptrace()
     eng = TransferEngine(args.name, args.metadata, config=EngineConfig(port=args.port))
     keep = []
 
@@ -42,6 +62,10 @@ def main() -> None:
         cmd, *rest = line.split()
         if cmd == "register":
             print(json.dumps({"addr": new_buffer(int(rest[0]))}), flush=True)
+        elif cmd == "allocate":
+            buf = eng.allocate(int(rest[0]), remote_write=rest[1:] != ["ro"])
+            view_at(buf.addr, buf.length)[:] = os.urandom(buf.length)
+            print(json.dumps({"addr": buf.addr}), flush=True)
         elif cmd == "unregister":
             eng.unregister(int(rest[0]))
             print(json.dumps({"ok": True}), flush=True)

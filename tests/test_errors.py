@@ -201,8 +201,9 @@ def _silent_target():
     return ls, conns
 
 
-def test_silent_peer_times_out(engine, local):
-    buf, _ = local
+def test_silent_peer_times_out(tcp_engine):
+    engine = tcp_engine
+    buf = engine.register(bytearray(8192))
     ls, conns = _silent_target()
     port = ls.getsockname()[1]
     from moonlet.segment import Segment, SegmentDescriptor
@@ -223,8 +224,9 @@ def test_silent_peer_times_out(engine, local):
         c.close()
 
 
-def test_unreachable_peer_fails_fast(engine, local):
-    buf, _ = local
+def test_unreachable_peer_fails_fast(tcp_engine):
+    engine = tcp_engine
+    buf = engine.register(bytearray(8192))
     with socket.create_server(("127.0.0.1", 0)) as s:
         port = s.getsockname()[1]
     from moonlet.segment import Segment, SegmentDescriptor

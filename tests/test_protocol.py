@@ -37,7 +37,7 @@ def test_stream_parses_identically_at_every_split(step):
     frames = [e for e in events if isinstance(e, P.Frame)]
     payload = b"".join(e.data for e in events if isinstance(e, P.Payload))
     assert [f.kind for f in frames] == [P.HELLO, P.WRITE, P.READ, P.RESP, P.RESP, P.GET_DESC]
-    assert P.decode_hello(frames[0].body) == "peer"
+    assert P.decode_hello(frames[0].body) == {"name": "peer"}
     assert frames[1].entries == entries and frames[1].req_id == 7 and frames[1].payload_len == 8
     assert frames[2].entries == [(0x3000, 10)] and frames[2].payload_len == 0
     assert frames[3].statuses == b"\x00\x02"

@@ -27,7 +27,7 @@ def test_write_then_read_random_ranges(engine, local, peer):
         ro = rng.randrange(0, peer.size - n)
         mem[lo:lo + n] = os.urandom(n)
         status = engine.write(buf.addr + lo, seg, peer.addr + ro, n)
-        assert status.ok and status.transport == "tcp"
+        assert status.ok and status.transport == engine.config.transports[0]
         assert peer.digest(peer.addr + ro, n) == sha(mem[lo:lo + n])  # checked inside the target
         back = rng.randrange(0, buf.length - n)
         mem[back:back + n] = os.urandom(n)  # scribble so a read that moves nothing is caught
@@ -136,11 +136,20 @@ def test_poll_reaches_completion_without_wait(engine, local, peer):
     assert peer.digest(peer.addr, 4096) == sha(mem[:4096])
 
 
-def test_transfer_to_own_segment(engine, local):
-    buf, mem = local
-    mem[:4096] = os.urandom(4096)
-    engine.write(buf.addr, engine.name, buf.addr + (1 << 20), 4096)
-    assert mem[1 << 20:(1 << 20) + 4096] == mem[:4096]
+def test_transfer_to_own_segment_is_a_checked_memcpy():
+    with TransferEngine() as eng:
+        mem = bytearray(os.urandom(1 << 20))
+        buf = eng.register(mem)
+        ro_mem = bytearray(os.urandom(8192))
+        ro = eng.register(ro_mem, remote_write=False)
+        st = eng.write(buf.addr, eng.name, buf.addr + 65536, 4096)
+        assert st.transport == "local" and mem[65536:65536 + 4096] == mem[:4096]
+        eng.read(buf.addr + 8192, eng.name, ro.addr, 8192)
+        assert mem[8192:16384] == ro_mem
+        statuses = eng.submit([Request(Op.WRITE, buf.addr, eng.name, ro.addr, 10),
+                               Request(Op.WRITE, buf.addr, eng.name, buf.addr + (1 << 20) - 5, 10)]).wait()
+        assert statuses[0].state is State.FAILED and "does not allow" in statuses[0].reason
+        assert statuses[1].state is State.FAILED and "not inside a registered buffer" in statuses[1].reason
 
 
 def test_peer_registering_more_memory_is_picked_up(engine, local, peer):

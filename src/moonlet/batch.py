@@ -100,6 +100,12 @@ class Batch:
                 parts[index] += count
                 names[index] = transport
 
+    def set_transport(self, indices: list[int], transport: str) -> None:
+        """Record that requests ``indices`` moved to another transport (a fallback)."""
+        with self._lock:
+            for index in indices:
+                self._transport[index] = transport
+
     def part_done(self, index: int, state: State = State.COMPLETED, reason: str = "") -> None:
         """Record the end of one slice of request ``index``; the first failure wins."""
         with self._lock:

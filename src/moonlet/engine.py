@@ -12,12 +12,18 @@ from . import metadata as md
 from .batch import Batch, Op, Request, RequestStatus
 from .config import EngineConfig
 from .errors import ConfigError, MemoryAccessError, MoonletError, SegmentError, TransferError
-from .memory import Buffer, MemoryRegistry, address_of, check_range, host_numa_node, parse_location
+from .memory import Buffer, MemoryRegistry, SharedMemory, address_of, check_range, host_numa_node, parse_location
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
+from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
+from .transport.local import LocalTransport
+from .transport.shm import SameHostTransport
 from .transport.tcp import TcpTransport
 
 log = logging.getLogger("moonlet")
+
+#: Transport names in the default order of preference: same process, same host, anywhere.
+ALL_TRANSPORTS = ("local", "shm", "tcp")
 
 
 class TransferEngine:
@@ -45,17 +51,24 @@ class TransferEngine:
         self._stale: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._pidns = cma.pid_namespace()
+        wanted = cfg.transports or ALL_TRANSPORTS
+        unknown = [t for t in wanted if t not in ALL_TRANSPORTS or (t == "shm" and not cma.AVAILABLE)]
+        if unknown:
+            here = [t for t in ALL_TRANSPORTS if t != "shm" or cma.AVAILABLE]
+            raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {here}")
         ctx = HostContext(name or "", cfg, self._registry)
-        tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add)
+        attach = None
+        if "shm" in wanted:
+            attach = {"pid": os.getpid(), "host": self._host, "pidns": self._pidns}
+            cma.allow_peers()
+        tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add, attach)
         self._name = tcp.endpoint() if self._meta.names_are_endpoints else str(name)
         ctx.name = self._name
-        available: dict[str, Transport] = {tcp.name: tcp}
+        available: dict[str, Transport] = {"local": LocalTransport(self._registry, self._instance), "tcp": tcp}
+        if attach:
+            available["shm"] = SameHostTransport(tcp, self._host, self._pidns)
         self._all_transports = list(available.values())
-        wanted = cfg.transports or tuple(available)
-        unknown = [t for t in wanted if t not in available]
-        if unknown:
-            self._close_transports()
-            raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {sorted(available)}")
         self._transports = [available[t] for t in wanted]
         try:
             self._publish()
@@ -75,7 +88,7 @@ class TransferEngine:
         return str(self._meta)
 
     def _identity(self) -> dict:
-        return {"name": self._name, "instance": self._instance}
+        return {"name": self._name, "instance": self._instance, "host": self._host, "pidns": self._pidns}
 
     def descriptor(self) -> SegmentDescriptor:
         """This engine's current segment descriptor."""
@@ -86,6 +99,7 @@ class TransferEngine:
             pid=os.getpid(),
             endpoints={t.name: ep for t in self._all_transports if (ep := t.endpoint())},
             buffers=[b.describe() for b in self._registry.buffers()],
+            pidns=self._pidns,
         )
 
     def _descriptor_json(self) -> bytes:
@@ -130,6 +144,23 @@ class TransferEngine:
         self._publish()
         return buf
 
+    def allocate(self, length: int, *, remote_read: bool = True, remote_write: bool = True) -> Buffer:
+        """Allocate ``length`` bytes of registered host memory that same-host peers can map.
+
+        Peers on this host copy into and out of such a buffer with a plain
+        memcpy into a shared mapping (no round trip to this engine).  The
+        memory is released by :meth:`unregister`.
+        """
+        self._check_open()
+        shared = SharedMemory(length, self._instance)
+        buf = Buffer(shared.addr, length, f"cpu:{host_numa_node(shared.addr)}", remote_read, remote_write,
+                     shared, share={"memfd": shared.fd})
+        self._registry.add(buf)
+        for t in self._all_transports:
+            t.register(buf)
+        self._publish()
+        return buf
+
     def unregister(self, buf: Buffer | int) -> None:
         """Unregister a buffer (by object or start address); waits for transfers using it to end."""
         self._check_open()
@@ -138,6 +169,8 @@ class TransferEngine:
         for t in self._all_transports:
             t.unregister(removed)
         self._publish()
+        if isinstance(removed.keepalive, SharedMemory):
+            removed.keepalive.release()
 
     def buffers(self) -> list[Buffer]:
         """The buffers registered now, by address."""
@@ -252,7 +285,7 @@ class TransferEngine:
                               f"{remote['location']} memory of {seg.name!r} from local "  # type: ignore[union-attr]
                               f"{local.location}")  # type: ignore[union-attr]
                 continue
-            items.append((i, r, local))
+            items.append((i, r, local, remote))
         for t, seg, work in groups.values():
             t.submit(seg, batch, work)
         return batch

@@ -103,12 +103,16 @@ class Denied:
     NOT_REGISTERED = 2
     NO_PERMISSION = 3
     NOT_HOST_MEMORY = 4
+    ATTACH_REFUSED = 5
+    INITIATOR_FAULT = 6
 
     REASONS = {
         BAD_RANGE: "empty range or range past the end of the address space",
         NOT_REGISTERED: "range is not inside a registered buffer of the target",
         NO_PERMISSION: "the target buffer does not allow this access",
         NOT_HOST_MEMORY: "the target buffer is not host memory reachable by this transport",
+        ATTACH_REFUSED: "the target may not attach to this process's memory (cross-memory attach refused)",
+        INITIATOR_FAULT: "the initiator's memory could not be accessed by the target",
     }
 
 
@@ -129,6 +133,7 @@ class Buffer:
     remote_read: bool = True
     remote_write: bool = True
     keepalive: Any = field(default=None, repr=False)
+    share: dict | None = None  # how same-host peers may map it ({"memfd": fd}), if they may
     _view: memoryview | None = field(default=None, repr=False)
     _users: int = field(default=0, repr=False)
     _dead: bool = field(default=False, repr=False)
@@ -150,13 +155,55 @@ class Buffer:
 
     def describe(self) -> dict:
         """The JSON-able form published in the segment descriptor."""
-        return {
+        d = {
             "addr": self.addr,
             "length": self.length,
             "location": self.location,
             "remote_read": self.remote_read,
             "remote_write": self.remote_write,
         }
+        if self.share:
+            d.update(self.share)
+        return d
+
+
+class SharedMemory:
+    """A memfd-backed mapping whose first page is a control page peers read.
+
+    Layout: ``[control page][data]``. The control page holds a state word (1
+    while the buffer is registered, 0 after), a magic, the owning engine's
+    instance id and the data's address in the owner: a peer that opens the
+    memfd through ``/proc/PID/fd`` checks all three before trusting it (a pid
+    can be reused), and checks the state after each copy, so it never reports a
+    transfer into memory that was unregistered meanwhile as completed.
+    """
+
+    CONTROL = 4096
+    MAGIC = b"MOONLET1"
+
+    def __init__(self, length: int, instance: str) -> None:
+        if length <= 0:
+            raise RegistrationError(f"cannot allocate {length} bytes")
+        import mmap
+
+        self.fd = os.memfd_create("moonlet", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.CONTROL + length)
+        self._map = mmap.mmap(self.fd, self.CONTROL + length)
+        anchor = ctypes.c_char.from_buffer(self._map)
+        self.addr = ctypes.addressof(anchor) + self.CONTROL
+        del anchor  # the mapping stays put; only a live export would block release()
+        self._map[:40] = self.header(1, instance, self.addr)
+
+    @classmethod
+    def header(cls, state: int, instance: str, addr: int) -> bytes:
+        """The first 40 bytes of the control page."""
+        return state.to_bytes(8, "little") + cls.MAGIC + instance.encode()[:16].ljust(16) + addr.to_bytes(8, "little")
+
+    def release(self) -> None:
+        """Mark the buffer gone for peers, then drop this process's mapping and descriptor."""
+        self._map[:8] = bytes(8)
+        self._map.close()
+        os.close(self.fd)
 
 
 def check_range(addr: int, length: int) -> None:

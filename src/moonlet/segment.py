@@ -47,6 +47,7 @@ class SegmentDescriptor:
     pid: int
     endpoints: dict[str, str]
     buffers: list[dict] = field(default_factory=list)
+    pidns: str = ""  # PID namespace: same-host copies need the same one
 
     @property
     def transports(self) -> list[str]:
@@ -60,6 +61,7 @@ class SegmentDescriptor:
                 "instance": self.instance,
                 "host": self.host,
                 "pid": self.pid,
+                "pidns": self.pidns,
                 "endpoints": self.endpoints,
                 "transports": self.transports,
                 "buffers": self.buffers,
@@ -81,6 +83,7 @@ class SegmentDescriptor:
                     "location": str(b["location"]),
                     "remote_read": bool(b.get("remote_read", True)),
                     "remote_write": bool(b.get("remote_write", True)),
+                    **({"memfd": int(b["memfd"])} if "memfd" in b else {}),
                 }
                 for b in d["buffers"]
             ]
@@ -91,6 +94,7 @@ class SegmentDescriptor:
                 pid=int(d["pid"]),
                 endpoints={str(k): str(v) for k, v in dict(d["endpoints"]).items()},
                 buffers=bufs,
+                pidns=str(d.get("pidns", "")),
             )
         except SegmentError:
             raise

@@ -63,7 +63,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="initiator threads submitting batches (default 1)")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per row (default 2)")
     p.add_argument("--buffer-size", type=parse_size, default=1 * GiB, help="registered bytes per side (default 1G)")
-    p.add_argument("--protocol", default="auto", help="transport to use: auto (default) or a name, e.g. tcp")
+    p.add_argument("--protocol", default="auto", help="transport: auto (default), tcp or shm (same host)")
+    p.add_argument("--shared", action="store_true",
+                   help="target memory from engine.allocate(): same-host initiators map it and memcpy")
     p.add_argument("--lanes", type=int, default=EngineConfig.lanes, help="connections per peer")
     p.add_argument("--sweep", action="store_true", help="block sizes 4K..16M x batch sizes 1..128")
     p.add_argument("--verify", action="store_true", help="check the bytes of every row")
@@ -101,8 +103,10 @@ def _alloc(size: int) -> mmap.mmap:
 
 def run_target(args: argparse.Namespace) -> int:
     eng = _engine(args, args.port)
-    mem = _alloc(args.buffer_size)
-    eng.register(mem)
+    if args.shared:
+        eng.allocate(args.buffer_size)
+    else:
+        eng.register(_alloc(args.buffer_size))
     print(f"{READY} {eng.name}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -246,7 +250,7 @@ def run_initiator(args: argparse.Namespace, target: str) -> int:
 def run_both(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target", "--metadata", args.metadata,
            "--listen", args.listen, "--buffer-size", str(args.buffer_size), "--protocol", args.protocol,
-           "--lanes", str(args.lanes)]
+           "--lanes", str(args.lanes)] + (["--shared"] if args.shared else [])
     if args.metadata != "p2p":
         cmd += ["--name", f"bench-target-{os.getpid()}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -17,8 +17,9 @@ from ..segment import Segment, SegmentDescriptor
 
 
 #: One request as the engine hands it to a transport: (position in the batch, the request,
-#: the registered local buffer holding its local range). A plain tuple: it is made per request.
-WorkItem = tuple[int, Request, Buffer]
+#: the registered local buffer holding its local range, the peer's buffer entry holding its
+#: remote range). A plain tuple: it is made per request.
+WorkItem = tuple[int, Request, Buffer, dict]
 
 
 @dataclass

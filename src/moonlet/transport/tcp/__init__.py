@@ -29,12 +29,16 @@ class TcpTransport(Transport):
     name = "tcp"
 
     def __init__(self, ctx: HostContext, describe: Callable[[], bytes], identity: Callable[[], dict],
-                 on_stale: Callable[[str], None]) -> None:
+                 on_stale: Callable[[str], None], attach: dict | None = None) -> None:
+        """``attach`` (our pid, host and pidns) enables same-host copies in both directions."""
         cfg = ctx.config
         self._cfg = cfg
         self._on_stale = on_stale
+        self._hello = attach or {}
+        #: called when a peer refused to copy our memory directly (the same-host transport listens)
+        self.on_attach_refused: Callable[[Peer], None] = lambda peer: None
         self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer,
-                                cfg.spin_us)
+                                cfg.spin_us, bool(attach))
         self.progress = Progress(cfg.spin_us)
         self.progress.on_tick = self._expire_overdue
         host = cfg.advertise_host or self.server.address[0]
@@ -49,13 +53,18 @@ class TcpTransport(Transport):
         self._watchdog = threading.Thread(target=self._watch, name="moonlet-tcp-watchdog", daemon=True)
         self._watchdog.start()
 
+    @property
+    def config(self):
+        return self._cfg
+
     def endpoint(self) -> str:
         return self._endpoint
 
     def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
         return "tcp" in peer.endpoints and local.is_host and remote["location"].startswith("cpu:")
 
-    def _peer(self, segment: Segment) -> Peer:
+    def peer(self, segment: Segment) -> Peer:
+        """The connection pool to ``segment`` (shared with the same-host transport)."""
         d = segment.descriptor
         key = (segment.name, d.endpoints["tcp"])
         with self._lock:
@@ -63,23 +72,24 @@ class TcpTransport(Transport):
             if peer is None or peer.closed:
                 peer = self._peers[key] = Peer(segment.name, d.endpoints["tcp"], d.instance, self._cfg.lanes,
                                                self._cfg.connect_timeout, self._cfg.request_timeout,
-                                               self._cfg.socket_buffer, self.progress, self._on_stale)
+                                               self._cfg.socket_buffer, self.progress, self._on_stale,
+                                               self._hello, lambda p: self.on_attach_refused(p))
             elif peer.instance != d.instance:
                 peer.instance = d.instance
         return peer
 
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
-        peer = self._peer(segment)
+        peer = self.peer(segment)
         cfg = self._cfg
         slice_size, max_bytes, max_entries = cfg.slice_size, cfg.frame_bytes, cfg.frame_entries
         # Announce every slice before the first frame leaves, so no reply can finish a request early.
-        batch.add_parts([(index, -(-req.length // slice_size)) for index, req, _ in items], self.name)
+        batch.add_parts([(index, -(-req.length // slice_size)) for index, req, *_ in items], self.name)
         for kind in (P.READ, P.WRITE):
             table: list[int] = []  # addr, length, addr, length, ...
             views: list = []
             refs: list = []
             nbytes = 0
-            for index, req, local in items:
+            for index, req, local, _ in items:
                 if (P.WRITE if req.op else P.READ) != kind:
                     continue
                 length = req.length

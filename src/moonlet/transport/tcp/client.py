@@ -382,8 +382,10 @@ class Peer:
 
     def __init__(self, name: str, endpoint: str, instance: str, lanes: int, connect_timeout: float,
                  send_timeout: float, socket_buffer: int | None, progress: Progress,
-                 on_stale: Callable[[str], None]) -> None:
+                 on_stale: Callable[[str], None], hello: dict, on_refused: Callable[["Peer"], None]) -> None:
         self.name = name
+        self.hello = hello  # our pid/host/pidns, offered so a same-host target may copy directly
+        self.on_refused = on_refused
         self.endpoint = endpoint
         self.instance = instance
         self.connect_timeout = connect_timeout
@@ -404,7 +406,7 @@ class Peer:
             raise ConnectionError(f"cannot connect to {self.name} at {self.endpoint}: {e}") from None
         try:
             tune_socket(sock, self.socket_buffer)
-            sock.sendall(P.encode_hello(self.name))
+            sock.sendall(P.encode_hello(self.name, **self.hello))
             ident = json.loads(_read_control(sock, P.HELLO, "HELLO"))
             if ident.get("instance") != self.instance:
                 self._on_stale(self.name)
@@ -456,13 +458,31 @@ class Peer:
             batch.parts_completed(frame.refs)
             return
         table = frame.table
+        width = 2 if frame.kind in (P.WRITE, P.READ) else 3
+        refused = []
         for k, (idx, st) in enumerate(zip(frame.refs, statuses)):
-            addr, length = table[2 * k], table[2 * k + 1]
-            if st:
+            addr, length = table[width * k], table[width * k + 1]
+            if st == Denied.ATTACH_REFUSED:
+                refused.append(k)
+            elif st:
                 batch.part_done(idx, State.FAILED,
                                 f"{self.name} refused [{addr:#x}, +{length}): {Denied.REASONS[st]}")
             else:
                 batch.part_done(idx)
+        if refused:
+            self._fall_back(frame, refused)
+
+    def _fall_back(self, frame: OutFrame, entries: list[int]) -> None:
+        """The target may not copy our memory directly: carry these entries of a PULL/PUSH frame over TCP."""
+        self.on_refused(self)
+        table = frame.table
+        flat: list[int] = []
+        for k in entries:
+            flat += (table[3 * k], table[3 * k + 1])
+        refs = [frame.refs[k] for k in entries]
+        frame.batch.set_transport(refs, "tcp")
+        self.send(OutFrame(P.WRITE if frame.kind == P.PULL else P.READ, flat, [frame.views[k] for k in entries],
+                           refs, frame.batch, sum(flat[1::2])))
 
     def fail_frame(self, frame: OutFrame, reason: str) -> None:
         """A frame's lane died: retry it once on another lane unless its deadline passed."""

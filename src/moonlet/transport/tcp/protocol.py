@@ -19,6 +19,8 @@ GET_DESC   none                         16 zero bytes
 DESC       none                         JSON segment descriptor
 WRITE      count x (addr u64, len u64)  the bytes of every entry, back to back
 READ       count x (addr u64, len u64)  none
+PULL       count x (addr, len, src u64) none; same host: the target copies from the initiator's src
+PUSH       count x (addr, len, dst u64) none; same host: the target copies into the initiator's dst
 RESP       count x status u8            for a READ: the bytes of every OK entry
 ERROR      none                         UTF-8 message; the sender then closes
 =========  ===========================  ==============================================
@@ -45,12 +47,15 @@ from ...memory import Denied
 MAGIC = 0x4D4C  # "ML"
 VERSION = 1
 
-HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR = 1, 2, 3, 4, 5, 6, 7
-KINDS = {HELLO: "HELLO", GET_DESC: "GET_DESC", DESC: "DESC", WRITE: "WRITE", READ: "READ", RESP: "RESP", ERROR: "ERROR"}
+HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR, PULL, PUSH = 1, 2, 3, 4, 5, 6, 7, 8, 9
+KINDS = {HELLO: "HELLO", GET_DESC: "GET_DESC", DESC: "DESC", WRITE: "WRITE", READ: "READ", RESP: "RESP",
+         ERROR: "ERROR", PULL: "PULL", PUSH: "PUSH"}
+REQUESTS = (WRITE, READ, PULL, PUSH)  # kinds that carry an entry table
 
 PREFIX = struct.Struct("<HBBIQQ")
 PREFIX_SIZE = PREFIX.size  # 24
 ENTRY_SIZE = 16
+ATTACH_ENTRY_SIZE = 24  # PULL / PUSH entries also carry the initiator's address
 
 MAX_ENTRIES = 4096
 MAX_CONTROL_BODY = 64 * 1024  # HELLO / ERROR
@@ -75,6 +80,8 @@ class Prefix:
         """Bytes of the table that follows the prefix."""
         if self.kind in (WRITE, READ):
             return self.count * ENTRY_SIZE
+        if self.kind in (PULL, PUSH):
+            return self.count * ATTACH_ENTRY_SIZE
         if self.kind == RESP:
             return self.count
         return 0
@@ -89,13 +96,13 @@ def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
         raise ProtocolError(f"unsupported protocol version {version}, this side speaks {VERSION}")
     if kind not in KINDS:
         raise ProtocolError(f"unknown frame kind {kind}")
-    if kind in (WRITE, READ, RESP):
+    if kind in REQUESTS or kind == RESP:
         if not 1 <= count <= MAX_ENTRIES:
             raise ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
     elif count:
         raise ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
     limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL,
-             READ: 0}
+             READ: 0, PULL: 0, PUSH: 0}
     cap = limit.get(kind, MAX_PAYLOAD)
     if payload_len > cap:
         raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at most {cap}")
@@ -105,15 +112,16 @@ def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
     return Prefix(kind, count, req_id, payload_len)
 
 
-def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
-    """Decode the (addr, length) table of a WRITE/READ frame and check it against the prefix."""
-    entries = list(struct.iter_unpack("<QQ", table))
+def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list[tuple]:
+    """Decode the table of a WRITE/READ frame ((addr, length) pairs) or of a PULL/PUSH frame
+    ((addr, length, initiator addr) triples) and check it against the prefix."""
+    entries = list(struct.iter_unpack("<QQ" if prefix.kind in (WRITE, READ) else "<QQQ", table))
     if prefix.kind == WRITE:
         total = sum(length for _, length in entries)
         if total != prefix.payload_len:
             raise ProtocolError(f"WRITE entries add up to {total} bytes but the frame carries {prefix.payload_len}")
-    for _, length in entries:
-        if length == 0:
+    for entry in entries:
+        if entry[1] == 0:
             raise ProtocolError("entry of length 0")
     return entries
 
@@ -136,10 +144,12 @@ def encode_request(kind: int, req_id: int, entries: list[tuple[int, int]]) -> by
 
 
 def encode_request_flat(kind: int, req_id: int, table: list[int], payload_len: int | None = None) -> bytes:
-    """:func:`encode_request` from a flat ``[addr, len, addr, len, ...]`` table (the hot path's form)."""
+    """:func:`encode_request` from a flat table, ``[addr, len, ...]`` (or ``[addr, len, src, ...]`` for
+    PULL/PUSH): the hot path's form."""
+    width = 2 if kind in (WRITE, READ) else 3
     if payload_len is None:
         payload_len = sum(table[1::2]) if kind == WRITE else 0
-    return PREFIX.pack(MAGIC, VERSION, kind, len(table) // 2, req_id, payload_len) + struct.pack(
+    return PREFIX.pack(MAGIC, VERSION, kind, len(table) // width, req_id, payload_len) + struct.pack(
         f"<{len(table)}Q", *table)
 
 
@@ -153,8 +163,9 @@ def encode_control(kind: int, body: bytes = b"", req_id: int = 0) -> bytes:
     return PREFIX.pack(MAGIC, VERSION, kind, 0, req_id, len(body)) + body
 
 
-def encode_hello(name: str) -> bytes:
-    return encode_control(HELLO, json.dumps({"name": name}).encode().ljust(MIN_TARGET_TAIL))
+def encode_hello(name: str, **identity: object) -> bytes:
+    """HELLO naming the segment expected; ``identity`` (pid, host, pidns) asks for same-host copies."""
+    return encode_control(HELLO, json.dumps({"name": name, **identity}).encode().ljust(MIN_TARGET_TAIL))
 
 
 def encode_get_desc() -> bytes:
@@ -165,13 +176,15 @@ def encode_error(message: str) -> bytes:
     return encode_control(ERROR, (message or "error").encode()[:MAX_CONTROL_BODY])
 
 
-def decode_hello(body: bytes) -> str:
+def decode_hello(body: bytes) -> dict:
+    """The HELLO body as a dict with at least a string ``name``."""
     try:
         d = json.loads(body)
-        name = d["name"]
-        if not isinstance(name, str):
-            raise TypeError("name is not a string")
-        return name
+        if not isinstance(d, dict) or not isinstance(d["name"], str):
+            raise TypeError("HELLO body must be an object with a string name")
+        if "pid" in d and not isinstance(d["pid"], int):
+            raise TypeError("pid is not an integer")
+        return d
     except (ValueError, TypeError, KeyError) as e:
         raise ProtocolError(f"malformed HELLO body: {e!r}") from None
 
@@ -249,7 +262,7 @@ class FrameParser:
             self._prefix = parse_prefix(self._buf[:PREFIX_SIZE])
             del self._buf[:PREFIX_SIZE]
         p = self._prefix
-        if p.kind in (WRITE, READ, RESP):
+        if p.kind in REQUESTS or p.kind == RESP:
             need = p.table_size
             if len(self._buf) < need:
                 return None

@@ -15,6 +15,7 @@ touched on its behalf.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ from typing import Callable
 from ...errors import ProtocolError
 from ...memory import Buffer, Denied, MemoryRegistry
 from . import protocol as P
+from .. import cma
 from .sockio import recv_some, sendmsg_some
 
 log = logging.getLogger("moonlet.tcp")
@@ -51,7 +53,7 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "buf", "views", "pinned", "statuses",
-                 "out", "out_bytes", "mask")
+                 "out", "out_bytes", "mask", "attach_pid")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -61,6 +63,7 @@ class _Conn:
         self.out: deque[list] = deque()  # [bufs, pinned]
         self.out_bytes = 0
         self.mask = _IN
+        self.attach_pid = 0  # initiator pid, once HELLO proved it shares our host and PID namespace
         self._reset()
 
     def _reset(self) -> None:
@@ -85,12 +88,14 @@ class TcpServer:
         port: int,
         socket_buffer: int | None,
         spin_us: int = 0,
+        attach: bool = False,
     ) -> None:
         self._registry = registry
         self._describe = describe
         self._identity = identity
         self._bufsize = socket_buffer
         self._spin = spin_us / 1e6
+        self._attach = attach and cma.AVAILABLE
         self._sock = socket.create_server((host, port), backlog=256)
         self._sock.setblocking(False)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
@@ -241,7 +246,7 @@ class TcpServer:
     def _on_prefix(self, conn: _Conn) -> None:
         """The prefix and the 16 bytes after it are in: start the table or body with those 16."""
         p = conn.prefix = P.parse_prefix(conn.pview[: P.PREFIX_SIZE])
-        if p.kind in (P.WRITE, P.READ):
+        if p.kind in P.REQUESTS:
             size = p.table_size
         elif p.kind in (P.HELLO, P.GET_DESC):
             size = p.payload_len
@@ -250,7 +255,7 @@ class TcpServer:
         conn.buf = bytearray(size)
         conn.buf[: P.MIN_TARGET_TAIL] = conn.pview[P.PREFIX_SIZE:]
         conn.got = P.MIN_TARGET_TAIL
-        conn.phase = 1 if p.kind in (P.WRITE, P.READ) else 3
+        conn.phase = 1 if p.kind in P.REQUESTS else 3
         if size == P.MIN_TARGET_TAIL:
             conn.got = 0
             if conn.phase == 1:
@@ -262,17 +267,34 @@ class TcpServer:
         p = conn.prefix
         assert p is not None
         if p.kind == P.HELLO:
-            P.decode_hello(bytes(conn.buf or b""))
+            hello = P.decode_hello(bytes(conn.buf or b""))
+            conn.attach_pid = self._attachable(conn, hello)
             reply = P.encode_control(P.HELLO, json.dumps(self._identity()).encode(), p.req_id)
         else:
             reply = P.encode_control(P.DESC, self._describe(), p.req_id)
         conn._reset()
         self._queue(conn, [reply], [])
 
+    def _attachable(self, conn: _Conn, hello: dict) -> int:
+        """The initiator's pid if this target may copy straight between its memory and ours, else 0.
+
+        The pid a peer claims is believed only if it shares our host and PID
+        namespace and really holds the other end of this connection.
+        """
+        pid = hello.get("pid", 0)
+        me = self._identity()
+        if not (self._attach and pid and hello.get("host") == me["host"] and hello.get("pidns") == me["pidns"]):
+            return 0
+        return pid if cma.socket_owned_by(conn.sock, pid) else 0
+
     def _on_table(self, conn: _Conn) -> None:
         p = conn.prefix
         assert p is not None and conn.buf is not None
         entries = P.parse_entries(p, conn.buf)
+        if p.kind in (P.PULL, P.PUSH):
+            conn._reset()
+            self._queue(conn, [P.encode_response(p.req_id, self._attach_copy(conn, p.kind, entries), 0)], [])
+            return
         write = p.kind == P.WRITE
         resolved, pinned = self._registry.acquire(entries, write=write)
         statuses = bytearray(len(entries))
@@ -290,6 +312,36 @@ class TcpServer:
         total = sum(v.nbytes for v in views)
         conn._reset()
         self._queue(conn, [P.encode_response(p.req_id, bytes(statuses), total), *views], pinned)
+
+    def _attach_copy(self, conn: _Conn, kind: int, entries: list[tuple]) -> bytes:
+        """Serve a PULL (peer WRITE) or PUSH (peer READ) with one cross-memory copy; return the statuses."""
+        statuses = bytearray(len(entries))
+        if not conn.attach_pid:
+            return bytes([Denied.ATTACH_REFUSED]) * len(entries)
+        resolved, pinned = self._registry.acquire([(a, n) for a, n, _ in entries], write=kind == P.PULL)
+        try:
+            ours: list[int] = []
+            theirs: list[int] = []
+            moved = []
+            for i, ((addr, length, peer_addr), buf) in enumerate(zip(entries, resolved)):
+                if type(buf) is Buffer and buf.is_host:
+                    ours += (addr, length)
+                    theirs += (peer_addr, length)
+                    moved.append(i)
+                else:
+                    statuses[i] = buf if type(buf) is int else Denied.NOT_HOST_MEMORY
+            if moved:
+                try:
+                    cma.copy(conn.attach_pid, ours, theirs, into_local=kind == P.PULL)
+                except OSError as e:
+                    code = Denied.ATTACH_REFUSED if e.errno in (errno.EPERM, errno.ESRCH, errno.ENOSYS) \
+                        else Denied.INITIATOR_FAULT
+                    log.info("cross-memory copy with pid %d failed: %s", conn.attach_pid, e)
+                    for i in moved:
+                        statuses[i] = code
+        finally:
+            self._registry.release(pinned)
+        return bytes(statuses)
 
     def _write_done(self, conn: _Conn) -> None:
         p = conn.prefix

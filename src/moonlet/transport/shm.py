@@ -1,0 +1,183 @@
+"""Same-host transport for host memory: one copy, no socket.
+
+Two paths, picked per buffer:
+
+- **Mapped**: a buffer the peer made with ``engine.allocate()`` lives in a memfd.
+  This engine maps it (through ``/proc/PID/fd``, after checking the control
+  page names the right engine and buffer) and copies with a plain memcpy, with
+  no round trip at all.  The control page's state word, checked after each
+  copy, tells whether the peer unregistered the buffer meanwhile.
+- **Attached**: for any other registered memory, requests ride the TCP transport's
+  connections as PULL (a WRITE: the target
+reads the initiator's memory into its registered buffer) and PUSH (a READ: the
+target writes its buffer into the initiator's memory) frames, each served by
+one ``process_vm_readv``/``process_vm_writev`` call for the whole frame.  So the
+bytes cross once, with no socket copies, while the target still checks and
+pins every range it touches, exactly as for TCP.
+
+The target attaches only to an initiator that shares its host and PID
+namespace and owns the connection.  Where the kernel refuses (ptrace policy,
+containers), the target answers ATTACH_REFUSED, the requests go over TCP
+instead, and this transport stops offering itself for that peer (logged once;
+``moonlet info`` says why it cannot work here).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+from typing import Iterable
+
+from ..batch import Batch, State
+from ..memory import Buffer, Denied, SharedMemory
+from ..segment import Segment, SegmentDescriptor
+from .base import Transport, WorkItem
+from .tcp import TcpTransport
+from .tcp import protocol as P
+from .tcp.client import OutFrame, Peer
+
+log = logging.getLogger("moonlet.shm")
+
+
+class SameHostTransport(Transport):
+    name = "shm"
+
+    def __init__(self, tcp: TcpTransport, host: str, pidns: str) -> None:
+        self._tcp = tcp
+        self._host = host
+        self._pidns = pidns
+        self._pid = os.getpid()
+        self._refused: set[tuple[str, str]] = set()  # (segment name, instance)
+        self._maps: dict[tuple[str, int], _Mapping] = {}  # (instance, buffer addr) -> mapping
+        self._unmappable: set[tuple[str, int]] = set()
+        tcp.on_attach_refused = self._note_refused
+
+    def endpoint(self) -> str:
+        return self._tcp.endpoint()
+
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+        return ("shm" in peer.endpoints and peer.host == self._host and peer.pidns == self._pidns
+                and peer.pid != self._pid and local.is_host and remote["location"].startswith("cpu:")
+                and (peer.name, peer.instance) not in self._refused)
+
+    def _note_refused(self, peer: Peer) -> None:
+        key = (peer.name, peer.instance)
+        if key not in self._refused:
+            self._refused.add(key)
+            log.warning("same-host copies with %s refused by the kernel; using TCP for it "
+                        "(see `moonlet info`)", peer.name)
+
+    def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
+        batch.add_parts([(index, 1) for index, *_ in items], self.name)
+        attach = [item for item in items if not self._copy_mapped(segment.descriptor, batch, item)]
+        if not attach:
+            return
+        peer = self._tcp.peer(segment)
+        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
+        for kind in (P.PUSH, P.PULL):
+            table: list[int] = []
+            views: list = []
+            refs: list = []
+            nbytes = 0
+            for index, req, local, _ in attach:
+                if (P.PULL if req.op else P.PUSH) != kind:
+                    continue
+                table += (req.remote_addr, req.length, req.local_addr)
+                views.append(local.view(req.local_addr, req.length))  # kept for a TCP fallback
+                refs.append(index)
+                nbytes += req.length
+                if nbytes >= max_bytes or len(refs) >= max_entries:  # no socket to pipeline: big frames
+                    peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
+                    table, views, refs, nbytes = [], [], [], 0
+            if refs:
+                peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
+
+    def _copy_mapped(self, peer: SegmentDescriptor, batch: Batch, item: WorkItem) -> bool:
+        """Serve ``item`` by memcpy through a mapping of the peer's buffer; False if it has none."""
+        index, req, local, remote = item
+        if "memfd" not in remote:
+            return False
+        mapped = self._mapping(peer, remote)
+        if mapped is None:
+            return False
+        if not (remote["remote_write"] if req.op else remote["remote_read"]):
+            batch.part_done(index, State.FAILED, f"{peer.name} refused [{req.remote_addr:#x}, +{req.length}): "
+                                                 f"{Denied.REASONS[Denied.NO_PERMISSION]}")
+            return True
+        off = req.remote_addr - remote["addr"]
+        if req.op:
+            mapped.data[off:off + req.length] = local.view(req.local_addr, req.length)
+        else:
+            local.view(req.local_addr, req.length)[:] = mapped.data[off:off + req.length]
+        if mapped.alive():
+            batch.part_done(index)
+        else:
+            self._unmap((peer.instance, remote["addr"]))
+            batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{remote['addr']:#x}, "
+                                                 f"+{remote['length']}) during the transfer")
+        return True
+
+    def _mapping(self, peer: SegmentDescriptor, remote: dict) -> "_Mapping | None":
+        key = (peer.instance, remote["addr"])
+        mapped = self._maps.get(key)
+        if mapped is not None and mapped.alive():
+            return mapped
+        if mapped is not None:
+            self._unmap(key)
+        if key in self._unmappable:
+            return None
+        try:
+            mapped = self._maps[key] = _Mapping(peer, remote)
+        except (OSError, ValueError) as e:
+            self._unmappable.add(key)
+            log.info("cannot map buffer %#x of %s (%s); the target will copy instead", remote["addr"], peer.name, e)
+            return None
+        return mapped
+
+    def _unmap(self, key: tuple[str, int]) -> None:
+        mapped = self._maps.pop(key, None)
+        if mapped is not None:
+            mapped.close()
+
+    def close(self) -> None:
+        for key in list(self._maps):
+            self._unmap(key)
+
+    def drive(self, batch: Batch, block: bool) -> None:
+        self._tcp.drive(batch, block)
+
+    def expire(self, batch: Batch) -> None:
+        self._tcp.expire(batch)
+
+
+class _Mapping:
+    """This process's mapping of a peer's :class:`~moonlet.memory.SharedMemory` buffer."""
+
+    def __init__(self, peer: SegmentDescriptor, remote: dict) -> None:
+        size = SharedMemory.CONTROL + remote["length"]
+        writable = remote["remote_write"]
+        fd = os.open(f"/proc/{peer.pid}/fd/{remote['memfd']}", os.O_RDWR if writable else os.O_RDONLY)
+        try:
+            if os.fstat(fd).st_size != size:
+                raise ValueError("the peer's memfd has the wrong size")
+            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+        finally:
+            os.close(fd)
+        self._view = memoryview(self._map)
+        self._state = self._view[:8]
+        self.data = self._view[SharedMemory.CONTROL:]
+        if bytes(self._view[:40]) != SharedMemory.header(1, peer.instance, remote["addr"]):
+            self.close()
+            raise ValueError("the peer's memfd is not the buffer its descriptor names (pid reused?)")
+
+    def alive(self) -> bool:
+        return self._state[0] == 1
+
+    def close(self) -> None:
+        for view in (self.data, self._state, self._view):
+            view.release()
+        self._map.close()
+
+
+__all__: Iterable[str] = ["SameHostTransport"]

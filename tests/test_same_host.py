@@ -1,0 +1,129 @@
+"""Same-host transport: chosen automatically, refused cleanly, and never fooled by a forged pid."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from moonlet import EngineConfig, Op, Request, TransferEngine
+from moonlet.memory import Denied
+from moonlet.transport import cma
+from moonlet.transport.tcp import protocol as P
+
+pytestmark = pytest.mark.skipif(not cma.AVAILABLE, reason="process_vm_readv/writev need Linux")
+PR_SET_DUMPABLE = 4
+
+
+def sha(view) -> str:
+    return hashlib.sha256(view).hexdigest()
+
+
+def test_auto_picks_shm_for_a_same_host_peer(peer):
+    with TransferEngine() as eng:
+        mem = bytearray(os.urandom(1 << 20))
+        buf = eng.register(mem)
+        seg = eng.open_segment(peer.name)
+        st = eng.write(buf.addr, seg, peer.addr + 3, 1 << 20)
+        assert st.transport == "shm"
+        assert peer.digest(peer.addr + 3, 1 << 20) == sha(mem)
+        dst = bytearray(200 * 4096)
+        dbuf = eng.register(dst)
+        statuses = eng.submit([Request(Op.READ, dbuf.addr + i * 4096, seg, peer.addr + 3 + i * 100, 100)
+                               for i in range(200)]).wait()
+        assert {s.transport for s in statuses} == {"shm"} and all(s.ok for s in statuses)
+        for i in range(200):
+            assert dst[i * 4096:i * 4096 + 100] == mem[i * 100:(i + 1) * 100]
+
+
+def test_refused_attach_falls_back_to_tcp(peer_factory, caplog):
+    target = peer_factory("--no-ptrace")  # cannot attach to a non-dumpable process
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    try:
+        with TransferEngine() as eng:
+            mem = bytearray(os.urandom(65536))
+            buf = eng.register(mem)
+            seg = eng.open_segment(target.name)
+            first = eng.submit([Request(Op.WRITE, buf.addr + i * 4096, seg, target.addr + i * 4096, 4096)
+                                for i in range(16)]).wait()
+            assert all(s.ok and s.transport == "tcp" for s in first)
+            assert target.digest(target.addr, 65536) == sha(mem)
+            assert "refused" in caplog.text and "using TCP" in caplog.text
+            # Later requests go straight to TCP, and reads work too.
+            copy = bytearray(65536)
+            st = eng.read(eng.register(copy).addr, seg, target.addr, 65536)
+            assert st.transport == "tcp" and copy == mem
+    finally:
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
+def test_forged_pid_is_not_attached(peer):
+    """A client claiming someone else's pid must not make the target copy that process's memory."""
+    victim = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        host, port = peer.name.rsplit(":", 1)
+        with TransferEngine() as eng:
+            ident = eng._identity()
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(P.encode_hello(peer.name, pid=victim.pid, host=ident["host"], pidns=ident["pidns"]))
+            hdr = s.recv(P.PREFIX_SIZE, socket.MSG_WAITALL)
+            s.recv(P.parse_prefix(hdr).payload_len, socket.MSG_WAITALL)
+            s.sendall(P.encode_request_flat(P.PUSH, 5, [peer.addr, 64, 0x400000]))
+            reply = s.recv(P.PREFIX_SIZE + 1, socket.MSG_WAITALL)
+            assert P.parse_prefix(reply[:P.PREFIX_SIZE]).kind == P.RESP
+            assert reply[P.PREFIX_SIZE] == Denied.ATTACH_REFUSED
+    finally:
+        victim.stdin.close()
+        victim.wait()
+
+
+def test_other_pid_namespace_uses_tcp(peer):
+    with TransferEngine() as eng:
+        seg = eng.open_segment(peer.name)
+        d = seg.descriptor
+        d.pidns = "pid:[0]"  # as a peer in another container would publish
+        seg.update(d)
+        buf = eng.register(bytearray(os.urandom(4096)))
+        assert eng.write(buf.addr, seg, peer.addr, 4096).transport == "tcp"
+
+
+def test_transports_option_orders_and_restricts(peer):
+    with TransferEngine(transports=("tcp", "shm")) as eng:
+        buf = eng.register(bytearray(os.urandom(4096)))
+        assert eng.write(buf.addr, peer.name, peer.addr, 4096).transport == "tcp"
+    with TransferEngine(config=EngineConfig(transports=("shm",))) as eng:
+        buf = eng.register(bytearray(4096))
+        st = eng.submit([Request(Op.WRITE, buf.addr, eng.name, buf.addr, 16)]).wait()[0]
+        assert not st.ok and "no enabled transport (shm)" in st.reason
+        # The descriptor still offers every path this engine serves.
+        assert json.loads(eng.descriptor().to_json())["transports"] == ["shm", "tcp"]
+
+
+def test_allocated_buffer_is_copied_through_a_mapping(peer):
+    with TransferEngine() as eng:
+        mem = bytearray(os.urandom(4 << 20))
+        buf = eng.register(mem)
+        addr = peer.call("allocate 2097152")["addr"]
+        ro = peer.call("allocate 65536 ro")["addr"]
+        seg = eng.open_segment(peer.name)
+        shm = next(t for t in eng._transports if t.name == "shm")
+        st = eng.write(buf.addr, seg, addr + 1, 1 << 20)
+        assert st.transport == "shm" and peer.digest(addr + 1, 1 << 20) == sha(mem[:1 << 20])
+        assert len(shm._maps) == 1  # served by memcpy into the mapping, not by the target
+        eng.read(buf.addr + (2 << 20), seg, addr + 5, 70000)
+        assert sha(mem[2 << 20:(2 << 20) + 70000]) == peer.digest(addr + 5, 70000)
+        before = peer.digest(ro, 64)
+        bad = eng.submit([Request(Op.WRITE, buf.addr, seg, ro, 64)]).wait()[0]
+        assert not bad.ok and "does not allow" in bad.reason and peer.digest(ro, 64) == before
+        eng.read(buf.addr, seg, ro, 64)
+        assert sha(mem[:64]) == before
+        peer.call(f"unregister {addr}")  # released by the target: later requests fail cleanly
+        late = eng.submit([Request(Op.WRITE, buf.addr, seg, addr, 64)]).wait()[0]
+        assert not late.ok and ("unregistered" in late.reason or "not inside a registered" in late.reason)
