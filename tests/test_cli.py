@@ -41,6 +41,7 @@ def test_info():
     r = run("info")
     assert r.returncode == 0
     assert "transports" in r.stdout and "RDMA devices" in r.stdout
+    assert "same-host    works" in r.stdout or "same-host    NOT available" in r.stdout
 
 
 def test_metadata_server_command():

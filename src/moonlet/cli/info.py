@@ -8,6 +8,7 @@ import sys
 
 from .. import __version__
 from ..segment import host_identity
+from ..transport import cma
 
 
 def _read(path: str) -> str:
@@ -51,7 +52,8 @@ def collect() -> dict:
         "numa_nodes": nodes or ["node0"],
         "nics": _nics(),
         "rdma_devices": _rdma(),
-        "transports": ["tcp"],
+        "same_host": dict(zip(("works", "detail"), cma.probe())),
+        "transports": ["local", "tcp"] + (["shm"] if cma.AVAILABLE else []),
     }
 
 
@@ -61,6 +63,8 @@ def main(_args: object = None) -> int:
     print(f"host id      {info['host_id']}")
     print(f"cpus         {info['cpus']}, NUMA nodes: {', '.join(info['numa_nodes'])}")
     print(f"transports   {', '.join(info['transports'])}")
+    sh = info["same_host"]
+    print(f"same-host    {'works' if sh['works'] else 'NOT available'}: {sh['detail']}")
     print("NICs         " + ("\n             ".join(info["nics"]) or "none besides loopback"))
     print("RDMA devices " + ("\n             ".join(info["rdma_devices"])
                              or "none (no /sys/class/infiniband: no RDMA NIC or driver on this host)"))

@@ -71,6 +71,38 @@ def copy(pid: int, local: list[int], remote: list[int], into_local: bool) -> Non
             raise OSError(errno.EFAULT, f"partial copy: {done} of {want} bytes")
 
 
+def probe() -> tuple[bool, str]:
+    """Try a real cross-memory read of this process from a child process: (works, why or why not)."""
+    if not AVAILABLE:
+        return False, "process_vm_readv is not available (not Linux)"
+    import subprocess
+
+    secret = os.urandom(16)
+    buf = ctypes.create_string_buffer(secret, 16)
+    code = ("import sys; from moonlet.transport import cma; import ctypes;"
+            "b = ctypes.create_string_buffer(16);"
+            "cma.copy(int(sys.argv[1]), [ctypes.addressof(b), 16], [int(sys.argv[2]), 16], True);"
+            "print(b.raw.hex())")
+    allow_peers()
+    try:
+        r = subprocess.run([sys.executable, "-c", code, str(os.getpid()), str(ctypes.addressof(buf))],
+                           capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"probe could not run: {e}"
+    if r.returncode == 0 and r.stdout.strip() == secret.hex():
+        return True, "a child process read this process's memory with process_vm_readv"
+    err = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    scope = ""
+    try:
+        with open("/proc/sys/kernel/yama/ptrace_scope") as f:
+            scope = f.read().strip()
+    except OSError:
+        pass
+    hint = ("Yama ptrace_scope is %s (2 and 3 forbid it; set 0 or 1)" % scope) if scope in ("2", "3") else \
+        "the kernel refused ptrace access (different users, a seccomp/container policy, or no CAP_SYS_PTRACE)"
+    return False, f"{err}; {hint}. Same-host requests will use TCP."
+
+
 def socket_owned_by(sock: socket.socket, pid: int) -> bool:
     """Whether process ``pid`` holds the other end of the loopback TCP connection ``sock``.
 
