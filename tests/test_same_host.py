@@ -127,3 +127,16 @@ def test_allocated_buffer_is_copied_through_a_mapping(peer):
         peer.call(f"unregister {addr}")  # released by the target: later requests fail cleanly
         late = eng.submit([Request(Op.WRITE, buf.addr, seg, addr, 64)]).wait()[0]
         assert not late.ok and ("unregistered" in late.reason or "not inside a registered" in late.reason)
+
+
+def test_unregister_is_seen_through_the_generation_page(peer):
+    with TransferEngine() as eng:
+        buf = eng.register(bytearray(4096))
+        extra = peer.call("register 65536")["addr"]
+        seg = eng.open_segment(peer.name)
+        assert seg.watch is not None and not seg.stale()
+        peer.call(f"unregister {extra}")
+        assert seg.stale()  # seen without asking the peer
+        st = eng.submit([Request(Op.WRITE, buf.addr, seg, extra, 64)]).wait()[0]
+        assert not st.ok and "is not inside a registered buffer of segment" in st.reason
+        assert not seg.stale()  # the descriptor was re-fetched before routing

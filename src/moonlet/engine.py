@@ -8,16 +8,18 @@ import threading
 import time
 from typing import Any, Iterable
 
+from . import gpu
 from . import metadata as md
 from .batch import Batch, Op, Request, RequestStatus
 from .config import EngineConfig
 from .errors import ConfigError, MemoryAccessError, MoonletError, SegmentError, TransferError
-from .memory import Buffer, MemoryRegistry, SharedMemory, address_of, check_range, host_numa_node, parse_location
+from .memory import (Buffer, MemoryRegistry, SharedMemory, address_of, check_range, host_numa_node, parse_location,
+                     view_at)
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
 from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
 from .transport.local import LocalTransport
-from .transport.shm import SameHostTransport
+from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
 
 log = logging.getLogger("moonlet")
@@ -52,6 +54,10 @@ class TransferEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._pidns = cma.pid_namespace()
+        # Same-host peers map this page to learn at once when an unregister made their cache stale.
+        self._generation = 0
+        self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
+        self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
         wanted = cfg.transports or ALL_TRANSPORTS
         unknown = [t for t in wanted if t not in ALL_TRANSPORTS or (t == "shm" and not cma.AVAILABLE)]
         if unknown:
@@ -100,6 +106,8 @@ class TransferEngine:
             endpoints={t.name: ep for t in self._all_transports if (ep := t.endpoint())},
             buffers=[b.describe() for b in self._registry.buffers()],
             pidns=self._pidns,
+            generation=self._generation,
+            control={"memfd": self._control.fd, "addr": self._control.addr} if self._control else None,
         )
 
     def _descriptor_json(self) -> bytes:
@@ -119,30 +127,61 @@ class TransferEngine:
         ``location`` (``"cpu:N"``) is detected when not given.
         """
         self._check_open()
-        keep = None
-        if isinstance(target, int) and not isinstance(target, bool):
-            if length is None:
-                raise MemoryAccessError("registering a raw address needs a length")
-            addr = target
-            check_range(addr, length)
-        else:
-            addr, size, keep = address_of(target)
-            if length is not None:
-                if not 0 < length <= size:
-                    raise MemoryAccessError(f"length {length} outside 1..{size}, the size of the object")
-                size = length
-            length = size
-        if location is None:
-            location = f"cpu:{host_numa_node(addr)}"
-        kind, _ = parse_location(location)
-        if kind != "cpu":
-            raise MemoryAccessError(f"location {location!r}: GPU memory needs the moonlet[cuda] extra")
-        buf = Buffer(addr, length, location, remote_read, remote_write, keep)
+        addr, length, location, keep, share = self._locate(target, length, location)
+        buf = Buffer(addr, length, location, remote_read, remote_write, keep, share=share)
         self._registry.add(buf)
         for t in self._all_transports:
             t.register(buf)
         self._publish()
         return buf
+
+    @staticmethod
+    def _locate(target: Any, length: int | None, location: str | None) -> tuple[int, int, str, Any, dict | None]:
+        """Address, length, location, keep-alive object and peer-sharing info of memory to register."""
+        keep: Any = None
+        share = None
+        if isinstance(target, int) and not isinstance(target, bool):
+            if length is None:
+                raise MemoryAccessError("registering a raw address needs a length")
+            addr, size = target, length
+            check_range(addr, length)
+            gpu_info = gpu.pointer_info(addr) if (location or "cuda").startswith("cuda") and gpu.available() \
+                else None
+            device = gpu_info.device if gpu_info else None
+        else:
+            tensor = gpu.cuda_array(target) if hasattr(target, "__cuda_array_interface__") else None
+            if tensor is not None:
+                addr, size, device = tensor
+                keep = target
+            else:
+                addr, size, keep = address_of(target)
+                device = None
+            if length is not None:
+                if not 0 < length <= size:
+                    raise MemoryAccessError(f"length {length} outside 1..{size}, the size of the object")
+                size = length
+        if device is not None:
+            detected = f"cuda:{device}"
+            if location is not None and location != detected:
+                raise MemoryAccessError(f"location {location!r} given, but CUDA says the memory is on {detected}")
+            info = gpu.pointer_info(addr)
+            assert info is not None
+            if addr + size > info.base + info.size:
+                raise MemoryAccessError(f"range [{addr:#x}, +{size}) runs past its CUDA allocation "
+                                        f"[{info.base:#x}, +{info.size})")
+            share = {"gpu": gpu.device_uuid(device)}
+            try:
+                share.update(ipc=gpu.ipc_handle(info.base).hex(), ipc_base=info.base)
+            except gpu.GpuError:
+                pass  # e.g. cuMemCreate memory: peers reach it over TCP instead of CUDA IPC
+            return addr, size, detected, keep, share
+        if location is None:
+            location = f"cpu:{host_numa_node(addr)}"
+        kind, _ = parse_location(location)
+        if kind != "cpu":
+            raise MemoryAccessError(f"location {location!r}: no CUDA device memory at {addr:#x} "
+                                    f"({'CUDA is available' if gpu.available() else gpu.unavailable_reason()})")
+        return addr, size, location, keep, share
 
     def allocate(self, length: int, *, remote_read: bool = True, remote_write: bool = True) -> Buffer:
         """Allocate ``length`` bytes of registered host memory that same-host peers can map.
@@ -168,6 +207,9 @@ class TransferEngine:
         removed = self._registry.remove(addr, timeout=self.config.request_timeout)
         for t in self._all_transports:
             t.unregister(removed)
+        self._generation += 1
+        if self._control is not None:
+            view_at(self._control.addr, 8)[:] = self._generation.to_bytes(8, "little")
         self._publish()
         if isinstance(removed.keepalive, SharedMemory):
             removed.keepalive.release()
@@ -195,7 +237,30 @@ class TransferEngine:
             else:
                 seg.update(desc)
             self._stale.discard(name)
+        self._watch(seg)
         return seg
+
+    def _watch(self, seg: Segment) -> None:
+        """Map a same-host peer's generation page, so unregisters there are seen before the next request."""
+        d = seg.descriptor
+        if not d.control or d.host != self._host or d.pidns != self._pidns or d.instance == self._instance:
+            seg.watch = None
+            return
+        held = self._watches.get(seg.name)
+        if held is not None and held[0] == d.instance:
+            seg.watch = held[1]
+            return
+        if held is not None:
+            held[1].close()  # the peer restarted
+        try:
+            mapping = PeerMapping(d, {"memfd": d.control["memfd"], "addr": d.control["addr"], "length": 8,
+                                      "remote_write": False})
+        except (OSError, ValueError) as e:
+            log.info("cannot watch %s's registrations (%s); stale entries are caught by the peer", seg.name, e)
+            seg.watch = None
+            return
+        self._watches[seg.name] = (d.instance, mapping)
+        seg.watch = mapping
 
     def _fetch(self, name: str) -> SegmentDescriptor:
         raw = self._meta.fetch(name)
@@ -211,6 +276,7 @@ class TransferEngine:
         try:
             seg.update(self._fetch(seg.name))
             self._stale.discard(seg.name)
+            self._watch(seg)
             return True
         except MoonletError as e:
             log.info("could not refresh segment %s: %s", seg.name, e)
@@ -218,7 +284,7 @@ class TransferEngine:
 
     def _segment(self, ref: object) -> Segment:
         if isinstance(ref, Segment):
-            if ref.name in self._stale:
+            if ref.name in self._stale or ref.stale():
                 self._refresh(ref)
             return ref
         if isinstance(ref, str):
@@ -367,6 +433,13 @@ class TransferEngine:
             log.warning("could not withdraw descriptor of %s: %s", self._name, e)
         self._close_transports()
         self._meta.close()
+        for seg in self._segments.values():
+            seg.watch = None
+        for _, mapping in self._watches.values():
+            mapping.close()
+        self._watches.clear()
+        if self._control is not None:
+            self._control.release()
 
     def __enter__(self) -> "TransferEngine":
         return self

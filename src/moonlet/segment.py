@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from .errors import SegmentError
 
 DESCRIPTOR_VERSION = 1
+#: Optional per-buffer keys telling peers how to reach a buffer directly:
+#: memfd (same-host mapping), gpu (UUID), ipc and ipc_base (CUDA IPC handle of the allocation).
+SHARE_KEYS = ("memfd", "gpu", "ipc", "ipc_base")
 
 
 def host_identity() -> str:
@@ -48,6 +51,8 @@ class SegmentDescriptor:
     endpoints: dict[str, str]
     buffers: list[dict] = field(default_factory=list)
     pidns: str = ""  # PID namespace: same-host copies need the same one
+    generation: int = 0  # bumped by every unregister
+    control: dict | None = None  # {"memfd", "addr"}: a page whose first word is the live generation
 
     @property
     def transports(self) -> list[str]:
@@ -62,6 +67,8 @@ class SegmentDescriptor:
                 "host": self.host,
                 "pid": self.pid,
                 "pidns": self.pidns,
+                "generation": self.generation,
+                "control": self.control,
                 "endpoints": self.endpoints,
                 "transports": self.transports,
                 "buffers": self.buffers,
@@ -83,7 +90,7 @@ class SegmentDescriptor:
                     "location": str(b["location"]),
                     "remote_read": bool(b.get("remote_read", True)),
                     "remote_write": bool(b.get("remote_write", True)),
-                    **({"memfd": int(b["memfd"])} if "memfd" in b else {}),
+                    **{k: b[k] for k in SHARE_KEYS if k in b},
                 }
                 for b in d["buffers"]
             ]
@@ -95,6 +102,9 @@ class SegmentDescriptor:
                 endpoints={str(k): str(v) for k, v in dict(d["endpoints"]).items()},
                 buffers=bufs,
                 pidns=str(d.get("pidns", "")),
+                generation=int(d.get("generation", 0)),
+                control={"memfd": int(d["control"]["memfd"]), "addr": int(d["control"]["addr"])}
+                if d.get("control") else None,
             )
         except SegmentError:
             raise
@@ -113,7 +123,14 @@ class Segment:
     def __init__(self, name: str, descriptor: SegmentDescriptor) -> None:
         self.name = name
         self._lock = threading.Lock()
+        #: for a same-host peer: a mapping of its generation page (set by the engine)
+        self.watch = None
         self.update(descriptor)
+
+    def stale(self) -> bool:
+        """Whether the peer unregistered memory since this descriptor was fetched (same host only)."""
+        watch = self.watch
+        return watch is not None and watch.word() != self.descriptor.generation
 
     def update(self, descriptor: SegmentDescriptor) -> None:
         with self._lock:

@@ -49,7 +49,7 @@ class SameHostTransport(Transport):
         self._pidns = pidns
         self._pid = os.getpid()
         self._refused: set[tuple[str, str]] = set()  # (segment name, instance)
-        self._maps: dict[tuple[str, int], _Mapping] = {}  # (instance, buffer addr) -> mapping
+        self._maps: dict[tuple[str, int], PeerMapping] = {}  # (instance, buffer addr) -> mapping
         self._unmappable: set[tuple[str, int]] = set()
         tcp.on_attach_refused = self._note_refused
 
@@ -118,7 +118,7 @@ class SameHostTransport(Transport):
                                                  f"+{remote['length']}) during the transfer")
         return True
 
-    def _mapping(self, peer: SegmentDescriptor, remote: dict) -> "_Mapping | None":
+    def _mapping(self, peer: SegmentDescriptor, remote: dict) -> "PeerMapping | None":
         key = (peer.instance, remote["addr"])
         mapped = self._maps.get(key)
         if mapped is not None and mapped.alive():
@@ -128,7 +128,7 @@ class SameHostTransport(Transport):
         if key in self._unmappable:
             return None
         try:
-            mapped = self._maps[key] = _Mapping(peer, remote)
+            mapped = self._maps[key] = PeerMapping(peer, remote)
         except (OSError, ValueError) as e:
             self._unmappable.add(key)
             log.info("cannot map buffer %#x of %s (%s); the target will copy instead", remote["addr"], peer.name, e)
@@ -151,7 +151,7 @@ class SameHostTransport(Transport):
         self._tcp.expire(batch)
 
 
-class _Mapping:
+class PeerMapping:
     """This process's mapping of a peer's :class:`~moonlet.memory.SharedMemory` buffer."""
 
     def __init__(self, peer: SegmentDescriptor, remote: dict) -> None:
@@ -174,10 +174,14 @@ class _Mapping:
     def alive(self) -> bool:
         return self._state[0] == 1
 
+    def word(self) -> int:
+        """The first 8 data bytes as an integer (a peer engine's generation counter)."""
+        return int.from_bytes(self.data[:8], "little")
+
     def close(self) -> None:
         for view in (self.data, self._state, self._view):
             view.release()
         self._map.close()
 
 
-__all__: Iterable[str] = ["SameHostTransport"]
+__all__: Iterable[str] = ["SameHostTransport", "PeerMapping"]
