@@ -5,7 +5,7 @@ commands, one per line, answering each with one JSON line:
   register SIZE     -> {"addr": A}   register another random-filled buffer
   allocate SIZE [ro] -> {"addr": A}  engine.allocate() a shareable random-filled buffer
   unregister ADDR   -> {"ok": true}
-  digest ADDR LEN   -> {"sha256": H} hash of local memory, to check bytes independently
+  digest ADDR LEN   -> {"sha256": H} hash of local (host or GPU) memory, to check bytes independently
   exit              -> closes the engine
 """
 
@@ -18,6 +18,15 @@ import sys
 
 from moonlet import EngineConfig, TransferEngine
 from moonlet.memory import view_at
+
+
+def view_addr(obj) -> int:
+    """Address of a bytes/bytearray object's data (bytes: read-only use only)."""
+    import ctypes
+
+    if isinstance(obj, bytes):
+        return ctypes.cast(ctypes.c_char_p(obj), ctypes.c_void_p).value
+    return ctypes.addressof(ctypes.c_char.from_buffer(obj))
 
 
 def drop_cap_sys_ptrace() -> None:
@@ -44,17 +53,37 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--read-only", action="store_true")
     ap.add_argument("--no-ptrace", action="store_true", help="drop CAP_SYS_PTRACE: attaching to others fails")
+    ap.add_argument("--gpu", type=int, help="register GPU memory on this device instead of host memory")
     args = ap.parse_args()
     if args.no_ptrace:
         drop_cap_sys_ptrace()
     eng = TransferEngine(args.name, args.metadata, config=EngineConfig(port=args.port))
     keep = []
 
+    gpu_ranges = []
+
     def new_buffer(size: int, **rights) -> int:
+        if args.gpu is not None:
+            from moonlet import gpu
+
+            ptr = gpu.alloc(args.gpu, size)
+            data = bytes(os.urandom(size))
+            gpu.memcpy(ptr, view_addr(data), size, args.gpu)
+            gpu_ranges.append((ptr, size))
+            return eng.register(ptr, size, **rights).addr
         mem = mmap.mmap(-1, size)
         mem[:] = os.urandom(size)
         keep.append(mem)
         return eng.register(mem, **rights).addr
+
+    def read_back(a: int, n: int) -> bytes:
+        if any(p <= a < p + sz for p, sz in gpu_ranges):
+            from moonlet import gpu
+
+            host = bytearray(n)
+            gpu.memcpy(view_addr(host), a, n, args.gpu)
+            return bytes(host)
+        return bytes(view_at(a, n))
 
     addr = new_buffer(args.size, remote_write=not args.read_only)
     print(json.dumps({"name": eng.name, "addr": addr, "size": args.size, "pid": os.getpid()}), flush=True)
@@ -71,7 +100,7 @@ def main() -> None:
             print(json.dumps({"ok": True}), flush=True)
         elif cmd == "digest":
             a, n = int(rest[0]), int(rest[1])
-            print(json.dumps({"sha256": hashlib.sha256(view_at(a, n)).hexdigest()}), flush=True)
+            print(json.dumps({"sha256": hashlib.sha256(read_back(a, n)).hexdigest()}), flush=True)
         elif cmd == "exit":
             break
     eng.close()

@@ -18,6 +18,7 @@ from .memory import (Buffer, MemoryRegistry, SharedMemory, address_of, check_ran
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
 from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
+from .transport.cuda_ipc import CudaIpcTransport
 from .transport.local import LocalTransport
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
@@ -25,7 +26,7 @@ from .transport.tcp import TcpTransport
 log = logging.getLogger("moonlet")
 
 #: Transport names in the default order of preference: same process, same host, anywhere.
-ALL_TRANSPORTS = ("local", "shm", "tcp")
+ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "tcp")
 
 
 class TransferEngine:
@@ -58,10 +59,11 @@ class TransferEngine:
         self._generation = 0
         self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
-        wanted = cfg.transports or ALL_TRANSPORTS
-        unknown = [t for t in wanted if t not in ALL_TRANSPORTS or (t == "shm" and not cma.AVAILABLE)]
+        usable = {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE, "tcp": True}
+        wanted = cfg.transports or tuple(t for t in ALL_TRANSPORTS if usable[t])
+        unknown = [t for t in wanted if not usable.get(t)]
         if unknown:
-            here = [t for t in ALL_TRANSPORTS if t != "shm" or cma.AVAILABLE]
+            here = [t for t in ALL_TRANSPORTS if usable[t]]
             raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {here}")
         ctx = HostContext(name or "", cfg, self._registry)
         attach = None
@@ -74,6 +76,8 @@ class TransferEngine:
         available: dict[str, Transport] = {"local": LocalTransport(self._registry, self._instance), "tcp": tcp}
         if attach:
             available["shm"] = SameHostTransport(tcp, self._host, self._pidns)
+        if "cuda_ipc" in wanted:
+            available["cuda_ipc"] = CudaIpcTransport(self._host, self._pidns, self._instance)
         self._all_transports = list(available.values())
         self._transports = [available[t] for t in wanted]
         try:

@@ -245,3 +245,84 @@ def event_done(event: Any, block: bool) -> bool:
         check((err,), "cuEventQuery")
     check(d.cuEventDestroy(event), "cuEventDestroy")
     return True
+
+
+def alloc(device: int, nbytes: int) -> int:
+    """``cuMemAlloc`` on ``device`` (benchmarks and tests; users bring their own tensors)."""
+    use_device(device)
+    return int(check(driver().cuMemAlloc(nbytes), "cuMemAlloc"))
+
+
+def free(ptr: int, device: int) -> None:
+    use_device(device)
+    check(driver().cuMemFree(ptr), "cuMemFree")
+
+
+def memcpy(dst: int, src: int, nbytes: int, device: int) -> None:
+    """A synchronous copy between any two pointers CUDA can address (host pointers included)."""
+    use_device(device)
+    check(driver().cuMemcpy(dst, src, nbytes), "cuMemcpy")
+
+
+def _sysfs(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def describe() -> dict:
+    """GPUs, their NUMA node and PCIe bus, peer access between them, and GPUDirect RDMA paths.
+
+    ``moonlet info`` prints this: it answers "can this host register GPU memory
+    with an RDMA NIC, and how?", which users ask most.
+    """
+    out: dict = {"available": available(), "reason": unavailable_reason(), "devices": [], "peer_access": {},
+                 "gpudirect": {}}
+    peermem = _sysfs("/sys/kernel/mm/memory_peers/nv_mem/version") or (
+        "loaded" if "nvidia_peermem" in _sysfs("/proc/modules") else "")
+    out["gpudirect"]["nvidia_peermem"] = (
+        f"yes ({peermem})" if peermem else
+        "no: the nvidia_peermem module is not loaded (modprobe nvidia-peermem, shipped with the NVIDIA driver)")
+    if not out["available"]:
+        out["gpudirect"]["dma_buf"] = f"unknown: {out['reason']}"
+        return out
+    d = driver()
+    n = device_count()
+    for i in range(n):
+        dev = check(d.cuDeviceGet(i), "cuDeviceGet")
+        name = check(d.cuDeviceGetName(64, dev), "cuDeviceGetName")
+        bus = check(d.cuDeviceGetPCIBusId(32, dev), "cuDeviceGetPCIBusId")
+        name = name.split(b"\0")[0].decode() if isinstance(name, bytes) else str(name)
+        bus = bus.split(b"\0")[0].decode() if isinstance(bus, bytes) else str(bus)
+        mem = check(d.cuDeviceTotalMem(dev), "cuDeviceTotalMem")
+        numa = _sysfs(f"/sys/bus/pci/devices/{bus.lower()}/numa_node") or "?"
+        out["devices"].append({"ordinal": i, "name": name, "uuid": device_uuid(i), "pci": bus,
+                               "numa": numa, "memory_gib": round(int(mem) / 2**30, 1)})
+    for i in range(n):
+        for j in range(n):
+            if i != j:
+                out["peer_access"][f"{i}->{j}"] = bool(check(d.cuDeviceCanAccessPeer(i, j), "cuDeviceCanAccessPeer"))
+    out["gpudirect"]["dma_buf"] = _dma_buf_check(0) if n else "no GPU"
+    return out
+
+
+def _dma_buf_check(device: int) -> str:
+    d = driver()
+    dev = check(d.cuDeviceGet(device), "cuDeviceGet")
+    attr = d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED
+    if not check(d.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"):
+        return "no: the driver reports CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED = 0 (needs a 5.12+ kernel and open GPU modules)"
+    ptr = alloc(device, 2 << 20)
+    try:
+        fd = check(d.cuMemGetHandleForAddressRange(
+            ptr, 2 << 20, d.CUmemRangeHandleType.CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0), "cuMemGetHandleForAddressRange")
+        import os
+
+        os.close(int(fd))
+        return "yes: exported a DMA-BUF fd for a 2 MiB allocation (ibv_reg_dmabuf_mr can register GPU memory)"
+    except GpuError as e:
+        return f"no: {e}"
+    finally:
+        free(ptr, device)

@@ -64,6 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--duration", type=float, default=2.0, help="seconds per row (default 2)")
     p.add_argument("--buffer-size", type=parse_size, default=1 * GiB, help="registered bytes per side (default 1G)")
     p.add_argument("--protocol", default="auto", help="transport: auto (default), tcp or shm (same host)")
+    p.add_argument("--use-vram", action="store_true", help="register GPU memory (needs moonlet[cuda])")
+    p.add_argument("--gpu", type=int, default=0, help="with --use-vram: this side's GPU ordinal (default 0)")
+    p.add_argument("--target-gpu", type=int, help="with --use-vram and no --mode: the target's GPU (default --gpu)")
     p.add_argument("--shared", action="store_true",
                    help="target memory from engine.allocate(): same-host initiators map it and memcpy")
     p.add_argument("--lanes", type=int, default=EngineConfig.lanes, help="connections per peer")
@@ -101,12 +104,20 @@ def _alloc(size: int) -> mmap.mmap:
     return m
 
 
+def _memory(eng: TransferEngine, args: argparse.Namespace):
+    """Register this side's benchmark memory: host (mmap), engine.allocate() or GPU (--use-vram)."""
+    if args.use_vram:
+        from .. import gpu
+
+        return eng.register(gpu.alloc(args.gpu, args.buffer_size), args.buffer_size)
+    if args.shared:
+        return eng.allocate(args.buffer_size)
+    return eng.register(_alloc(args.buffer_size))
+
+
 def run_target(args: argparse.Namespace) -> int:
     eng = _engine(args, args.port)
-    if args.shared:
-        eng.allocate(args.buffer_size)
-    else:
-        eng.register(_alloc(args.buffer_size))
+    _memory(eng, args)
     print(f"{READY} {eng.name}", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -226,9 +237,10 @@ def run_initiator(args: argparse.Namespace, target: str) -> int:
     rows_spec = _rows(args)
     if args.threads < 1 or (args.batch_size is not None and args.batch_size < 1):
         raise MoonletError("--threads and --batch-size must be at least 1")
+    if args.verify and args.use_vram:
+        raise MoonletError("--verify checks bytes in host memory; drop --use-vram or --verify")
     with _engine(args) as eng:
-        mem = _alloc(args.buffer_size)
-        local = eng.register(mem)
+        local = _memory(eng, argparse.Namespace(**{**vars(args), "shared": False}))
         seg = eng.open_segment(target)
         remote = max(seg.buffers, key=lambda b: b["length"], default=None)
         if remote is None:
@@ -250,7 +262,8 @@ def run_initiator(args: argparse.Namespace, target: str) -> int:
 def run_both(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target", "--metadata", args.metadata,
            "--listen", args.listen, "--buffer-size", str(args.buffer_size), "--protocol", args.protocol,
-           "--lanes", str(args.lanes)] + (["--shared"] if args.shared else [])
+           "--lanes", str(args.lanes), "--gpu", str(args.gpu if args.target_gpu is None else args.target_gpu)] + (["--shared"] if args.shared else []) \
+        + (["--use-vram"] if args.use_vram else [])
     if args.metadata != "p2p":
         cmd += ["--name", f"bench-target-{os.getpid()}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -8,6 +8,7 @@ import sys
 
 from .. import __version__
 from ..segment import host_identity
+from .. import gpu
 from ..transport import cma
 
 
@@ -53,7 +54,9 @@ def collect() -> dict:
         "nics": _nics(),
         "rdma_devices": _rdma(),
         "same_host": dict(zip(("works", "detail"), cma.probe())),
-        "transports": ["local", "tcp"] + (["shm"] if cma.AVAILABLE else []),
+        "gpu": gpu.describe(),
+        "transports": ["local"] + (["cuda_ipc"] if gpu.available() else []) + (["shm"] if cma.AVAILABLE else [])
+        + ["tcp"],
     }
 
 
@@ -68,4 +71,14 @@ def main(_args: object = None) -> int:
     print("NICs         " + ("\n             ".join(info["nics"]) or "none besides loopback"))
     print("RDMA devices " + ("\n             ".join(info["rdma_devices"])
                              or "none (no /sys/class/infiniband: no RDMA NIC or driver on this host)"))
+    g = info["gpu"]
+    if not g["available"]:
+        print(f"GPUs         none usable: {g['reason']}")
+    for dev in g["devices"]:
+        print(f"GPU {dev['ordinal']}        {dev['name']}, {dev['memory_gib']} GiB, PCI {dev['pci']}, "
+              f"NUMA {dev['numa']}, UUID {dev['uuid']}")
+    if g["peer_access"]:
+        print("GPU peers    " + ", ".join(f"{k}: {'P2P' if v else 'no P2P'}" for k, v in g["peer_access"].items()))
+    print("GPUDirect    nvidia-peermem: " + g["gpudirect"]["nvidia_peermem"])
+    print("             DMA-BUF: " + g["gpudirect"]["dma_buf"])
     return 0

@@ -1,0 +1,145 @@
+"""GPU memory: registration, CUDA IPC between processes, GPU<->host. Runs only where CUDA works."""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+
+import pytest
+
+from moonlet import MemoryAccessError, Op, Request, State, TransferEngine
+from moonlet import gpu
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not gpu.available(), reason=f"no usable CUDA here: {gpu.unavailable_reason()}")]
+
+MiB = 1 << 20
+
+
+def sha(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def addr_of(buf: bytearray) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def to_gpu(ptr: int, data: bytearray, device: int) -> None:
+    gpu.memcpy(ptr, addr_of(data), len(data), device)
+
+
+def from_gpu(ptr: int, n: int, device: int) -> bytes:
+    out = bytearray(n)
+    gpu.memcpy(addr_of(out), ptr, n, device)
+    return bytes(out)
+
+
+def two_devices() -> list[tuple[int, int]]:
+    """Same GPU, and two GPUs where there are two (collection runs before the skip applies)."""
+    n = gpu.device_count() if gpu.available() else 1
+    return [(0, 0)] + ([(0, 1)] if n > 1 else [])
+
+
+def test_register_detects_location_and_allocation():
+    with TransferEngine() as eng:
+        ptr = gpu.alloc(0, 8 * MiB)
+        try:
+            buf = eng.register(ptr + MiB, 2 * MiB)  # a pointer into the middle of an allocation
+            assert buf.location == "cuda:0" and not buf.is_host
+            desc = eng.descriptor().buffers[0]
+            assert desc["location"] == "cuda:0" and desc["ipc_base"] == ptr and len(desc["ipc"]) == 128
+            with pytest.raises(MemoryAccessError, match="runs past its CUDA allocation"):
+                eng.register(ptr + 7 * MiB, 2 * MiB)
+            with pytest.raises(MemoryAccessError, match="CUDA says the memory is on cuda:0"):
+                eng.register(ptr + 4 * MiB, MiB, location="cuda:1")
+            host = eng.register(bytearray(4096))
+            assert host.location.startswith("cpu:")
+        finally:
+            gpu.free(ptr, 0)
+
+
+def test_register_torch_tensor():
+    torch = pytest.importorskip("torch")
+    t = torch.arange(1 << 20, dtype=torch.int32, device="cuda:0")
+    with TransferEngine() as eng:
+        buf = eng.register(t)
+        assert buf.addr == t.data_ptr() and buf.length == t.numel() * 4 and buf.location == "cuda:0"
+        with pytest.raises(Exception, match="non-contiguous"):
+            eng.register(t.view(1024, 1024).t())
+
+
+@pytest.mark.parametrize("mine,theirs", two_devices())
+def test_gpu_to_gpu_across_processes(peer_factory, mine, theirs):
+    target = peer_factory("--gpu", str(theirs), "--size", str(64 * MiB))
+    with TransferEngine() as eng:
+        ptr = gpu.alloc(mine, 64 * MiB)
+        try:
+            buf = eng.register(ptr, 64 * MiB)
+            seg = eng.open_segment(target.name)
+            data = bytearray(os.urandom(8 * MiB))
+            to_gpu(ptr, data, mine)
+            # Scattered writes of random sizes, one batch.
+            reqs = [Request(Op.WRITE, ptr + i * MiB, seg, target.addr + 3 + i * 2 * MiB, MiB - i * 4096)
+                    for i in range(8)]
+            statuses = engine_batch(eng, reqs)
+            assert {s.transport for s in statuses} == {"cuda_ipc"}
+            for r in reqs:
+                assert target.digest(r.remote_addr, r.length) == sha(data[r.local_addr - ptr:r.local_addr - ptr
+                                                                            + r.length])
+            # Read them back into another part of local GPU memory and compare.
+            back = [Request(Op.READ, ptr + 32 * MiB + i * MiB, seg, r.remote_addr, r.length)
+                    for i, r in enumerate(reqs)]
+            engine_batch(eng, back)
+            for b, r in zip(back, reqs):
+                assert from_gpu(b.local_addr, b.length, mine) == bytes(
+                    data[r.local_addr - ptr:r.local_addr - ptr + r.length])
+        finally:
+            eng.close()
+            gpu.free(ptr, mine)
+
+
+def engine_batch(eng, reqs):
+    statuses = eng.submit(reqs).wait()
+    assert all(s.ok for s in statuses), [s.reason for s in statuses if not s.ok]
+    return statuses
+
+
+def test_host_to_gpu_and_back(peer_factory):
+    target = peer_factory("--gpu", "0", "--size", str(16 * MiB))
+    with TransferEngine() as eng:
+        mem = bytearray(os.urandom(16 * MiB))
+        buf = eng.register(mem)
+        seg = eng.open_segment(target.name)
+        st = eng.write(buf.addr, seg, target.addr, 16 * MiB)
+        assert st.transport == "cuda_ipc"
+        assert target.digest(target.addr, 16 * MiB) == sha(mem)
+        mem[:] = bytes(16 * MiB)
+        eng.read(buf.addr, seg, target.addr + 5, 4 * MiB)
+        assert target.digest(target.addr + 5, 4 * MiB) == sha(mem[:4 * MiB])
+
+
+def test_unregistered_gpu_buffer_is_not_reachable(peer_factory):
+    target = peer_factory("--gpu", "0", "--size", str(4 * MiB))
+    with TransferEngine() as eng:
+        buf = eng.register(bytearray(4096))
+        extra = target.call(f"register {2 * MiB}")["addr"]
+        seg = eng.open_segment(target.name)
+        eng.write(buf.addr, seg, extra, 4096)
+        target.call(f"unregister {extra}")
+        st = eng.submit([Request(Op.WRITE, buf.addr, seg, extra, 4096)]).wait()[0]
+        assert st.state is State.FAILED and "not inside a registered buffer" in st.reason
+
+
+def test_same_process_gpu_copy():
+    with TransferEngine() as eng:
+        ptr = gpu.alloc(0, 2 * MiB)
+        try:
+            g = eng.register(ptr, 2 * MiB)
+            mem = bytearray(os.urandom(MiB))
+            h = eng.register(mem)
+            assert eng.write(h.addr, eng.name, g.addr + 17, MiB).transport == "local"
+            assert from_gpu(g.addr + 17, MiB, 0) == bytes(mem)
+        finally:
+            eng.close()
+            gpu.free(ptr, 0)
