@@ -7,11 +7,15 @@ GPU pointer, with an error that says what to install.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 from .errors import MoonletError
+
+
+log = logging.getLogger("moonlet.gpu")
 
 
 class GpuError(MoonletError):
@@ -211,13 +215,16 @@ class Stream:
         if len(copies) > 1 and self._batch:
             attr = d.CUmemcpyAttributes()
             attr.srcAccessOrder = d.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
-            dsts, srcs, sizes = zip(*copies)
+            ptr = d.CUdeviceptr
+            dsts = [ptr(c[0]) for c in copies]
+            srcs = [ptr(c[1]) for c in copies]
             try:
-                check(d.cuMemcpyBatchAsync(list(dsts), list(srcs), list(sizes), len(copies), [attr], [0], 1,
+                check(d.cuMemcpyBatchAsync(dsts, srcs, [c[2] for c in copies], len(copies), [attr], [0], 1,
                                            self.handle), "cuMemcpyBatchAsync")
                 return
-            except GpuError:
-                self._batch = False  # e.g. an older driver: fall back to one call per copy
+            except (GpuError, TypeError) as e:  # e.g. an older driver: one call per copy from now on
+                self._batch = False
+                log.info("cuMemcpyBatchAsync unusable (%s); copying one call per request", e)
         for dst, src, n in copies:
             check(d.cuMemcpyAsync(dst, src, n, self.handle), "cuMemcpyAsync")
 
