@@ -67,7 +67,7 @@ def baselines(seconds: float, runs: int) -> dict:
     return out
 
 
-def moonlet_rows(seconds: float, runs: int) -> list:
+def moonlet_rows(seconds: float, runs: int, threads: int) -> list:
     last = torch.cuda.device_count() - 1
     target = subprocess.Popen([sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target", "--use-vram",
                                "--gpu", str(last), "--buffer-size", str(BUFFER)], stdout=subprocess.PIPE, text=True)
@@ -85,7 +85,8 @@ def moonlet_rows(seconds: float, runs: int) -> list:
                 if where == "GPU0":
                     cases += [("write", 64 * KiB, 128), ("read", 64 * KiB, 128)]
                 for op, block, batch in cases:
-                    res = [run_row(eng, seg, local, remote, op, block, batch, 1, seconds, False) for _ in range(runs)]
+                    res = [run_row(eng, seg, local, remote, op, block, batch, threads, seconds, False)
+                           for _ in range(runs)]
                     med = sorted(res, key=lambda r: r.gbps)[len(res) // 2]
                     rows.append((where, f"GPU{last}", med))
     finally:
@@ -99,26 +100,27 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--duration", type=float, default=2.0)
     ap.add_argument("--markdown", help="also write the tables here")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="initiator threads (one table each)")
     ap.add_argument("--json")
     args = ap.parse_args()
     names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     base = baselines(args.duration, args.runs)
-    rows = moonlet_rows(args.duration, args.runs)
+    rows = [(t, row) for t in args.threads for row in moonlet_rows(args.duration, args.runs, t)]
     lines = [f"# GPU benchmark, {time.strftime('%Y-%m-%d %H:%M')}",
              "", f"Machine: {platform.node()}, {os.cpu_count()} CPUs, GPUs: {', '.join(names)}; "
              f"median of {args.runs} x {args.duration:g} s. Command: `python benchmarks/gpu.py --runs {args.runs}`.",
              "", "| baseline (torch, one process) | GB/s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in base.items()]
     peer = base["peer copy 128 MiB (one copy)"]
-    lines += ["", "| moonlet (two processes) | op | block x batch | GB/s | req/s | p50 us | transport | ratio |",
-              "|---|---|---|---|---|---|---|---|"]
-    for where, there, r in rows:
+    lines += ["", "| moonlet (two processes) | threads | op | block x batch | GB/s | req/s | p50 us | transport | ratio |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for threads, (where, there, r) in rows:
         if where == "host":
             ref = base["pinned H2D 128 MiB"] if r.op == "write" else base["pinned D2H 128 MiB"]
             rname = "pinned copy"
         else:
             ref, rname = peer, "peer copy"
-        lines.append(f"| {where} -> {there} | {r.op} | {human(r.block_size)} x {r.batch_size} | {r.gbps:.1f} | "
+        lines.append(f"| {where} -> {there} | {threads} | {r.op} | {human(r.block_size)} x {r.batch_size} | {r.gbps:.1f} | "
                      f"{r.req_per_s:,.0f} | {r.p50_us:.0f} | {r.transport} | {r.gbps / ref:.2f}x {rname} |")
     text = "\n".join(lines)
     print(text)
@@ -127,7 +129,7 @@ def main() -> int:
             f.write(text + "\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"baselines": base, "rows": [(w, t, r.__dict__) for w, t, r in rows]}, f, indent=1)
+            json.dump({"baselines": base, "rows": [(n, w, t, r.__dict__) for n, (w, t, r) in rows]}, f, indent=1)
     return 0
 
 

@@ -69,10 +69,11 @@ def test_register_torch_tensor():
             eng.register(t.view(1024, 1024).t())
 
 
+@pytest.mark.parametrize("kernel", [0, MiB], ids=["copy-engines", "gather-kernel"])
 @pytest.mark.parametrize("mine,theirs", two_devices())
-def test_gpu_to_gpu_across_processes(peer_factory, mine, theirs):
+def test_gpu_to_gpu_across_processes(peer_factory, mine, theirs, kernel):
     target = peer_factory("--gpu", str(theirs), "--size", str(64 * MiB))
-    with TransferEngine() as eng:
+    with TransferEngine(gpu_kernel_max_block=kernel) as eng:
         ptr = gpu.alloc(mine, 64 * MiB)
         try:
             buf = eng.register(ptr, 64 * MiB)
@@ -97,6 +98,37 @@ def test_gpu_to_gpu_across_processes(peer_factory, mine, theirs):
         finally:
             eng.close()
             gpu.free(ptr, mine)
+
+
+@pytest.mark.parametrize("kernel", [0, MiB], ids=["copy-engines", "gather-kernel"])
+def test_many_small_unaligned_blocks(peer_factory, kernel):
+    target = peer_factory("--gpu", str(gpu.device_count() - 1), "--size", str(32 * MiB))
+    with TransferEngine(gpu_kernel_max_block=kernel) as eng:
+        ptr = gpu.alloc(0, 32 * MiB)
+        try:
+            eng.register(ptr, 32 * MiB)
+            seg = eng.open_segment(target.name)
+            data = bytearray(os.urandom(16 * MiB))
+            to_gpu(ptr, data, 0)
+            rng = __import__("random").Random(7)
+            reqs = []
+            for i in range(300):  # more than one kernel launch's worth of entries
+                n = rng.randrange(1, 70000)
+                lo, ro = i * 50000 + rng.randrange(0, 16), i * 100000 + rng.randrange(0, 16)
+                reqs.append(Request(Op.WRITE, ptr + lo, seg, target.addr + ro, min(n, 49000)))
+            engine_batch(eng, reqs)
+            for r in reqs[::17]:
+                lo = r.local_addr - ptr
+                assert target.digest(r.remote_addr, r.length) == sha(data[lo:lo + r.length])
+            back = [Request(Op.READ, ptr + 16 * MiB + (r.local_addr - ptr), seg, r.remote_addr, r.length)
+                    for r in reqs]
+            engine_batch(eng, back)
+            for b, r in list(zip(back, reqs))[::13]:
+                lo = r.local_addr - ptr
+                assert from_gpu(b.local_addr, b.length, 0) == bytes(data[lo:lo + r.length])
+        finally:
+            eng.close()
+            gpu.free(ptr, 0)
 
 
 def engine_batch(eng, reqs):

@@ -37,6 +37,10 @@ class EngineConfig:
         spin_us: after traffic, poll this long without sleeping before blocking.
             A sleep/wake-up pair costs tens of microseconds on virtual
             machines; spinning trades a little CPU for latency. 0 disables.
+        gpu_kernel_max_block: GPU-to-GPU batches whose blocks average at most
+            this many bytes are moved by one gather-copy kernel (fast for small
+            scattered blocks, but it borrows SMs); larger ones by the copy
+            engines. 0 always uses the copy engines.
         transports: transport names in order of preference; empty means all
             installed ones, picked per request.
     """
@@ -53,6 +57,7 @@ class EngineConfig:
     metadata_timeout: float = 5.0
     socket_buffer: int | None = 4 * MiB
     spin_us: int = 100
+    gpu_kernel_max_block: int = 1 * MiB
     transports: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

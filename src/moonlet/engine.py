@@ -77,7 +77,8 @@ class TransferEngine:
         if attach:
             available["shm"] = SameHostTransport(tcp, self._host, self._pidns)
         if "cuda_ipc" in wanted:
-            available["cuda_ipc"] = CudaIpcTransport(self._host, self._pidns, self._instance)
+            available["cuda_ipc"] = CudaIpcTransport(self._host, self._pidns, self._instance,
+                                                     cfg.gpu_kernel_max_block)
         self._all_transports = list(available.values())
         self._transports = [available[t] for t in wanted]
         try:

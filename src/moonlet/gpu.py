@@ -7,6 +7,7 @@ GPU pointer, with an error that says what to install.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import threading
 from dataclasses import dataclass
@@ -198,20 +199,124 @@ def unpin_host(addr: int) -> None:
     check(driver().cuMemHostUnregister(addr), "cuMemHostUnregister")
 
 
-class Stream:
-    """A non-blocking stream on one GPU, with an event to know when its copies are done."""
+_GATHER_SOURCE = r"""
+#define MAX_ENTRIES %d
+struct Table { unsigned long long dst[MAX_ENTRIES]; unsigned long long src[MAX_ENTRIES];
+               unsigned int size[MAX_ENTRIES]; int n; };
+// Block (x, y) copies part y of entry x: 16-byte loads and stores when both ends are aligned.
+extern "C" __global__ void gather_copy(const Table t) {
+    const int e = blockIdx.x;
+    if (e >= t.n) return;
+    const unsigned long long len = t.size[e];
+    char* d = (char*)t.dst[e];
+    const char* s = (const char*)t.src[e];
+    const unsigned long long stride = (unsigned long long)gridDim.y * blockDim.x;
+    const unsigned long long first = (unsigned long long)blockIdx.y * blockDim.x + threadIdx.x;
+    unsigned long long done = 0;
+    if (((t.dst[e] | t.src[e]) & 15) == 0) {
+        const unsigned long long n16 = len / 16;
+        uint4* d4 = (uint4*)d;
+        const uint4* s4 = (const uint4*)s;
+        unsigned long long i = first;
+        for (; i + 3 * stride < n16; i += 4 * stride) {  // four loads in flight per thread
+            uint4 a = s4[i], b = s4[i + stride], c = s4[i + 2 * stride], f = s4[i + 3 * stride];
+            d4[i] = a; d4[i + stride] = b; d4[i + 2 * stride] = c; d4[i + 3 * stride] = f;
+        }
+        for (; i < n16; i += stride) d4[i] = s4[i];
+        done = n16 * 16;
+    }
+    for (unsigned long long i = done + first; i < len; i += stride) d[i] = s[i];
+}
+"""
+KERNEL_ENTRIES = 128  # entries per launch: the table travels as a kernel parameter (< 4 KiB)
 
-    def __init__(self, device: int) -> None:
+
+class _Table(ctypes.Structure):
+    _fields_ = [("dst", ctypes.c_uint64 * KERNEL_ENTRIES), ("src", ctypes.c_uint64 * KERNEL_ENTRIES),
+                ("size", ctypes.c_uint32 * KERNEL_ENTRIES), ("n", ctypes.c_int32)]
+
+
+_kernels: dict[int, Any] = {}
+
+
+def _gather_kernel(device: int) -> Any:
+    """The gather-copy kernel for ``device``, compiled once with NVRTC for its architecture."""
+    fn = _kernels.get(device)
+    if fn is not None:
+        return fn
+    from cuda.bindings import nvrtc
+
+    d = driver()
+    dev = check(d.cuDeviceGet(device), "cuDeviceGet")
+    A = d.CUdevice_attribute
+    major = check(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
+    minor = check(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
+    err, prog = nvrtc.nvrtcCreateProgram((_GATHER_SOURCE % KERNEL_ENTRIES).encode(), b"gather.cu", 0, [], [])
+    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-O3"]
+    (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        _, size = nvrtc.nvrtcGetProgramLogSize(prog)
+        text = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, text)
+        raise GpuError(f"compiling the gather-copy kernel failed: {text.decode(errors='replace')}")
+    _, size = nvrtc.nvrtcGetCUBINSize(prog)
+    cubin = b" " * size
+    nvrtc.nvrtcGetCUBIN(prog, cubin)
+    use_device(device)
+    module = check(d.cuModuleLoadData(cubin), "cuModuleLoadData")
+    fn = _kernels[device] = check(d.cuModuleGetFunction(module, b"gather_copy"), "cuModuleGetFunction")
+    return fn
+
+
+class Stream:
+    """A non-blocking stream on one GPU, with an event to know when its copies are done.
+
+    ``kernel_max_block``: a batch of several copies whose blocks average at most
+    this many bytes goes through one gather-copy kernel launch instead of the
+    copy engines (much faster for small scattered blocks over NVLink, but it
+    borrows SMs from the user's kernels); 0 never uses the kernel.
+    """
+
+    def __init__(self, device: int, kernel_max_block: int = 0) -> None:
         d = driver()
         use_device(device)
         self.device = device
         self.handle = check(d.cuStreamCreate(d.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
         self._batch = hasattr(d, "cuMemcpyBatchAsync")
+        self._kernel_max = kernel_max_block
 
-    def copy(self, copies: list[tuple[int, int, int]]) -> None:
-        """Queue ``(dst, src, nbytes)`` copies: one batched call where the driver has it."""
+    def _launch(self, copies: list[tuple[int, int, int]]) -> None:
+        d = driver()
+        fn = _gather_kernel(self.device)
+        for i in range(0, len(copies), KERNEL_ENTRIES):
+            chunk = copies[i:i + KERNEL_ENTRIES]
+            table = _Table()
+            longest = 0
+            for k, (dst, src, n) in enumerate(chunk):
+                table.dst[k], table.src[k], table.size[k] = dst, src, n
+                longest = max(longest, n)
+            table.n = len(chunk)
+            parts = max(1, min(16, longest // (32 << 10)))  # about 32 KiB per block
+            params = (ctypes.c_void_p * 1)(ctypes.addressof(table))
+            check(d.cuLaunchKernel(fn, len(chunk), parts, 1, 256, 1, 1, 0, self.handle, ctypes.addressof(params), 0),
+                  "cuLaunchKernel(gather_copy)")
+
+    def copy(self, copies: list[tuple[int, int, int]], device_only: bool = False) -> None:
+        """Queue ``(dst, src, nbytes)`` copies: one kernel launch, one batched call, or one call each.
+
+        ``device_only`` says every pointer is GPU memory (the kernel needs that).
+        """
         d = driver()
         use_device(self.device)
+        if (device_only and len(copies) > 1 and self._kernel_max
+                and sum(c[2] for c in copies) <= self._kernel_max * len(copies)
+                and max(c[2] for c in copies) < 1 << 32):
+            try:
+                self._launch(copies)
+                return
+            except GpuError as e:
+                self._kernel_max = 0
+                log.warning("gather-copy kernel unusable (%s); using the copy engines", e)
         if len(copies) > 1 and self._batch:
             attr = d.CUmemcpyAttributes()
             attr.srcAccessOrder = d.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM

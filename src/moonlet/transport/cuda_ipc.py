@@ -28,7 +28,8 @@ log = logging.getLogger("moonlet.cuda_ipc")
 class CudaIpcTransport(Transport):
     name = "cuda_ipc"
 
-    def __init__(self, host: str, pidns: str, instance: str) -> None:
+    def __init__(self, host: str, pidns: str, instance: str, kernel_max_block: int) -> None:
+        self._kernel_max = kernel_max_block
         self._host = host
         self._pidns = pidns
         self._instance = instance
@@ -90,13 +91,14 @@ class CudaIpcTransport(Transport):
         with self._lock:
             stream = self._streams.get(device)
             if stream is None:
-                stream = self._streams[device] = gpu.Stream(device)
+                stream = self._streams[device] = gpu.Stream(device, self._kernel_max)
             return stream
 
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         peer = segment.descriptor
         batch.add_parts([(index, 1) for index, *_ in items], self.name)
         by_device: dict[int, tuple[list, list]] = {}
+        device_only: dict[int, bool] = {}
         for index, req, local, remote in items:
             if not (remote["remote_write"] if req.op else remote["remote_read"]):
                 batch.part_done(index, State.FAILED, f"{peer.name} does not allow this access to "
@@ -112,13 +114,14 @@ class CudaIpcTransport(Transport):
                 continue
             there = base + (req.remote_addr - remote["ipc_base"])
             copies, refs = by_device.setdefault(device, ([], []))
+            device_only[device] = device_only.get(device, True) and not local.is_host
             copies.append((there, req.local_addr, req.length) if req.op else (req.local_addr, there, req.length))
             refs.append(index)
         events = []
         for device, (copies, refs) in by_device.items():
             stream = self._stream(device)
             try:
-                stream.copy(copies)
+                stream.copy(copies, device_only[device])
                 events.append((stream.record(), refs))
             except gpu.GpuError as e:
                 stream.synchronize()
