@@ -117,6 +117,8 @@ def test_many_small_unaligned_blocks(peer_factory, kernel):
                 lo, ro = i * 50000 + rng.randrange(0, 16), i * 100000 + rng.randrange(0, 16)
                 reqs.append(Request(Op.WRITE, ptr + lo, seg, target.addr + ro, min(n, 49000)))
             engine_batch(eng, reqs)
+            if kernel:
+                assert gpu._kernels, "the gather-copy kernel did not run"
             for r in reqs[::17]:
                 lo = r.local_addr - ptr
                 assert target.digest(r.remote_addr, r.length) == sha(data[lo:lo + r.length])

@@ -252,7 +252,7 @@ def _gather_kernel(device: int) -> Any:
     major = check(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, dev), "cuDeviceGetAttribute")
     minor = check(d.cuDeviceGetAttribute(A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, dev), "cuDeviceGetAttribute")
     err, prog = nvrtc.nvrtcCreateProgram((_GATHER_SOURCE % KERNEL_ENTRIES).encode(), b"gather.cu", 0, [], [])
-    opts = [f"--gpu-architecture=sm_{major}{minor}".encode(), b"-O3"]
+    opts = [f"--gpu-architecture=sm_{major}{minor}".encode()]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
