@@ -80,7 +80,7 @@ def socket_stream(seconds: float, span: int = 1 * MiB, chunk: int = 1 * MiB) -> 
 def moonlet_rows(rows, runs: int, duration: float, threads: int) -> dict:
     """Median moonlet result per row (target in a subprocess)."""
     target = subprocess.Popen([sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target",
-                               "--buffer-size", str(BUFFER)], stdout=subprocess.PIPE, text=True)
+                               "--buffer-size", str(BUFFER), "--protocol", "tcp"], stdout=subprocess.PIPE, text=True)
     try:
         line = target.stdout.readline()
         assert line.startswith(READY), line
@@ -88,7 +88,7 @@ def moonlet_rows(rows, runs: int, duration: float, threads: int) -> dict:
         import mmap
 
         out = {}
-        with TransferEngine() as eng:
+        with TransferEngine(transports=("tcp",)) as eng:  # same host: force TCP, the transport measured here
             mem = mmap.mmap(-1, BUFFER)
             local: Buffer = eng.register(mem)
             seg = eng.open_segment(name)

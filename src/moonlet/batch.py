@@ -71,9 +71,11 @@ def _completed(transport: str) -> RequestStatus:
 class Batch:
     """A group of submitted requests, completed by transports as their bytes land."""
 
-    def __init__(self, requests: list[Request], deadline: float) -> None:
-        n = len(requests)
-        self.requests = requests
+    def __init__(self, requests: list[Request] | int, deadline: float) -> None:
+        """``requests``: the requests, or their count when submitted in array form."""
+        n = requests if isinstance(requests, int) else len(requests)
+        self.requests = None if isinstance(requests, int) else requests
+        self._n = n
         self.deadline = deadline
         self._state = [State.PENDING] * n
         self._reason = [""] * n
@@ -88,7 +90,7 @@ class Batch:
             self._done.set()
 
     def __len__(self) -> int:
-        return len(self.requests)
+        return self._n
 
     # -- filled in by the engine and transports ---------------------------------
 
@@ -99,6 +101,12 @@ class Batch:
             for index, count in counts:
                 parts[index] += count
                 names[index] = transport
+
+    def add_parts_all(self, transport: str) -> None:
+        """Announce that every request travels as one part over ``transport`` (array submits)."""
+        with self._lock:
+            self._parts = [1] * self._n
+            self._transport = [transport] * self._n
 
     def set_transport(self, indices: list[int], transport: str) -> None:
         """Record that requests ``indices`` moved to another transport (a fallback)."""

@@ -6,7 +6,8 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from operator import add
+from typing import Any, Iterable, Sequence
 
 from . import gpu
 from . import metadata as md
@@ -361,13 +362,54 @@ class TransferEngine:
             t.submit(seg, batch, work)
         return batch
 
+    def submit_many(self, op: Op, segment: object, local_addrs: Sequence[int], remote_addrs: Sequence[int],
+                    lengths: Sequence[int], timeout: float | None = None) -> Batch:
+        """Array form of :meth:`submit`: one op and segment, parallel sequences of addresses and lengths.
+
+        Lists or numpy arrays; request ``i`` of the batch is ``(local_addrs[i],
+        remote_addrs[i], lengths[i])``.  When every local range lies in one
+        registered buffer and every remote range in one peer buffer (the usual
+        case: a KV cache, a weight tensor), the ranges are checked in bulk and
+        the transport gets whole arrays, so many small blocks cost little
+        Python each.  Otherwise this is :meth:`submit` of the same requests.
+        """
+        self._check_open()
+        la, ra, ln = (list(x.tolist() if hasattr(x, "tolist") else x) for x in (local_addrs, remote_addrs, lengths))
+        if not len(la) == len(ra) == len(ln):
+            raise ConfigError(f"local_addrs, remote_addrs and lengths differ in length: {len(la)}, {len(ra)}, "
+                              f"{len(ln)}")
+        if op is not Op.WRITE and op is not Op.READ:
+            raise TransferError(f"op must be Op.READ or Op.WRITE, got {op!r}")
+        seg = self._segment(segment)
+        timeout = self.config.request_timeout if timeout is None else timeout
+        fast = None
+        if la and min(ln) > 0 and min(la) >= 0 and min(ra) >= 0:
+            lo, hi = min(la), max(map(add, la, ln))
+            rlo, rhi = min(ra), max(map(add, ra, ln))
+            local = self._registry.find(lo, hi - lo)
+            remote = seg.find(rlo, rhi - rlo)
+            t = self._pick(local, seg, remote) if local is not None and remote is not None else None
+            if t is not None and timeout > 0:
+                fast = (t, local, remote)
+        if fast is None:
+            return self.submit([Request(op, a, seg, b, n) for a, b, n in zip(la, ra, ln)], timeout)
+        t, local, remote = fast
+        batch = Batch(len(la), time.monotonic() + timeout)
+        batch._expire = self._expire
+        batch._drivers.append(t.drive)
+        t.submit_many(seg, batch, op, la, ra, ln, local, remote)
+        return batch
+
+    def _pick(self, local: Buffer, seg: Segment, remote: dict) -> Transport | None:
+        return next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)), None)
+
     def _route(self, batch: Batch, groups: dict, routes: dict, local: Buffer, seg: Segment,
                remote: dict) -> list | bool:
         """The work list of the transport that carries local -> remote, or False if none does."""
         key = (id(local), id(remote))
         t = routes.get(key, False)
         if t is False:
-            t = routes[key] = next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)), None)
+            t = routes[key] = self._pick(local, seg, remote)
         if t is None:
             return False
         group = groups.get((id(t), id(seg)))

@@ -290,12 +290,12 @@ class Stream:
         fn = _gather_kernel(self.device)
         for i in range(0, len(copies), KERNEL_ENTRIES):
             chunk = copies[i:i + KERNEL_ENTRIES]
+            k = len(chunk)
+            dsts, srcs, sizes = zip(*chunk)
             table = _Table()
-            longest = 0
-            for k, (dst, src, n) in enumerate(chunk):
-                table.dst[k], table.src[k], table.size[k] = dst, src, n
-                longest = max(longest, n)
-            table.n = len(chunk)
+            table.dst[:k], table.src[:k], table.size[:k] = dsts, srcs, sizes
+            table.n = k
+            longest = max(sizes)
             parts = max(1, min(16, longest // (32 << 10)))  # about 32 KiB per block
             params = (ctypes.c_void_p * 1)(ctypes.addressof(table))
             check(d.cuLaunchKernel(fn, len(chunk), parts, 1, 256, 1, 1, 0, self.handle, ctypes.addressof(params), 0),

@@ -181,6 +181,7 @@ def run_row(eng: TransferEngine, seg, local, remote, op: str, block: int, batch:
 
     def worker(t: int) -> None:
         reqs = reqs_by_thread[t]
+        las, ras, lens = [r.local_addr for r in reqs], [r.remote_addr for r in reqs], [r.length for r in reqs]
         mine = lat[t]
         start_evt.wait()
         end = stop_at[0]
@@ -188,7 +189,7 @@ def run_row(eng: TransferEngine, seg, local, remote, op: str, block: int, batch:
             t0 = time.perf_counter()
             if t0 >= end:
                 return
-            statuses = eng.submit(reqs).wait()
+            statuses = eng.submit_many(kind, seg, las, ras, lens).wait()
             mine.append(time.perf_counter() - t0)
             bad = [s for s in statuses if not s.ok]
             if bad:

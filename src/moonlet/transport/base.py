@@ -48,6 +48,16 @@ class Transport(ABC):
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         """Start moving ``items``; report each one's end to ``batch`` (never block on the network)."""
 
+    def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+        """Array form of :meth:`submit`: every range already checked to lie in ``local`` / ``remote``.
+
+        Transports with a faster bulk path override this.
+        """
+        items = [(i, Request(op, a, segment, b, n), local, remote)  # type: ignore[arg-type]
+                 for i, (a, b, n) in enumerate(zip(local_addrs, remote_addrs, lengths))]
+        self.submit(segment, batch, items)
+
     def drive(self, batch: Batch, block: bool) -> None:
         """Make progress on ``batch`` in the calling thread: until it is done if ``block``, else once.
 

@@ -131,6 +131,31 @@ class CudaIpcTransport(Transport):
             with self._lock:
                 self._pending.setdefault(id(batch), []).extend(events)
 
+    def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+        peer = segment.descriptor
+        batch.add_parts_all(self.name)
+        everyone = list(range(len(lengths)))
+        if not (remote["remote_write"] if op else remote["remote_read"]):
+            for index in everyone:
+                batch.part_done(index, State.FAILED, f"{peer.name} does not allow this access to its buffer "
+                                                     f"[{remote['addr']:#x}, +{remote['length']})")
+            return
+        device = self._device_for(local, remote)
+        try:
+            off = self._open(peer, remote, device) - remote["ipc_base"]
+            there = [a + off for a in remote_addrs]
+            copies = list(zip(there, local_addrs, lengths) if op else zip(local_addrs, there, lengths))
+            stream = self._stream(device)
+            stream.copy(copies, not local.is_host)
+            event = stream.record()
+        except gpu.GpuError as e:
+            for index in everyone:
+                batch.part_done(index, State.FAILED, f"CUDA IPC to {peer.name}: {e}")
+            return
+        with self._lock:
+            self._pending.setdefault(id(batch), []).append((event, everyone))
+
     def drive(self, batch: Batch, block: bool) -> None:
         with self._lock:
             events = self._pending.get(id(batch), [])

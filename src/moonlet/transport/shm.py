@@ -93,6 +93,30 @@ class SameHostTransport(Transport):
             if refs:
                 peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
 
+    def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+        peer = segment.descriptor
+        mapped = self._mapping(peer, remote) if "memfd" in remote else None
+        if mapped is None or not (remote["remote_write"] if op else remote["remote_read"]):
+            super().submit_many(segment, batch, op, local_addrs, remote_addrs, lengths, local, remote)
+            return
+        batch.add_parts_all(self.name)
+        data, view, base = mapped.data, local.view, remote["addr"]
+        if op:
+            for a, b, n in zip(local_addrs, remote_addrs, lengths):
+                data[b - base:b - base + n] = view(a, n)
+        else:
+            for a, b, n in zip(local_addrs, remote_addrs, lengths):
+                view(a, n)[:] = data[b - base:b - base + n]
+        everyone = list(range(len(lengths)))
+        if mapped.alive():
+            batch.parts_completed(everyone)
+            return
+        self._unmap((peer.instance, base))
+        for index in everyone:
+            batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{base:#x}, +{remote['length']}) "
+                                                 f"during the transfer")
+
     def _copy_mapped(self, peer: SegmentDescriptor, batch: Batch, item: WorkItem) -> bool:
         """Serve ``item`` by memcpy through a mapping of the peer's buffer; False if it has none."""
         index, req, local, remote = item

@@ -109,6 +109,26 @@ class TcpTransport(Transport):
             if refs:
                 peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
 
+    def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+        cfg = self._cfg
+        if max(lengths) > cfg.slice_size:  # large requests are sliced: the general path does that
+            super().submit_many(segment, batch, op, local_addrs, remote_addrs, lengths, local, remote)
+            return
+        peer = self.peer(segment)
+        kind = P.WRITE if op else P.READ
+        batch.add_parts_all(self.name)
+        view = local.view
+        views = [view(a, n) for a, n in zip(local_addrs, lengths)]
+        max_bytes, max_entries = cfg.frame_bytes, cfg.frame_entries
+        start = nbytes = 0
+        for i, n in enumerate(lengths):
+            nbytes += n
+            if nbytes >= max_bytes or i + 1 - start >= max_entries or i + 1 == len(lengths):
+                table = [x for pair in zip(remote_addrs[start:i + 1], lengths[start:i + 1]) for x in pair]
+                peer.send(OutFrame(kind, table, views[start:i + 1], list(range(start, i + 1)), batch, nbytes))
+                start, nbytes = i + 1, 0
+
     def drive(self, batch: Batch, block: bool) -> None:
         self.progress.wait(batch, block)
 
