@@ -95,6 +95,31 @@ def moonlet_rows(seconds: float, runs: int, threads: int) -> list:
     return rows
 
 
+def tcp_rows(seconds: float, runs: int) -> list:
+    """GPU memory over TCP loopback (staged through pinned host memory) beside host memory over TCP."""
+    last = torch.cuda.device_count() - 1
+    rows = []
+    for vram in (False, True):
+        extra = ["--use-vram", "--gpu", str(last)] if vram else []
+        target = subprocess.Popen([sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target",
+                                   "--protocol", "tcp", "--buffer-size", str(BUFFER), *extra],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            line = target.stdout.readline()
+            with TransferEngine(transports=("tcp",)) as eng:
+                seg = eng.open_segment(line.split()[1])
+                local = eng.register(gpu.alloc(0, BUFFER), BUFFER) if vram else eng.register(mmap.mmap(-1, BUFFER))
+                for op in ("write", "read"):
+                    res = [run_row(eng, seg, local, seg.buffers[0], op, MiB, 32, 1, seconds, False)
+                           for _ in range(runs)]
+                    rows.append(("GPU0 -> GPU%d" % last if vram else "host -> host",
+                                 sorted(res, key=lambda r: r.gbps)[len(res) // 2]))
+        finally:
+            target.terminate()
+            target.wait(10)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
@@ -122,6 +147,13 @@ def main() -> int:
             ref, rname = peer, "peer copy"
         lines.append(f"| {where} -> {there} | {threads} | {r.op} | {human(r.block_size)} x {r.batch_size} | {r.gbps:.1f} | "
                      f"{r.req_per_s:,.0f} | {r.p50_us:.0f} | {r.transport} | {r.gbps / ref:.2f}x {rname} |")
+    tcp = tcp_rows(args.duration, args.runs)
+    lines += ["", "| over TCP loopback | op | block x batch | GB/s | p50 us | ratio to host memory over TCP |",
+              "|---|---|---|---|---|---|"]
+    host = {r.op: r.gbps for where, r in tcp if where == "host -> host"}
+    for where, r in tcp:
+        lines.append(f"| {where} | {r.op} | {human(r.block_size)} x {r.batch_size} | {r.gbps:.2f} | {r.p50_us:.0f} | "
+                     f"{r.gbps / host[r.op]:.2f}x |")
     text = "\n".join(lines)
     print(text)
     if args.markdown:

@@ -177,3 +177,36 @@ def test_same_process_gpu_copy():
         finally:
             eng.close()
             gpu.free(ptr, 0)
+
+
+@pytest.mark.parametrize("local_gpu,remote_gpu", [(True, True), (True, False), (False, True)],
+                         ids=["gpu-gpu", "gpu-host", "host-gpu"])
+def test_gpu_memory_over_tcp(peer_factory, local_gpu, remote_gpu):
+    """Across hosts GPU memory is staged through pinned host buffers; here over TCP loopback."""
+    args = ("--gpu", str(gpu.device_count() - 1)) if remote_gpu else ()
+    target = peer_factory(*args, "--size", str(32 * MiB))
+    with TransferEngine(transports=("tcp",), slice_size=MiB) as eng:
+        data = bytearray(os.urandom(12 * MiB))
+        ptr = gpu.alloc(0, 32 * MiB) if local_gpu else None
+        try:
+            if local_gpu:
+                to_gpu(ptr, data, 0)
+                buf = eng.register(ptr, 32 * MiB)
+            else:
+                host = bytearray(32 * MiB)
+                host[:len(data)] = data
+                buf = eng.register(host)
+            seg = eng.open_segment(target.name)
+            reqs = [Request(Op.WRITE, buf.addr, seg, target.addr + 11, 5 * MiB + 3),  # sliced into 6 frames
+                    Request(Op.WRITE, buf.addr + 6 * MiB, seg, target.addr + 8 * MiB, 4096)]
+            statuses = engine_batch(eng, reqs)
+            assert {s.transport for s in statuses} == {"tcp"}
+            assert target.digest(target.addr + 11, 5 * MiB + 3) == sha(data[:5 * MiB + 3])
+            assert target.digest(target.addr + 8 * MiB, 4096) == sha(data[6 * MiB:6 * MiB + 4096])
+            eng.read(buf.addr + 16 * MiB, seg, target.addr + 11, 5 * MiB + 3)
+            got = from_gpu(ptr + 16 * MiB, 5 * MiB + 3, 0) if local_gpu else bytes(host[16 * MiB:21 * MiB + 3])
+            assert got == bytes(data[:5 * MiB + 3])
+        finally:
+            eng.close()
+            if ptr is not None:
+                gpu.free(ptr, 0)

@@ -71,7 +71,7 @@ class TransferEngine:
         if "shm" in wanted:
             attach = {"pid": os.getpid(), "host": self._host, "pidns": self._pidns}
             cma.allow_peers()
-        tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add, attach)
+        tcp = self._tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add, attach)
         self._name = tcp.endpoint() if self._meta.names_are_endpoints else str(name)
         ctx.name = self._name
         available: dict[str, Transport] = {"local": LocalTransport(self._registry, self._instance), "tcp": tcp}
@@ -109,7 +109,8 @@ class TransferEngine:
             instance=self._instance,
             host=self._host,
             pid=os.getpid(),
-            endpoints={t.name: ep for t in self._all_transports if (ep := t.endpoint())},
+            endpoints={t.name: ep for t in self._all_transports if (ep := t.endpoint())}
+            | ({"tcp_gpu": self._tcp.endpoint()} if gpu.available() else {}),  # we stage GPU memory over TCP
             buffers=[b.describe() for b in self._registry.buffers()],
             pidns=self._pidns,
             generation=self._generation,

@@ -438,3 +438,97 @@ def _dma_buf_check(device: int) -> str:
         return f"no: {e}"
     finally:
         free(ptr, device)
+
+
+class Stage:
+    """Host bytes standing in for GPU ranges while they cross a socket (one frame's worth)."""
+
+    def __init__(self, pool: "StagingPool | None", index: int, view: memoryview, addr: int,
+                 ranges: list[tuple[int, int, int]]) -> None:
+        self._pool = pool
+        self._index = index
+        self.view = view
+        self.addr = addr
+        self.ranges = ranges  # (gpu address, length, device) in the order their bytes sit here
+
+    def views(self) -> list[memoryview]:
+        """One view per range, back to back."""
+        out, off = [], 0
+        for _, n, _ in self.ranges:
+            out.append(self.view[off:off + n])
+            off += n
+        return out
+
+    def _copy(self, to_gpu: bool, keep: list[bool] | None) -> None:
+        by_device: dict[int, list[tuple[int, int, int]]] = {}
+        off = 0
+        for k, (addr, n, device) in enumerate(self.ranges):
+            if keep is None or keep[k]:
+                host = self.addr + off
+                by_device.setdefault(device, []).append((addr, host, n) if to_gpu else (host, addr, n))
+            off += n
+        for device, copies in by_device.items():
+            stream = _staging_stream(device)
+            stream.copy(copies)
+            stream.synchronize()
+
+    def to_host(self) -> None:
+        """Copy every GPU range into this stage (before its bytes are sent)."""
+        self._copy(False, None)
+
+    def to_gpu(self, keep: list[bool] | None = None) -> None:
+        """Copy this stage's bytes into the GPU ranges (those ``keep`` marks), after they were received."""
+        self._copy(True, keep)
+
+    def release(self) -> None:
+        if self._pool is not None and self._index >= 0:
+            self._pool.give(self._index)
+            self._index = -1
+
+
+class StagingPool:
+    """Page-locked host chunks for moving GPU memory through sockets.
+
+    A frame whose GPU bytes do not fit a chunk, or that finds the pool empty,
+    gets a temporary unpinned buffer: slower, never blocked.
+    """
+
+    def __init__(self, chunk: int, count: int) -> None:
+        import mmap
+
+        self.chunk = chunk
+        self._mem = mmap.mmap(-1, chunk * count)
+        self._view = memoryview(self._mem)
+        self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
+        try:
+            pin_host(self._base, chunk * count)
+        except GpuError as e:
+            log.info("staging pool not pinned: %s", e)
+        self._free = list(range(count))
+        self._lock = threading.Lock()
+
+    def take(self, ranges: list[tuple[int, int, int]]) -> Stage:
+        """A stage for ``ranges`` ((gpu address, length, device) each)."""
+        nbytes = sum(r[1] for r in ranges)
+        with self._lock:
+            index = self._free.pop() if nbytes <= self.chunk and self._free else -1
+        if index < 0:
+            scratch = bytearray(max(nbytes, 1))
+            return Stage(None, -1, memoryview(scratch), ctypes.addressof(ctypes.c_char.from_buffer(scratch)), ranges)
+        off = index * self.chunk
+        return Stage(self, index, self._view[off:off + nbytes], self._base + off, ranges)
+
+    def give(self, index: int) -> None:
+        with self._lock:
+            self._free.append(index)
+
+
+_stage_streams: dict[int, Stream] = {}
+
+
+def _staging_stream(device: int) -> Stream:
+    stream = _stage_streams.get(device)
+    if stream is None:
+        with _lock:
+            stream = _stage_streams.get(device) or _stage_streams.setdefault(device, Stream(device))
+    return stream

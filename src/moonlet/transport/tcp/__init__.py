@@ -12,7 +12,9 @@ import threading
 import time
 from typing import Callable, Iterable
 
-from ...batch import Batch
+from ... import gpu
+from ...batch import Batch, State
+from ...gpu import GpuError, StagingPool
 from ...memory import Buffer
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
@@ -21,6 +23,7 @@ from .client import OutFrame, Peer, Progress
 from .server import TcpServer
 
 _WATCHDOG_PERIOD = 0.05
+_STAGE_CHUNK, _STAGE_CHUNKS = 8 << 20, 16  # pinned staging for local GPU memory sent or received over TCP
 
 
 class TcpTransport(Transport):
@@ -48,6 +51,7 @@ class TcpTransport(Transport):
             host = socket.gethostname()
         self._endpoint = f"[{host}]:{self.server.address[1]}" if ":" in host else f"{host}:{self.server.address[1]}"
         self._peers: dict[tuple[str, str], Peer] = {}
+        self._stage_pool: StagingPool | None = None
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, name="moonlet-tcp-watchdog", daemon=True)
@@ -61,7 +65,9 @@ class TcpTransport(Transport):
         return self._endpoint
 
     def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
-        return "tcp" in peer.endpoints and local.is_host and remote["location"].startswith("cpu:")
+        # GPU memory is staged through pinned host memory: locally if we have CUDA, remotely if the peer does.
+        return ("tcp" in peer.endpoints and (local.is_host or gpu.available())
+                and (remote["location"].startswith("cpu:") or "tcp_gpu" in peer.endpoints))
 
     def peer(self, segment: Segment) -> Peer:
         """The connection pool to ``segment`` (shared with the same-host transport)."""
@@ -88,6 +94,7 @@ class TcpTransport(Transport):
             table: list[int] = []  # addr, length, addr, length, ...
             views: list = []
             refs: list = []
+            staged: list[tuple[int, int, int]] = []  # GPU ranges of this frame (local GPU memory)
             nbytes = 0
             for index, req, local, _ in items:
                 if (P.WRITE if req.op else P.READ) != kind:
@@ -100,19 +107,43 @@ class TcpTransport(Transport):
                               for off in range(0, length, slice_size)]
                 for remote_addr, local_addr, n in pieces:
                     table += (remote_addr, n)
-                    views.append(local.view(local_addr, n))
+                    if local.is_host:
+                        views.append(local.view(local_addr, n))
+                    else:
+                        views.append(len(staged))  # an index into the stage, replaced in _send
+                        staged.append((local_addr, n, int(local.location.split(":")[1])))
                     refs.append(index)
                     nbytes += n
                     if nbytes >= max_bytes or len(refs) >= max_entries:
-                        peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
-                        table, views, refs, nbytes = [], [], [], 0
+                        self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged)
+                        table, views, refs, staged, nbytes = [], [], [], [], 0
             if refs:
-                peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
+                self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged)
+
+    def _send(self, peer: Peer, frame: OutFrame, staged: list[tuple[int, int, int]]) -> None:
+        """Send ``frame``; GPU ranges travel through a pinned stage (filled first for a WRITE)."""
+        if staged:
+            if self._stage_pool is None:
+                self._stage_pool = StagingPool(_STAGE_CHUNK, _STAGE_CHUNKS)
+            stage = self._stage_pool.take(staged)
+            stage_views = stage.views()
+            frame.stage = stage
+            frame.staged_at = [k for k, v in enumerate(frame.views) if type(v) is int]
+            frame.views = [stage_views[v] if type(v) is int else v for v in frame.views]
+            if frame.kind == P.WRITE:
+                try:
+                    stage.to_host()
+                except GpuError as e:
+                    stage.release()
+                    for index in frame.refs:
+                        frame.batch.part_done(index, State.FAILED, f"copying GPU memory to the host failed: {e}")
+                    return
+        peer.send(frame)
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
         cfg = self._cfg
-        if max(lengths) > cfg.slice_size:  # large requests are sliced: the general path does that
+        if max(lengths) > cfg.slice_size or not local.is_host:  # slicing and GPU staging: the general path
             super().submit_many(segment, batch, op, local_addrs, remote_addrs, lengths, local, remote)
             return
         peer = self.peer(segment)

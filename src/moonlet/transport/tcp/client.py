@@ -30,6 +30,7 @@ from typing import Callable
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, SegmentError
+from ...gpu import GpuError
 from ...memory import Denied
 from . import protocol as P
 from .server import tune_socket
@@ -77,7 +78,7 @@ def fetch_descriptor(endpoint: str, timeout: float) -> bytes:
 class OutFrame:
     """One WRITE or READ frame: several requests (or slices) bound for one peer."""
 
-    __slots__ = ("kind", "req_id", "table", "views", "refs", "batch", "nbytes", "attempts")
+    __slots__ = ("kind", "req_id", "table", "views", "refs", "batch", "nbytes", "attempts", "stage", "staged_at")
 
     def __init__(self, kind: int, table: list[int], views: list, refs: list, batch: Batch, nbytes: int) -> None:
         self.kind = kind
@@ -88,6 +89,8 @@ class OutFrame:
         self.batch = batch
         self.nbytes = nbytes
         self.attempts = 1
+        self.stage = None  # a gpu.Stage when some local ranges are GPU memory
+        self.staged_at: list[int] = []  # which entries the stage carries
 
 
 class Lane:
@@ -454,6 +457,16 @@ class Peer:
     def complete(self, frame: OutFrame, statuses: bytes) -> None:
         """A reply arrived: end each entry as its status says."""
         batch = frame.batch
+        if frame.stage is not None:
+            stage, frame.stage = frame.stage, None
+            try:
+                if frame.kind == P.READ:  # the bytes are in host staging: move them to the GPU first
+                    stage.to_gpu([not statuses[k] for k in frame.staged_at])
+            except GpuError as e:
+                self._end(frame, State.FAILED, f"copying received bytes to the GPU failed: {e}")
+                return
+            finally:
+                stage.release()
         if not any(statuses):
             batch.parts_completed(frame.refs)
             return
@@ -497,6 +510,9 @@ class Peer:
 
     @staticmethod
     def _end(frame: OutFrame, state: State, reason: str) -> None:
+        if frame.stage is not None:
+            frame.stage.release()
+            frame.stage = None
         for idx in frame.refs:
             frame.batch.part_done(idx, state, reason)
 

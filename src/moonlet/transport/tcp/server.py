@@ -29,12 +29,15 @@ from typing import Callable
 from ...errors import ProtocolError
 from ...memory import Buffer, Denied, MemoryRegistry
 from . import protocol as P
+from ... import gpu
+from ...gpu import GpuError, Stage, StagingPool
 from .. import cma
 from .sockio import recv_some, sendmsg_some
 
 log = logging.getLogger("moonlet.tcp")
 
 _SCRATCH = 1 << 20
+_STAGE_CHUNK, _STAGE_CHUNKS = 8 << 20, 8  # pinned staging for GPU buffers served over TCP
 _OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this many bytes
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn
 _HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
@@ -53,7 +56,7 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "buf", "views", "pinned", "statuses",
-                 "out", "out_bytes", "mask", "attach_pid")
+                 "out", "out_bytes", "mask", "attach_pid", "stage")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -74,6 +77,7 @@ class _Conn:
         self.views: list[memoryview] = []
         self.pinned: list[Buffer] = []
         self.statuses = b""
+        self.stage = None  # host staging of the GPU entries of the frame being received
 
 
 class TcpServer:
@@ -107,6 +111,7 @@ class TcpServer:
         self._poll.register(self._wake_r, _IN)
         self._closed = False
         self._scratch = memoryview(bytearray(_SCRATCH))
+        self._stage_pool: StagingPool | None = None
         self._thread = threading.Thread(target=self._run, name="moonlet-tcp-server", daemon=True)
         self._thread.start()
 
@@ -195,8 +200,12 @@ class TcpServer:
         except (KeyError, ValueError):
             pass
         self._registry.release(conn.pinned)
-        for _, pinned in conn.out:
+        if conn.stage is not None:
+            conn.stage.release()
+        for _, pinned, stage in conn.out:
             self._registry.release(pinned)
+            if stage is not None:
+                stage.release()
         conn.out.clear()
         conn.sock.close()
 
@@ -299,19 +308,42 @@ class TcpServer:
         resolved, pinned = self._registry.acquire(entries, write=write)
         statuses = bytearray(len(entries))
         views: list[memoryview] = []
+        gpu_ranges: list[tuple[int, int, int]] = []
+        gpu_slots: list[int] = []  # where each GPU entry's views go in ``views``
         for i, ((addr, length), buf) in enumerate(zip(entries, resolved)):
             if type(buf) is Buffer and buf.is_host:
                 views.append(buf.view(addr, length))
+            elif type(buf) is Buffer and self._staging() is not None:
+                gpu_slots.append(len(views))
+                views.append(memoryview(b""))  # replaced by a staging view below
+                gpu_ranges.append((addr, length, int(buf.location.split(":")[1])))
             else:
                 statuses[i] = buf if type(buf) is int else Denied.NOT_HOST_MEMORY
                 if write:
                     views.extend(self._drain_views(length))
+        stage = None
+        if gpu_ranges:
+            stage = self._staging().take(gpu_ranges)  # type: ignore[union-attr]
+            for slot, v in zip(gpu_slots, stage.views()):
+                views[slot] = v
         if write:
-            conn.views, conn.pinned, conn.statuses, conn.phase = views, pinned, bytes(statuses), 2
+            conn.views, conn.pinned, conn.statuses, conn.stage, conn.phase = views, pinned, bytes(statuses), stage, 2
             return
+        if stage is not None:
+            try:
+                stage.to_host()
+            except GpuError as e:
+                stage.release()
+                raise ProtocolError(f"GPU staging failed on the target: {e}") from None
         total = sum(v.nbytes for v in views)
         conn._reset()
-        self._queue(conn, [P.encode_response(p.req_id, bytes(statuses), total), *views], pinned)
+        self._queue(conn, [P.encode_response(p.req_id, bytes(statuses), total), *views], pinned, stage)
+
+    def _staging(self) -> "StagingPool | None":
+        """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
+        if self._stage_pool is None and gpu.available():
+            self._stage_pool = StagingPool(_STAGE_CHUNK, _STAGE_CHUNKS)
+        return self._stage_pool
 
     def _attach_copy(self, conn: _Conn, kind: int, entries: list[tuple]) -> bytes:
         """Serve a PULL (peer WRITE) or PUSH (peer READ) with one cross-memory copy; return the statuses."""
@@ -346,6 +378,14 @@ class TcpServer:
     def _write_done(self, conn: _Conn) -> None:
         p = conn.prefix
         assert p is not None
+        if conn.stage is not None:
+            stage, conn.stage = conn.stage, None
+            try:
+                stage.to_gpu()
+            except GpuError as e:
+                raise ProtocolError(f"GPU staging failed on the target: {e}") from None
+            finally:
+                stage.release()
         self._registry.release(conn.pinned)
         conn.pinned = []
         reply = P.encode_response(p.req_id, conn.statuses, 0)
@@ -363,8 +403,8 @@ class TcpServer:
 
     # -- output --------------------------------------------------------------------
 
-    def _queue(self, conn: _Conn, bufs: list, pinned: list[Buffer]) -> None:
-        conn.out.append([bufs, pinned])
+    def _queue(self, conn: _Conn, bufs: list, pinned: list[Buffer], stage: "Stage | None" = None) -> None:
+        conn.out.append([bufs, pinned, stage])
         conn.out_bytes += sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in bufs)
         self._flush(conn)
 
@@ -378,4 +418,6 @@ class TcpServer:
                 break
             conn.out.popleft()
             self._registry.release(entry[1])
+            if entry[2] is not None:
+                entry[2].release()
         self._set_mask(conn)
