@@ -201,6 +201,8 @@ def test_gpu_memory_over_tcp(peer_factory, local_gpu, remote_gpu):
                     Request(Op.WRITE, buf.addr + 6 * MiB, seg, target.addr + 8 * MiB, 4096)]
             statuses = engine_batch(eng, reqs)
             assert {s.transport for s in statuses} == {"tcp"}
+            bad = [k for k in range(5) if target.digest(target.addr + 11 + k * MiB, MiB) != sha(data[k * MiB:(k + 1) * MiB])]
+            assert not bad, f"slices {bad} of the 5 MiB write differ"
             assert target.digest(target.addr + 11, 5 * MiB + 3) == sha(data[:5 * MiB + 3])
             assert target.digest(target.addr + 8 * MiB, 4096) == sha(data[6 * MiB:6 * MiB + 4096])
             eng.read(buf.addr + 16 * MiB, seg, target.addr + 11, 5 * MiB + 3)

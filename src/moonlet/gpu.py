@@ -110,14 +110,12 @@ def use_device(ordinal: int) -> None:
     if ctxs is None:
         ctxs = _tls.ctxs = {}
     d = driver()
-    if getattr(_tls, "current", None) == ordinal:
-        return
     ctx = ctxs.get(ordinal)
     if ctx is None:
         dev = check(d.cuDeviceGet(ordinal), f"cuDeviceGet({ordinal})")
         ctx = ctxs[ordinal] = check(d.cuDevicePrimaryCtxRetain(dev), f"cuDevicePrimaryCtxRetain({ordinal})")
+    # Set every time: other libraries (torch's cudaSetDevice) switch this thread's context behind our back.
     check(d.cuCtxSetCurrent(ctx), "cuCtxSetCurrent")
-    _tls.current = ordinal
 
 
 @dataclass(frozen=True)
@@ -500,8 +498,10 @@ class StagingPool:
         self._mem = mmap.mmap(-1, chunk * count)
         self._view = memoryview(self._mem)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
+        self._pinned = False
         try:
             pin_host(self._base, chunk * count)
+            self._pinned = True
         except GpuError as e:
             log.info("staging pool not pinned: %s", e)
         self._free = list(range(count))
@@ -521,6 +521,15 @@ class StagingPool:
     def give(self, index: int) -> None:
         with self._lock:
             self._free.append(index)
+
+    def close(self) -> None:
+        """Unpin, then unmap. CUDA must forget the range first: a later mapping at the same address
+        would otherwise be taken for this one, and copies would land in the old, unmapped pages."""
+        if self._pinned:
+            unpin_host(self._base)
+            self._pinned = False
+        self._view.release()
+        self._mem.close()
 
 
 _stage_streams: dict[int, Stream] = {}

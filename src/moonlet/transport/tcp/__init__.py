@@ -190,6 +190,8 @@ class TcpTransport(Transport):
         self._watchdog.join(timeout=2)
         self.progress.close()
         self.server.close()
+        if self._stage_pool is not None:
+            self._stage_pool.close()
 
 
 __all__ = ["TcpTransport"]

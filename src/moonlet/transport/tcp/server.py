@@ -128,6 +128,8 @@ class TcpServer:
             pass
         self._thread.join(timeout=5)
         os.close(self._wake_w)
+        if self._stage_pool is not None:
+            self._stage_pool.close()
 
     # -- reactor -------------------------------------------------------------------
 
