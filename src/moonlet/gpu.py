@@ -105,7 +105,7 @@ def ordinal_of(uuid: str) -> int | None:
 
 
 def use_device(ordinal: int) -> None:
-    """Make ``ordinal``'s primary context current in this thread (cached per thread)."""
+    """Make ``ordinal``'s primary context current in this thread (the context handle is cached)."""
     ctxs = getattr(_tls, "ctxs", None)
     if ctxs is None:
         ctxs = _tls.ctxs = {}
