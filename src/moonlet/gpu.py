@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import MoonletError
+from .sysfs import read as _sysfs
 
 
 log = logging.getLogger("moonlet.gpu")
@@ -372,14 +373,6 @@ def memcpy(dst: int, src: int, nbytes: int, device: int) -> None:
     """A synchronous copy between any two pointers CUDA can address (host pointers included)."""
     use_device(device)
     check(driver().cuMemcpy(dst, src, nbytes), "cuMemcpy")
-
-
-def _sysfs(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def describe() -> dict:

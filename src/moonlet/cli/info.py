@@ -9,15 +9,8 @@ import sys
 from .. import __version__
 from ..segment import host_identity
 from .. import gpu
+from ..sysfs import read as _read
 from ..transport import cma
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError:
-        return ""
 
 
 def _nics() -> list[str]:

@@ -34,7 +34,7 @@ from ...gpu import GpuError
 from ...memory import Denied
 from . import protocol as P
 from .server import tune_socket
-from .sockio import recv_exact, recv_some, send_all
+from .sockio import recv_exact, recv_some, recv_some_into, send_all
 
 log = logging.getLogger("moonlet.tcp")
 
@@ -191,12 +191,9 @@ class Lane:
                 view, need = self._pview, _HEAD
             else:
                 view, need = memoryview(self._table), len(self._table)
-            try:
-                n = sock.recv_into(view[self._got:], need - self._got, socket.MSG_DONTWAIT)
-            except BlockingIOError:
+            n = recv_some_into(sock, view, self._got, need)
+            if not n:
                 return
-            if n == 0:
-                raise ConnectionError("peer closed the connection")
             self._got += n
             if self._got < need:
                 continue

@@ -32,7 +32,7 @@ from . import protocol as P
 from ... import gpu
 from ...gpu import GpuError, Stage, StagingPool
 from .. import cma
-from .sockio import recv_some, sendmsg_some
+from .sockio import recv_some, recv_some_into, sendmsg_some
 
 log = logging.getLogger("moonlet.tcp")
 
@@ -236,12 +236,9 @@ class TcpServer:
                 target, need = conn.pview, _HEAD
             else:
                 target, need = memoryview(conn.buf), len(conn.buf)  # type: ignore[arg-type]
-            try:
-                n = sock.recv_into(target[conn.got:], need - conn.got)
-            except BlockingIOError:
+            n = recv_some_into(sock, target, conn.got, need)
+            if not n:
                 break
-            if n == 0:
-                raise ConnectionError("peer closed")
             conn.got += n
             if conn.got < need:
                 continue

@@ -73,3 +73,17 @@ def recv_some(sock: socket.socket, views: list[memoryview]) -> int:
         raise ConnectionError("peer closed the connection")
     _consume(views, n)
     return n
+
+
+def recv_some_into(sock: socket.socket, view: memoryview, got: int, need: int) -> int:
+    """Receive what has arrived of ``view[got:need]`` without blocking; return the byte count (0: none yet).
+
+    Raises ConnectionError when the peer has closed the connection.
+    """
+    try:
+        n = sock.recv_into(view[got:], need - got, socket.MSG_DONTWAIT)
+    except BlockingIOError:
+        return 0
+    if n == 0:
+        raise ConnectionError("peer closed the connection")
+    return n
