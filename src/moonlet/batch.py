@@ -135,6 +135,13 @@ class Batch:
         finished = False
         with self._lock:
             parts, state = self._parts, self._state
+            if len(indices) == self._pending == self._n and not any(self._reason) and parts.count(1) == self._n:
+                # The whole batch, one part each, nothing failed: the common case of one reply per batch.
+                self._state = [State.COMPLETED] * self._n
+                self._parts = [0] * self._n
+                self._pending = 0
+                indices = ()
+                finished = True
             for index in indices:
                 parts[index] -= 1
                 if parts[index] == 0:

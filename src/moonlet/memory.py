@@ -297,10 +297,14 @@ class MemoryRegistry:
         """
         out: list[Buffer | int] = []
         pinned: dict[int, Buffer] = {}
+        last: Buffer | None = None  # ranges of one frame mostly share a buffer: try it before a bisect
         with self._lock:
             for addr, length in ranges:
                 if length <= 0 or addr < 0 or addr + length > _ADDR_LIMIT:
                     out.append(Denied.BAD_RANGE)
+                    continue
+                if last is not None and last.addr <= addr and addr + length <= last.addr + last.length:
+                    out.append(last)
                     continue
                 buf = self._find_locked(addr, length)
                 if buf is None:
@@ -309,6 +313,7 @@ class MemoryRegistry:
                     out.append(Denied.NO_PERMISSION)
                 else:
                     out.append(buf)
+                    last = buf
                     if id(buf) not in pinned:
                         pinned[id(buf)] = buf
                         buf._users += 1

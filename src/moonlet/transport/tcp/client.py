@@ -119,17 +119,20 @@ class Lane:
 
     def send(self, frame: OutFrame) -> bool:
         """Send ``frame`` now (blocking until the kernel took it); False if the lane is dead."""
-        bufs = [P.encode_request_flat(frame.kind, frame.req_id, frame.table,
-                                      frame.nbytes if frame.kind == P.WRITE else 0)]
+        head = P.encode_request_flat(frame.kind, frame.req_id, frame.table,
+                                     frame.nbytes if frame.kind == P.WRITE else 0)
+        bufs = [head]
+        total = len(head)
         if frame.kind == P.WRITE:
             bufs.extend(frame.views)
+            total += frame.nbytes
         with self.send_lock:
             if self.aborted:
                 return False
             self.inflight[frame.req_id] = frame
             self.load += frame.nbytes
             try:
-                send_all(self.sock, bufs)
+                send_all(self.sock, bufs, total)
             except OSError as e:
                 err = e
             else:

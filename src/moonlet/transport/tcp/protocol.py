@@ -120,9 +120,8 @@ def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list
         total = sum(length for _, length in entries)
         if total != prefix.payload_len:
             raise ProtocolError(f"WRITE entries add up to {total} bytes but the frame carries {prefix.payload_len}")
-    for entry in entries:
-        if entry[1] == 0:
-            raise ProtocolError("entry of length 0")
+    if entries and min(entry[1] for entry in entries) == 0:
+        raise ProtocolError("entry of length 0")
     return entries
 
 

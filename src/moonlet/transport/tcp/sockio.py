@@ -27,8 +27,17 @@ def _consume(bufs: list, n: int) -> None:
         bufs[0] = memoryview(bufs[0])[n:]
 
 
-def send_all(sock: socket.socket, bufs: list) -> None:
-    """Send every buffer in ``bufs`` in order, blocking, with as few ``sendmsg`` calls as possible."""
+def send_all(sock: socket.socket, bufs: list, total: int = -1) -> None:
+    """Send every buffer in ``bufs`` in order, blocking, with as few ``sendmsg`` calls as possible.
+
+    ``total`` (the byte count of ``bufs``, if the caller knows it) skips the
+    bookkeeping when the first call sends everything, as it mostly does.
+    """
+    if total >= 0 and len(bufs) <= _MAX_IOV:
+        sent = sock.sendmsg(bufs)
+        if sent == total:
+            return
+        _consume(bufs, sent)
     while bufs:
         _consume(bufs, sock.sendmsg(bufs[:_MAX_IOV]))
 
