@@ -7,6 +7,7 @@ GPU pointer, with an error that says what to install.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import logging
 import threading
@@ -434,10 +435,10 @@ def _dma_buf_check(device: int) -> str:
 class Stage:
     """Host bytes standing in for GPU ranges while they cross a socket (one frame's worth)."""
 
-    def __init__(self, pool: "StagingPool | None", index: int, view: memoryview, addr: int,
+    def __init__(self, pool: "StagingPool | None", token: tuple[int, int] | None, view: memoryview, addr: int,
                  ranges: list[tuple[int, int, int]]) -> None:
         self._pool = pool
-        self._index = index
+        self._token = token
         self.view = view
         self.addr = addr
         self.ranges = ranges  # (gpu address, length, device) in the order their bytes sit here
@@ -450,7 +451,8 @@ class Stage:
             off += n
         return out
 
-    def _copy(self, to_gpu: bool, keep: list[bool] | None) -> None:
+    def _copy(self, to_gpu: bool, keep: list[bool] | None, wait: bool = True) -> list:
+        """Queue the copies on each device's staging stream; wait for them, or return their events."""
         by_device: dict[int, list[tuple[int, int, int]]] = {}
         off = 0
         for k, (addr, n, device) in enumerate(self.ranges):
@@ -458,62 +460,89 @@ class Stage:
                 host = self.addr + off
                 by_device.setdefault(device, []).append((addr, host, n) if to_gpu else (host, addr, n))
             off += n
+        events = []
         for device, copies in by_device.items():
             stream = _staging_stream(device)
             stream.copy(copies)
-            stream.synchronize()
+            if wait:
+                stream.synchronize()
+            else:
+                events.append(stream.record())
+        return events
 
     def to_host(self) -> None:
         """Copy every GPU range into this stage (before its bytes are sent)."""
         self._copy(False, None)
+
+    def start_to_host(self) -> list:
+        """Start copying every GPU range into this stage; wait on the returned events before sending."""
+        return self._copy(False, None, wait=False)
 
     def to_gpu(self, keep: list[bool] | None = None) -> None:
         """Copy this stage's bytes into the GPU ranges (those ``keep`` marks), after they were received."""
         self._copy(True, keep)
 
     def release(self) -> None:
-        if self._pool is not None and self._index >= 0:
-            self._pool.give(self._index)
-            self._index = -1
+        """Give the stretch back (once); the views must not be used afterwards."""
+        if self._pool is not None and self._token is not None:
+            self._pool.give(self._token)
+            self._token = None
 
 
 class StagingPool:
-    """Page-locked host chunks for moving GPU memory through sockets.
+    """A page-locked host arena for moving GPU memory through sockets.
 
-    A frame whose GPU bytes do not fit a chunk, or that finds the pool empty,
-    gets a temporary unpinned buffer: slower, never blocked.
+    Each frame takes a stretch of it (first fit, 4 KiB granules) and gives it
+    back when its bytes have moved. A frame that finds no room gets a
+    temporary unpinned buffer: slower, never blocked.
     """
 
-    def __init__(self, chunk: int, count: int) -> None:
+    GRANULE = 4096
+
+    def __init__(self, size: int) -> None:
         import mmap
 
-        self.chunk = chunk
-        self._mem = mmap.mmap(-1, chunk * count)
+        self.size = size
+        self._mem = mmap.mmap(-1, size)
         self._view = memoryview(self._mem)
         self._base = ctypes.addressof(ctypes.c_char.from_buffer(self._mem))
         self._pinned = False
         try:
-            pin_host(self._base, chunk * count)
+            pin_host(self._base, size)
             self._pinned = True
         except GpuError as e:
             log.info("staging pool not pinned: %s", e)
-        self._free = list(range(count))
+        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, size), sorted by offset
         self._lock = threading.Lock()
 
     def take(self, ranges: list[tuple[int, int, int]]) -> Stage:
         """A stage for ``ranges`` ((gpu address, length, device) each)."""
         nbytes = sum(r[1] for r in ranges)
+        want = -(-max(nbytes, 1) // self.GRANULE) * self.GRANULE
         with self._lock:
-            index = self._free.pop() if nbytes <= self.chunk and self._free else -1
-        if index < 0:
-            scratch = bytearray(max(nbytes, 1))
-            return Stage(None, -1, memoryview(scratch), ctypes.addressof(ctypes.c_char.from_buffer(scratch)), ranges)
-        off = index * self.chunk
-        return Stage(self, index, self._view[off:off + nbytes], self._base + off, ranges)
+            for i, (off, size) in enumerate(self._free):
+                if size >= want:
+                    if size == want:
+                        del self._free[i]
+                    else:
+                        self._free[i] = (off + want, size - want)
+                    return Stage(self, (off, want), self._view[off:off + nbytes], self._base + off, ranges)
+        scratch = bytearray(max(nbytes, 1))
+        return Stage(None, None, memoryview(scratch), ctypes.addressof(ctypes.c_char.from_buffer(scratch)), ranges)
 
-    def give(self, index: int) -> None:
+    def give(self, token: tuple[int, int]) -> None:
+        """Return a stretch; merge it with free neighbours."""
+        off, size = token
         with self._lock:
-            self._free.append(index)
+            free = self._free
+            i = bisect.bisect(free, (off, size))
+            free.insert(i, (off, size))
+            if i + 1 < len(free) and off + size == free[i + 1][0]:
+                free[i] = (off, size + free[i + 1][1])
+                del free[i + 1]
+            if i > 0 and free[i - 1][0] + free[i - 1][1] == off:
+                free[i - 1] = (free[i - 1][0], free[i - 1][1] + free[i][1])
+                del free[i]
 
     def close(self) -> None:
         """Unpin, then unmap. CUDA must forget the range first: a later mapping at the same address
@@ -522,7 +551,10 @@ class StagingPool:
             unpin_host(self._base)
             self._pinned = False
         self._view.release()
-        self._mem.close()
+        try:
+            self._mem.close()
+        except BufferError:  # a stage is still referenced: leave it mapped (it is no longer pinned)
+            log.info("staging pool still in use at close; left mapped")
 
 
 _stage_streams: dict[int, Stream] = {}

@@ -23,7 +23,7 @@ from .client import OutFrame, Peer, Progress
 from .server import TcpServer
 
 _WATCHDOG_PERIOD = 0.05
-_STAGE_CHUNK, _STAGE_CHUNKS = 8 << 20, 16  # pinned staging for local GPU memory sent or received over TCP
+_STAGE_BYTES = 256 << 20  # pinned staging for local GPU memory sent or received over TCP
 
 
 class TcpTransport(Transport):
@@ -90,6 +90,7 @@ class TcpTransport(Transport):
         slice_size, max_bytes, max_entries = cfg.slice_size, cfg.frame_bytes, cfg.frame_entries
         # Announce every slice before the first frame leaves, so no reply can finish a request early.
         batch.add_parts([(index, -(-req.length // slice_size)) for index, req, *_ in items], self.name)
+        lag: list = []  # a staged WRITE frame whose GPU copy is in flight
         for kind in (P.READ, P.WRITE):
             table: list[int] = []  # addr, length, addr, length, ...
             views: list = []
@@ -115,30 +116,59 @@ class TcpTransport(Transport):
                     refs.append(index)
                     nbytes += n
                     if nbytes >= max_bytes or len(refs) >= max_entries:
-                        self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged)
+                        self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged, lag)
                         table, views, refs, staged, nbytes = [], [], [], [], 0
             if refs:
-                self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged)
+                self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged, lag)
+        self._flush_lag(peer, lag)
 
-    def _send(self, peer: Peer, frame: OutFrame, staged: list[tuple[int, int, int]]) -> None:
-        """Send ``frame``; GPU ranges travel through a pinned stage (filled first for a WRITE)."""
-        if staged:
-            if self._stage_pool is None:
-                self._stage_pool = StagingPool(_STAGE_CHUNK, _STAGE_CHUNKS)
-            stage = self._stage_pool.take(staged)
-            stage_views = stage.views()
-            frame.stage = stage
-            frame.staged_at = [k for k, v in enumerate(frame.views) if type(v) is int]
-            frame.views = [stage_views[v] if type(v) is int else v for v in frame.views]
-            if frame.kind == P.WRITE:
-                try:
-                    stage.to_host()
-                except GpuError as e:
-                    stage.release()
-                    for index in frame.refs:
-                        frame.batch.part_done(index, State.FAILED, f"copying GPU memory to the host failed: {e}")
-                    return
-        peer.send(frame)
+    def _send(self, peer: Peer, frame: OutFrame, staged: list[tuple[int, int, int]], lag: list) -> None:
+        """Send ``frame``; GPU ranges travel through a pinned stage.
+
+        A WRITE's stage is filled by an asynchronous GPU copy, and the frame is
+        sent only when the next frame's copy has been started: the PCIe copy of
+        frame k+1 overlaps the socket send of frame k (``lag`` holds the frame
+        waiting its turn; :meth:`_flush_lag` sends the last one).
+        """
+        if not staged:
+            peer.send(frame)
+            return
+        if self._stage_pool is None:
+            self._stage_pool = StagingPool(_STAGE_BYTES)
+        stage = self._stage_pool.take(staged)
+        stage_views = stage.views()
+        frame.stage = stage
+        frame.staged_at = [k for k, v in enumerate(frame.views) if type(v) is int]
+        frame.views = [stage_views[v] if type(v) is int else v for v in frame.views]
+        if frame.kind != P.WRITE:
+            peer.send(frame)
+            return
+        try:
+            events = stage.start_to_host()
+        except GpuError as e:
+            self._fail_staged(frame, e)
+            return
+        self._flush_lag(peer, lag)
+        lag.append((frame, events))
+
+    def _flush_lag(self, peer: Peer, lag: list) -> None:
+        while lag:
+            frame, events = lag.pop(0)
+            try:
+                for event in events:
+                    gpu.event_done(event, True)
+            except GpuError as e:
+                self._fail_staged(frame, e)
+                continue
+            peer.send(frame)
+
+    @staticmethod
+    def _fail_staged(frame: OutFrame, error: Exception) -> None:
+        if frame.stage is not None:
+            frame.stage.release()
+            frame.stage = None
+        for index in frame.refs:
+            frame.batch.part_done(index, State.FAILED, f"copying GPU memory to the host failed: {error}")
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:

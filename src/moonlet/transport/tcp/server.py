@@ -37,7 +37,7 @@ from .sockio import recv_some, recv_some_into, sendmsg_some
 log = logging.getLogger("moonlet.tcp")
 
 _SCRATCH = 1 << 20
-_STAGE_CHUNK, _STAGE_CHUNKS = 8 << 20, 8  # pinned staging for GPU buffers served over TCP
+_STAGE_BYTES = 128 << 20  # pinned staging for GPU buffers served over TCP
 _OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this many bytes
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn
 _HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
@@ -341,7 +341,7 @@ class TcpServer:
     def _staging(self) -> "StagingPool | None":
         """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
         if self._stage_pool is None and gpu.available():
-            self._stage_pool = StagingPool(_STAGE_CHUNK, _STAGE_CHUNKS)
+            self._stage_pool = StagingPool(_STAGE_BYTES)
         return self._stage_pool
 
     def _attach_copy(self, conn: _Conn, kind: int, entries: list[tuple]) -> bytes:
