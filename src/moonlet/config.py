@@ -33,6 +33,9 @@ class EngineConfig:
         request_timeout: default deadline of a request, in seconds.
         connect_timeout: deadline of a TCP connect + hello, in seconds.
         metadata_timeout: deadline of one metadata-service call, in seconds.
+        metadata_ttl: lifetime of this engine's descriptor in etcd or Redis
+            unless renewed (the engine renews it every third of it); a
+            crashed engine disappears from the cluster within this time.
         socket_buffer: SO_SNDBUF/SO_RCVBUF size, None keeps the OS default.
         spin_us: after traffic, poll this long without sleeping before blocking.
             A sleep/wake-up pair costs tens of microseconds on virtual
@@ -55,6 +58,7 @@ class EngineConfig:
     request_timeout: float = 30.0
     connect_timeout: float = 5.0
     metadata_timeout: float = 5.0
+    metadata_ttl: float = 10.0
     socket_buffer: int | None = 4 * MiB
     spin_us: int = 100
     gpu_kernel_max_block: int = 1 * MiB
@@ -70,7 +74,7 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be at least 4096 bytes, got {getattr(self, name)}")
         if not 1 <= self.frame_entries <= 4096:
             raise ConfigError(f"frame_entries must be in 1..4096, got {self.frame_entries}")
-        for name in ("request_timeout", "connect_timeout", "metadata_timeout"):
+        for name in ("request_timeout", "connect_timeout", "metadata_timeout", "metadata_ttl"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
         if self.socket_buffer is not None and self.socket_buffer < 64 * KiB:

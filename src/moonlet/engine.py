@@ -47,7 +47,7 @@ class TransferEngine:
         self._registry = MemoryRegistry()
         self._instance = new_instance_id()
         self._host = host_identity()
-        self._meta = md.connect(metadata, cfg.metadata_timeout)
+        self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl)
         if not self._meta.names_are_endpoints:
             if not name or any(c.isspace() for c in name) or "/" in name:
                 raise ConfigError(f"engine name must be a non-empty string without spaces or '/', got {name!r}")
@@ -87,6 +87,24 @@ class TransferEngine:
         except MoonletError:
             self._close_transports()
             raise
+        self._stop = threading.Event()
+        if self._meta.leased:
+            threading.Thread(target=self._keepalive, name="moonlet-metadata-keepalive", daemon=True).start()
+
+    def _keepalive(self) -> None:
+        """Renew the descriptor's lease every third of its TTL; say once when the store is down, and when back."""
+        down = False
+        while not self._stop.wait(self.config.metadata_ttl / 3):
+            try:
+                self._meta.keepalive()
+            except MoonletError as e:
+                if not down:
+                    log.warning("metadata store unreachable, transfers go on with known peers: %s", e)
+                down = True
+                continue
+            if down:
+                log.warning("metadata store reachable again; descriptor of %s renewed", self._name)
+                down = False
 
     # -- identity and metadata ---------------------------------------------------
 
@@ -272,7 +290,9 @@ class TransferEngine:
     def _fetch(self, name: str) -> SegmentDescriptor:
         raw = self._meta.fetch(name)
         if raw is None:
-            raise SegmentError(f"unknown segment {name!r}: no descriptor in metadata service {self._meta}")
+            gone = " (it may have exited: descriptors expire when their engine stops renewing them)" \
+                if self._meta.leased else ""
+            raise SegmentError(f"unknown segment {name!r}: no descriptor in metadata service {self._meta}{gone}")
         desc = SegmentDescriptor.from_json(raw)
         if desc.name != name:
             raise SegmentError(f"metadata for {name!r} describes segment {desc.name!r}")
@@ -475,6 +495,7 @@ class TransferEngine:
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
         try:
             self._meta.remove(self._name)
         except MoonletError as e:

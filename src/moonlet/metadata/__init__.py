@@ -4,17 +4,26 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from .base import MetadataBackend
+from .etcd import EtcdMetadata
 from .http import HttpMetadata, MetadataServer
 from .p2p import P2PMetadata
+from .redis import RedisMetadata
 
 
-def connect(spec: str, timeout: float) -> MetadataBackend:
-    """Backend for ``spec``: ``"p2p"`` or ``"http://host:port[/metadata]"``."""
+def connect(spec: str, timeout: float, ttl: float) -> MetadataBackend:
+    """Backend for ``spec``: ``"p2p"``, ``"http://host:port[/metadata]"``, ``"etcd://host:port[,...][/cluster]"``
+    or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of etcd and Redis entries."""
     if spec.lower() in ("p2p", "p2phandshake"):
         return P2PMetadata(timeout)
     if spec.startswith("http://"):
         return HttpMetadata(spec, timeout)
-    raise ConfigError(f"unknown metadata service {spec!r}; use 'p2p' or 'http://host:port'")
+    if spec.startswith("etcd://"):
+        return EtcdMetadata(spec, timeout, ttl)
+    if spec.startswith(("redis://", "rediss://")):
+        return RedisMetadata(spec, timeout, ttl)
+    raise ConfigError(f"unknown metadata service {spec!r}; use 'p2p', 'http://host:port', 'etcd://host:port' "
+                      "or 'redis://host:port'")
 
 
-__all__ = ["MetadataBackend", "HttpMetadata", "MetadataServer", "P2PMetadata", "connect"]
+__all__ = ["MetadataBackend", "EtcdMetadata", "HttpMetadata", "MetadataServer", "P2PMetadata", "RedisMetadata",
+           "connect"]

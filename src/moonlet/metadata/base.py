@@ -10,6 +10,8 @@ class MetadataBackend(ABC):
 
     #: True when the segment name must be the engine's own ``host:port`` (peer-to-peer mode).
     names_are_endpoints: bool = False
+    #: True when published descriptors expire unless :meth:`keepalive` is called (etcd, Redis).
+    leased: bool = False
 
     @abstractmethod
     def publish(self, name: str, descriptor: bytes) -> None:
@@ -22,6 +24,9 @@ class MetadataBackend(ABC):
     @abstractmethod
     def remove(self, name: str) -> None:
         """Withdraw the descriptor of ``name`` (missing is not an error)."""
+
+    def keepalive(self) -> None:
+        """Keep this engine's descriptor alive; re-publish it if the store lost it. Leased stores only."""
 
     def close(self) -> None:
         """Release connections."""
