@@ -16,9 +16,12 @@ def sha(view) -> str:
     return hashlib.sha256(view).hexdigest()
 
 
-@pytest.fixture(params=["http", "etcd", "redis"])
+@pytest.fixture(params=["p2p", "http", "etcd", "redis"])
 def store(request, tmp_path):
     """(kind, url, server); the server object can be stopped and started again for etcd and Redis."""
+    if request.param == "p2p":
+        yield "p2p", "p2p", None
+        return
     if request.param == "http":
         with MetadataServer(port=0) as srv:
             yield "http", srv.url, None
@@ -36,7 +39,8 @@ def test_publish_resolve_and_move_bytes(store, peer_factory):
     with TransferEngine("prefill-7", url) as eng:
         data = bytearray(os.urandom(1 << 20))
         buf = eng.register(data)
-        seg = eng.open_segment("decode-7")
+        seg = eng.open_segment(target.name)  # "decode-7", or host:port in p2p mode
+        assert (target.name == "decode-7") == (kind != "p2p")
         assert seg.descriptor.pid == target.pid
         eng.write(buf.addr, seg, target.addr + 9, 1 << 20)
         assert target.digest(target.addr + 9, 1 << 20) == sha(data)
@@ -50,16 +54,26 @@ def test_clean_close_withdraws_at_once(store, peer_factory):
     kind, url, _ = store
     target = peer_factory("--metadata", url, "--name", "short-lived")
     with TransferEngine("watcher", url) as eng:
-        eng.open_segment("short-lived")
+        eng.open_segment(target.name)
         target.close()
-        with pytest.raises(SegmentError, match="unknown segment 'short-lived'"):
-            eng._fetch("short-lived")
+        if kind == "p2p":  # no store: the peer's listener is gone with it
+            with pytest.raises(MetadataError, match="cannot fetch the descriptor"):
+                eng._fetch(target.name)
+        else:
+            with pytest.raises(SegmentError, match="unknown segment 'short-lived'"):
+                eng._fetch("short-lived")
 
 
-def test_cluster_ids_isolate(store, peer_factory):
-    kind, url, _ = store
-    if kind == "http":
-        pytest.skip("the embedded HTTP server has no cluster id: run one server per cluster")
+@pytest.mark.parametrize("kind", ["etcd", "redis"])
+def test_cluster_ids_isolate(kind, tmp_path, peer_factory):
+    srv = Store(kind, str(tmp_path)).start()
+    try:
+        _isolated(kind, srv.url, peer_factory)
+    finally:
+        srv.stop()
+
+
+def _isolated(kind, url, peer_factory):
     other = url + ("/blue" if kind == "etcd" else "?cluster=blue")
     peer_factory("--metadata", other, "--name", "same-name")
     with TransferEngine("a", url) as red, TransferEngine("b", other) as blue:
