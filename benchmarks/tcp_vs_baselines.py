@@ -7,7 +7,7 @@ Every engine runs as two processes (target and initiator).  Each row is run
 named in the issue: the plain socket stream for 1 MiB rows, Mooncake for the
 others.  Mooncake runs from its own virtualenv (``.bench/mooncake``, created on
 first use with ``mooncake-transfer-engine-non-cuda``; it needs Debian's
-``libibverbs1`` even for TCP).  A peer that cannot run gets a row saying why.
+``libibverbs1`` even for TCP; see ``_peers.py``).  A peer that cannot run gets a row saying why.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from _peers import peer_python, peer_rows
 from moonlet.cli.bench import READY, human, run_row
 from moonlet.engine import TransferEngine
 from moonlet.memory import Buffer
@@ -102,58 +103,22 @@ def moonlet_rows(rows, runs: int, duration: float, threads: int) -> dict:
         target.wait(10)
 
 
-def mooncake_python(explicit: str | None) -> tuple[str | None, str]:
-    """Path of a Python that imports mooncake.engine, or None and why not."""
-    candidates = [explicit] if explicit else []
-    venv = HERE.parent / ".bench" / "mooncake"
-    candidates.append(str(venv / "bin" / "python"))
-    for py in candidates:
-        if py and Path(py).exists():
-            r = subprocess.run([py, "-c", "import mooncake.engine"], capture_output=True, text=True)
-            if r.returncode == 0:
-                return py, ""
-    if explicit:
-        return None, f"{explicit} cannot import mooncake.engine"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    py = str(venv / "bin" / "python")
-    r = subprocess.run([py, "-m", "pip", "install", "-q", "mooncake-transfer-engine-non-cuda"], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        return None, "pip install mooncake-transfer-engine-non-cuda failed: " + r.stderr.strip()[-300:]
-    r = subprocess.run([py, "-c", "import mooncake.engine"], capture_output=True, text=True)
-    if r.returncode != 0:
-        return None, "mooncake.engine does not import: " + r.stderr.strip().splitlines()[-1]
-    return py, ""
-
-
 def mooncake_rows(py: str, rows, runs: int, duration: float, threads_options: list[int]) -> dict:
     """Best-of-thread-counts, median-of-runs Mooncake result per row."""
-    worker = str(HERE / "_mooncake_worker.py")
-    target = subprocess.Popen([py, worker, "target", str(BUFFER)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
-    try:
-        line = target.stdout.readline()
-        name = line.split()[1]
-        spec = [[op, block, batch, t, duration] for op, block, batch in rows for t in threads_options
-                for _ in range(runs)]
-        r = subprocess.run([py, worker, "initiator", str(BUFFER), name, json.dumps(spec)], capture_output=True,
-                           text=True, timeout=len(spec) * (duration + 30))
-        results = [json.loads(x) for x in r.stdout.splitlines() if x.startswith("{")]
-        out = {}
-        for op, block, batch in rows:
-            best = None
-            for t in threads_options:
-                mine = [x for x in results if (x["op"], x["block"], x["batch"], x["threads"]) == (op, block, batch, t)]
-                if not mine or any(x["error"] for x in mine):
-                    continue
-                med = sorted(mine, key=lambda x: x["req_per_s"])[len(mine) // 2]
-                if best is None or med["req_per_s"] > best["req_per_s"]:
-                    best = med
-            out[(op, block, batch)] = best
-        return out
-    finally:
-        target.stdin.close()
-        target.wait(10)
+    spec = [[op, block, batch, t, duration] for op, block, batch in rows for t in threads_options for _ in range(runs)]
+    results, _ = peer_rows("mooncake", py, spec, BUFFER)
+    out = {}
+    for op, block, batch in rows:
+        best = None
+        for t in threads_options:
+            mine = [x for x in results if (x["op"], x["block"], x["batch"], x["threads"]) == (op, block, batch, t)]
+            if not mine or any(x["error"] for x in mine):
+                continue
+            med = sorted(mine, key=lambda x: x["req_per_s"])[len(mine) // 2]
+            if best is None or med["req_per_s"] > best["req_per_s"]:
+                best = med
+        out[(op, block, batch)] = best
+    return out
 
 
 def main() -> int:
@@ -173,7 +138,7 @@ def main() -> int:
     ml = moonlet_rows(ROWS, args.runs, args.duration, args.threads)
     mc, why = ({}, "skipped (--no-mooncake)") if args.no_mooncake else (None, "")
     if mc is None:
-        py, why = mooncake_python(args.mooncake_python)
+        py, why = peer_python("mooncake", args.mooncake_python)
         mc = mooncake_rows(py, ROWS, args.runs, args.duration, [1, 2]) if py else {}
 
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}, "
