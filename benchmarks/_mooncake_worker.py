@@ -9,8 +9,8 @@ result per row.  Nothing of moonlet is imported here.
 import json
 import mmap
 import sys
-import threading
-import time
+
+from _worker_rows import run_row
 
 
 def engine():
@@ -42,40 +42,17 @@ def main():
     for op, block, batch, threads, duration in rows:
         stride = block * 2
         fn = eng.batch_transfer_sync_write if op == "write" else eng.batch_transfer_sync_read
-        counts = [0] * threads
-        lats = []
-        fails = []
-
-        def work(t):
+        lists = []
+        for t in range(threads):
             base = t * stride * batch
-            locs = [addr + base + j * stride for j in range(batch)]
-            rems = [remote + base + j * stride for j in range(batch)]
-            lens = [block] * batch
-            end = time.perf_counter() + duration
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    return
-                rc = fn(target, locs, rems, lens)
-                lats.append(time.perf_counter() - t0)
-                if rc != 0:
-                    fails.append(rc)
-                    return
-                counts[t] += batch
+            lists.append(([addr + base + j * stride for j in range(batch)],
+                          [remote + base + j * stride for j in range(batch)], [block] * batch))
 
-        ths = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        t0 = time.perf_counter()
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        el = time.perf_counter() - t0
-        lats.sort()
-        n = sum(counts)
-        print(json.dumps({"op": op, "block": block, "batch": batch, "threads": threads, "gbps": n * block / el / 1e9,
-                          "req_per_s": n / el, "p50_us": lats[len(lats) // 2] * 1e6 if lats else 0,
-                          "p99_us": lats[int(len(lats) * 0.99)] * 1e6 if lats else 0, "error": fails[:1]}),
-              flush=True)
+        def transfer(t, lists=lists, fn=fn):
+            rc = fn(target, *lists[t])
+            return None if rc == 0 else rc
+
+        run_row(op, block, batch, threads, duration, transfer)
 
 
 if __name__ == "__main__":

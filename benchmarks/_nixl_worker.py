@@ -11,8 +11,9 @@ import ctypes
 import json
 import mmap
 import sys
-import threading
 import time
+
+from _worker_rows import run_row
 
 
 def agent(name):
@@ -38,42 +39,23 @@ def main():
     rows = json.loads(sys.argv[5])
     for op, block, batch, threads, duration in rows:
         stride = block * 2
-        counts, lats, fails = [0] * threads, [], []
-
-        def work(t):
+        handles = []
+        for t in range(threads):
             base = t * stride * batch
             local = a.get_xfer_descs([(addr + base + j * stride, block, 0) for j in range(batch)], "DRAM")
             far = a.get_xfer_descs([(remote + base + j * stride, block, 0) for j in range(batch)], "DRAM")
-            handle = a.initialize_xfer(op.upper(), local, far, remote_name)
-            end = time.perf_counter() + duration
-            while True:
-                t0 = time.perf_counter()
-                if t0 >= end:
-                    break
-                state = a.transfer(handle)
-                give_up = t0 + 10.0  # a transfer that does not finish is reported, not waited on forever
-                while state == "PROC" and time.perf_counter() < give_up:
-                    state = a.check_xfer_state(handle)
-                lats.append(time.perf_counter() - t0)
-                if state != "DONE":
-                    fails.append(state)
-                    break
-                counts[t] += batch
-            a.release_xfer_handle(handle)
+            handles.append(a.initialize_xfer(op.upper(), local, far, remote_name))
 
-        ths = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        t0 = time.perf_counter()
-        for th in ths:
-            th.start()
-        for th in ths:
-            th.join()
-        el = time.perf_counter() - t0
-        lats.sort()
-        n = sum(counts)
-        print(json.dumps({"op": op, "block": block, "batch": batch, "threads": threads, "gbps": n * block / el / 1e9,
-                          "req_per_s": n / el, "p50_us": lats[len(lats) // 2] * 1e6 if lats else 0,
-                          "p99_us": lats[int(len(lats) * 0.99)] * 1e6 if lats else 0, "error": fails[:1]}),
-              flush=True)
+        def transfer(t, handles=handles):
+            state = a.transfer(handles[t])
+            give_up = time.perf_counter() + 10.0  # a transfer that does not finish is reported, not waited on
+            while state == "PROC" and time.perf_counter() < give_up:
+                state = a.check_xfer_state(handles[t])
+            return None if state == "DONE" else state
+
+        run_row(op, block, batch, threads, duration, transfer)
+        for h in handles:
+            a.release_xfer_handle(h)
 
 
 if __name__ == "__main__":

@@ -33,11 +33,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 from _peers import peer_python, peer_rows
 from moonlet import EngineConfig, TransferEngine
 from moonlet.cli.bench import READY, human, run_row
+from same_host import memcpy_row
 from tcp_vs_baselines import socket_stream
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -97,20 +96,9 @@ def memcpy_rows(seconds: float) -> dict:
     out = {}
     for block in BLOCKS:
         for batch in BATCHES:
-            span = 2 * block * batch
-            a = np.frombuffer(mmap.mmap(-1, span), dtype=np.uint8)
-            b = np.frombuffer(mmap.mmap(-1, span), dtype=np.uint8)
-            a[:] = 1
-            b[:] = 2
-            pairs = [(b[o:o + block], a[o:o + block]) for o in range(0, span, 2 * block)]
-            n, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds:
-                for dst, src in pairs:
-                    np.copyto(dst, src)
-                n += batch
-            el = time.perf_counter() - t0
+            gbps, per_s = memcpy_row(block, batch, seconds)
             for op in OPS:
-                out[(op, block, batch)] = {"gbps": n * block / el / 1e9, "req_per_s": n / el}
+                out[(op, block, batch)] = {"gbps": gbps, "req_per_s": per_s}
     return out
 
 
