@@ -34,8 +34,9 @@ class TransferEngine:
     """Moves bytes between this process's registered memory and other engines'.
 
     ``metadata`` says where segment descriptors live: ``"p2p"`` (no server;
-    the engine's name is its listener's ``host:port``) or an HTTP metadata
-    server URL (the engine is published under ``name``).
+    the engine's name is its listener's ``host:port``), an HTTP metadata
+    server URL, ``etcd://...`` or ``redis://...`` (the engine is published
+    under ``name``).
     """
 
     def __init__(self, name: str | None = None, metadata: str = "p2p", *,
