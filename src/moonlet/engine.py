@@ -67,14 +67,13 @@ class TransferEngine:
         if unknown:
             here = [t for t in ALL_TRANSPORTS if usable[t]]
             raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {here}")
-        ctx = HostContext(name or "", cfg, self._registry)
+        ctx = HostContext(cfg, self._registry)
         attach = None
         if "shm" in wanted:
             attach = {"pid": os.getpid(), "host": self._host, "pidns": self._pidns}
             cma.allow_peers()
         tcp = self._tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add, attach)
         self._name = tcp.endpoint() if self._meta.names_are_endpoints else str(name)
-        ctx.name = self._name
         available: dict[str, Transport] = {"local": LocalTransport(self._registry, self._instance), "tcp": tcp}
         if attach:
             available["shm"] = SameHostTransport(tcp, self._host, self._pidns)

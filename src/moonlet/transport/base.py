@@ -26,7 +26,6 @@ WorkItem = tuple[int, Request, Buffer, dict]
 class HostContext:
     """What a transport may know about the engine it serves."""
 
-    name: str
     config: EngineConfig
     registry: MemoryRegistry
 
