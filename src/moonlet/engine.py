@@ -290,7 +290,7 @@ class TransferEngine:
     def _fetch(self, name: str) -> SegmentDescriptor:
         raw = self._meta.fetch(name)
         if raw is None:
-            gone = " (it may have exited: descriptors expire when their engine stops renewing them)" \
+            gone = " (peer gone? descriptors expire when their engine stops renewing them)" \
                 if self._meta.leased else ""
             raise SegmentError(f"unknown segment {name!r}: no descriptor in metadata service {self._meta}{gone}")
         desc = SegmentDescriptor.from_json(raw)
