@@ -212,3 +212,15 @@ def test_gpu_memory_over_tcp(peer_factory, local_gpu, remote_gpu):
             eng.close()
             if ptr is not None:
                 gpu.free(ptr, 0)
+
+
+def test_register_cupy_array_and_move_bytes(peer_factory):
+    cupy = pytest.importorskip("cupy")
+    arr = cupy.zeros(1 << 20, dtype=cupy.uint8)
+    target = peer_factory("--size", str(2 * MiB))
+    with TransferEngine() as eng:
+        buf = eng.register(arr)
+        assert buf.addr == arr.data.ptr and buf.length == arr.nbytes and buf.location.startswith("cuda:")
+        seg = eng.open_segment(target.name)
+        eng.read(buf.addr, seg, target.addr + 3, 1 << 20)  # host memory of another process into the CuPy array
+        assert target.digest(target.addr + 3, 1 << 20) == sha(cupy.asnumpy(arr).tobytes())
