@@ -16,7 +16,6 @@ import argparse
 import mmap
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time

@@ -79,7 +79,7 @@ def main() -> int:
     ap.add_argument("--json")
     args = ap.parse_args()
     base = {}
-    for op, block, batch in ROWS:
+    for _, block, batch in ROWS:
         if (block, batch) not in base:
             res = [memcpy_row(block, batch, args.duration) for _ in range(args.runs)]
             base[(block, batch)] = (statistics.median(r[0] for r in res), statistics.median(r[1] for r in res))

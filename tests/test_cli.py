@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 
 MOONLET = [sys.executable, "-m", "moonlet.cli.main"]

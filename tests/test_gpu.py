@@ -76,7 +76,7 @@ def test_gpu_to_gpu_across_processes(peer_factory, mine, theirs, kernel):
     with TransferEngine(gpu_kernel_max_block=kernel) as eng:
         ptr = gpu.alloc(mine, 64 * MiB)
         try:
-            buf = eng.register(ptr, 64 * MiB)
+            eng.register(ptr, 64 * MiB)
             seg = eng.open_segment(target.name)
             data = bytearray(os.urandom(8 * MiB))
             to_gpu(ptr, data, mine)

@@ -8,7 +8,6 @@ import os
 import random
 import threading
 
-import pytest
 
 from moonlet import EngineConfig, Op, Request, State, TransferEngine
 
