@@ -57,9 +57,6 @@ class TransferEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._pidns = cma.pid_namespace()
-        # Same-host peers map this page to learn at once when an unregister made their cache stale.
-        self._generation = 0
-        self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
         usable = {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE, "tcp": True}
         wanted = cfg.transports or tuple(t for t in ALL_TRANSPORTS if usable[t])
@@ -67,6 +64,9 @@ class TransferEngine:
         if unknown:
             here = [t for t in ALL_TRANSPORTS if usable[t]]
             raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {here}")
+        # Same-host peers map this page to learn at once when an unregister made their cache stale.
+        self._generation = 0
+        self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
         ctx = HostContext(cfg, self._registry)
         attach = None
         if "shm" in wanted:
@@ -86,6 +86,8 @@ class TransferEngine:
             self._publish()
         except MoonletError:
             self._close_transports()
+            if self._control is not None:
+                self._control.release()
             raise
         self._stop = threading.Event()
         if self._meta.leased:
