@@ -19,9 +19,10 @@ PEER = str(Path(__file__).with_name("peer.py"))
 class PeerProcess:
     """A target engine in a subprocess (see peer.py)."""
 
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, PEER, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+    def __init__(self, *args: str, prefix: tuple[str, ...] = ()) -> None:
+        """``prefix``: argv that runs the peer elsewhere (e.g. ``ip netns exec NS``)."""
+        self.proc = subprocess.Popen([*prefix, sys.executable, PEER, *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError(f"peer did not start (exit {self.proc.wait()})")
@@ -55,8 +56,8 @@ class PeerProcess:
 def peer_factory():
     peers: list[PeerProcess] = []
 
-    def make(*args: str) -> PeerProcess:
-        p = PeerProcess(*args)
+    def make(*args: str, prefix: tuple[str, ...] = ()) -> PeerProcess:
+        p = PeerProcess(*args, prefix=prefix)
         peers.append(p)
         return p
 

@@ -55,10 +55,12 @@ def main() -> None:
     ap.add_argument("--no-ptrace", action="store_true", help="drop CAP_SYS_PTRACE: attaching to others fails")
     ap.add_argument("--gpu", type=int, help="register GPU memory on this device instead of host memory")
     ap.add_argument("--ttl", type=float, default=10.0, help="metadata lease (etcd, Redis), seconds")
+    ap.add_argument("--config", default="{}", help="more EngineConfig fields, as a JSON object")
     args = ap.parse_args()
     if args.no_ptrace:
         drop_cap_sys_ptrace()
-    eng = TransferEngine(args.name, args.metadata, config=EngineConfig(port=args.port, metadata_ttl=args.ttl))
+    eng = TransferEngine(args.name, args.metadata, config=EngineConfig(port=args.port, metadata_ttl=args.ttl,
+                                                                     **json.loads(args.config)))
     keep = []
 
     gpu_ranges = []

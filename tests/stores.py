@@ -29,8 +29,9 @@ def need(binary: str) -> str:
 class Store:
     """One server process; ``stop`` and ``start`` again keep the same port (and etcd's data)."""
 
-    def __init__(self, kind: str, workdir: str) -> None:
+    def __init__(self, kind: str, workdir: str, host: str = "127.0.0.1") -> None:
         self.kind = kind
+        self.host = host
         self.port = free_port()
         self._peer_port = free_port()
         self._dir = workdir
@@ -39,18 +40,18 @@ class Store:
 
     @property
     def url(self) -> str:
-        return f"{self.kind}://127.0.0.1:{self.port}"
+        return f"{self.kind}://{self.host}:{self.port}"
 
     def start(self) -> "Store":
         if self.kind == "etcd":
             cmd = [self.binary, "--data-dir", os.path.join(self._dir, "etcd"), "--name", "t",
-                   "--listen-client-urls", f"http://127.0.0.1:{self.port}",
-                   "--advertise-client-urls", f"http://127.0.0.1:{self.port}",
+                   "--listen-client-urls", f"http://{self.host}:{self.port}",
+                   "--advertise-client-urls", f"http://{self.host}:{self.port}",
                    "--listen-peer-urls", f"http://127.0.0.1:{self._peer_port}",
                    "--initial-advertise-peer-urls", f"http://127.0.0.1:{self._peer_port}",
                    "--initial-cluster", f"t=http://127.0.0.1:{self._peer_port}"]
         else:
-            cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            cmd = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
                    "--dir", self._dir]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
@@ -63,7 +64,7 @@ class Store:
 
     def _ready(self) -> bool:
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+            with socket.create_connection((self.host, self.port), timeout=0.5) as s:
                 if self.kind == "redis":
                     s.sendall(b"PING\r\n")
                     return s.recv(16).startswith(b"+PONG")

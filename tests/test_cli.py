@@ -39,7 +39,8 @@ def test_bench_single_row_and_bad_flags():
 def test_info():
     r = run("info")
     assert r.returncode == 0
-    assert "transports" in r.stdout and "RDMA devices" in r.stdout
+    assert "transports" in r.stdout and "RDMA NICs" in r.stdout
+    assert "RDMA registration of GPU memory" in r.stdout
     assert "same-host    works" in r.stdout or "same-host    NOT available" in r.stdout
 
 

@@ -44,6 +44,19 @@ class EngineConfig:
             this many bytes are moved by one gather-copy kernel (fast for small
             scattered blocks, but it borrows SMs); larger ones by the copy
             engines. 0 always uses the copy engines.
+        rdma_devices: RDMA devices to use (e.g. ``("mlx5_0",)``); empty: every
+            device with an active port.
+        rdma_gid_index: GID index on every NIC; None picks one (RoCE v2 first).
+        rdma_nic_matrix: NIC preference per memory location, as JSON text or a
+            JSON file path: ``{"cuda:0": ["mlx5_0", "mlx5_1"]}``; None derives it
+            from PCIe/NUMA distance.
+        rdma_qps: queue pairs per (local NIC, peer NIC).
+        rdma_queue_depth: work requests in flight per queue pair.
+        rdma_mr_chunk: buffers larger than this are registered as several memory
+            regions, pinned in parallel.
+        rdma_register_threads: threads pinning memory regions at once.
+        rdma_gpu: how GPU memory is registered with NICs: "auto", "dmabuf",
+            "peermem" or "off".
         transports: transport names in order of preference; empty means all
             installed ones, picked per request.
     """
@@ -62,6 +75,14 @@ class EngineConfig:
     socket_buffer: int | None = 4 * MiB
     spin_us: int = 100
     gpu_kernel_max_block: int = 1 * MiB
+    rdma_devices: tuple[str, ...] = field(default_factory=tuple)
+    rdma_gid_index: int | None = None
+    rdma_nic_matrix: str | None = None
+    rdma_qps: int = 2
+    rdma_queue_depth: int = 256
+    rdma_mr_chunk: int = 1 << 30
+    rdma_register_threads: int = 8
+    rdma_gpu: str = "auto"
     transports: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -81,6 +102,21 @@ class EngineConfig:
             raise ConfigError(f"socket_buffer must be at least 65536 bytes, got {self.socket_buffer}")
         if not 0 <= self.spin_us <= 1_000_000:
             raise ConfigError(f"spin_us must be in 0..1000000, got {self.spin_us}")
+        if not 1 <= self.rdma_qps <= 64:
+            raise ConfigError(f"rdma_qps must be in 1..64, got {self.rdma_qps}")
+        if not 16 <= self.rdma_queue_depth <= 16384:
+            raise ConfigError(f"rdma_queue_depth must be in 16..16384, got {self.rdma_queue_depth}")
+        if self.rdma_mr_chunk < 64 * KiB:
+            raise ConfigError(f"rdma_mr_chunk must be at least 65536 bytes, got {self.rdma_mr_chunk}")
+        if not 1 <= self.rdma_register_threads <= 256:
+            raise ConfigError(f"rdma_register_threads must be in 1..256, got {self.rdma_register_threads}")
+        if self.rdma_gpu not in ("auto", "dmabuf", "peermem", "off"):
+            raise ConfigError(f"rdma_gpu must be 'auto', 'dmabuf', 'peermem' or 'off', got {self.rdma_gpu!r}")
+        if self.rdma_gid_index is not None and not 0 <= self.rdma_gid_index < 256:
+            raise ConfigError(f"rdma_gid_index must be in 0..255, got {self.rdma_gid_index}")
+        if isinstance(self.rdma_devices, str):
+            raise ConfigError("rdma_devices must be a sequence of names, e.g. ('mlx5_0',)")
+        object.__setattr__(self, "rdma_devices", tuple(self.rdma_devices))
         if isinstance(self.transports, str):
             raise ConfigError("transports must be a sequence of names, e.g. ('tcp',)")
         object.__setattr__(self, "transports", tuple(self.transports))

@@ -21,13 +21,15 @@ from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
 from .transport.cuda_ipc import CudaIpcTransport
 from .transport.local import LocalTransport
+from .transport.rdma import RdmaTransport
+from .transport.rdma import verbs as rdma_verbs
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
 
 log = logging.getLogger("moonlet")
 
-#: Transport names in the default order of preference: same process, same host, anywhere.
-ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "tcp")
+#: Transport names in the default order of preference: same process, same host, RDMA NIC, anywhere.
+ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "rdma", "tcp")
 
 
 class TransferEngine:
@@ -58,16 +60,22 @@ class TransferEngine:
         self._closed = False
         self._pidns = cma.pid_namespace()
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
-        usable = {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE, "tcp": True}
+        usable = {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE,
+                  "rdma": not rdma_verbs.unavailable_reason(), "tcp": True}
         wanted = cfg.transports or tuple(t for t in ALL_TRANSPORTS if usable[t])
         unknown = [t for t in wanted if not usable.get(t)]
         if unknown:
             here = [t for t in ALL_TRANSPORTS if usable[t]]
-            raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {here}")
+            why = {"cuda_ipc": gpu.unavailable_reason, "rdma": rdma_verbs.unavailable_reason, "shm": lambda: (
+                "process_vm_readv is not available")}
+            detail = "; ".join(f"{t}: {why[t]()}" for t in unknown if t in why)
+            raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {here}"
+                              + (f" ({detail})" if detail else ""))
         # Same-host peers map this page to learn at once when an unregister made their cache stale.
         self._generation = 0
         self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
         ctx = HostContext(cfg, self._registry)
+        self._rdma = None
         attach = None
         if "shm" in wanted:
             attach = {"pid": os.getpid(), "host": self._host, "pidns": self._pidns}
@@ -80,6 +88,14 @@ class TransferEngine:
         if "cuda_ipc" in wanted:
             available["cuda_ipc"] = CudaIpcTransport(self._host, self._pidns, self._instance,
                                                      cfg.gpu_kernel_max_block)
+        if "rdma" in wanted:
+            try:
+                available["rdma"] = self._rdma = RdmaTransport.open(ctx, tcp, self._instance,
+                                                                    tcp if "tcp" in wanted else None)
+            except (OSError, MoonletError) as e:
+                for t in available.values():
+                    t.close()
+                raise ConfigError(f"RDMA transport cannot start: {e}") from None
         self._all_transports = list(available.values())
         self._transports = [available[t] for t in wanted]
         try:
@@ -135,6 +151,7 @@ class TransferEngine:
             pidns=self._pidns,
             generation=self._generation,
             control={"memfd": self._control.fd, "addr": self._control.addr} if self._control else None,
+            nics=self._rdma.describe() if self._rdma is not None else [],
         )
 
     def _descriptor_json(self) -> bytes:

@@ -412,6 +412,16 @@ def describe() -> dict:
     return out
 
 
+def dmabuf_fd(base: int, size: int) -> int:
+    """A DMA-BUF file descriptor exporting ``[base, +size)`` of a CUDA allocation (for ``ibv_reg_dmabuf_mr``).
+
+    ``base`` and ``size`` must be page aligned; the caller closes the fd.
+    """
+    d = driver()
+    return int(check(d.cuMemGetHandleForAddressRange(
+        base, size, d.CUmemRangeHandleType.CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0), "cuMemGetHandleForAddressRange"))
+
+
 def _dma_buf_check(device: int) -> str:
     d = driver()
     dev = check(d.cuDeviceGet(device), "cuDeviceGet")
@@ -420,11 +430,9 @@ def _dma_buf_check(device: int) -> str:
         return "no: the driver reports CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED = 0 (needs a 5.12+ kernel and open GPU modules)"
     ptr = alloc(device, 2 << 20)
     try:
-        fd = check(d.cuMemGetHandleForAddressRange(
-            ptr, 2 << 20, d.CUmemRangeHandleType.CU_MEM_RANGE_HANDLE_TYPE_DMA_BUF_FD, 0), "cuMemGetHandleForAddressRange")
         import os
 
-        os.close(int(fd))
+        os.close(dmabuf_fd(ptr, 2 << 20))
         return "yes: exported a DMA-BUF fd for a 2 MiB allocation (ibv_reg_dmabuf_mr can register GPU memory)"
     except GpuError as e:
         return f"no: {e}"

@@ -20,8 +20,9 @@ from .errors import SegmentError
 
 DESCRIPTOR_VERSION = 1
 #: Optional per-buffer keys telling peers how to reach a buffer directly:
-#: memfd (same-host mapping), gpu (UUID), ipc and ipc_base (CUDA IPC handle of the allocation).
-SHARE_KEYS = ("memfd", "gpu", "ipc", "ipc_base")
+#: memfd (same-host mapping), gpu (UUID), ipc and ipc_base (CUDA IPC handle of the allocation),
+#: rkeys (RDMA remote key per NIC name, best NIC first).
+SHARE_KEYS = ("memfd", "gpu", "ipc", "ipc_base", "rkeys")
 
 
 def host_identity() -> str:
@@ -53,6 +54,7 @@ class SegmentDescriptor:
     pidns: str = ""  # PID namespace: same-host copies need the same one
     generation: int = 0  # bumped by every unregister
     control: dict | None = None  # {"memfd", "addr"}: a page whose first word is the live generation
+    nics: list[dict] = field(default_factory=list)  # RDMA NICs: name, port, gid, lid, mtu, numa
 
     @property
     def transports(self) -> list[str]:
@@ -72,6 +74,7 @@ class SegmentDescriptor:
                 "endpoints": self.endpoints,
                 "transports": self.transports,
                 "buffers": self.buffers,
+                **({"nics": self.nics} if self.nics else {}),
             },
             separators=(",", ":"),
         ).encode()
@@ -94,6 +97,10 @@ class SegmentDescriptor:
                 }
                 for b in d["buffers"]
             ]
+            for b in bufs:
+                if "rkeys" in b:
+                    b["rkeys"] = {str(nic): [int(k) for k in (keys if isinstance(keys, list) else [keys])]
+                                  for nic, keys in dict(b["rkeys"]).items()}
             return cls(
                 name=str(d["name"]),
                 instance=str(d["instance"]),
@@ -105,6 +112,8 @@ class SegmentDescriptor:
                 generation=int(d.get("generation", 0)),
                 control={"memfd": int(d["control"]["memfd"]), "addr": int(d["control"]["addr"])}
                 if d.get("control") else None,
+                nics=[{"name": str(n["name"]), "port": int(n["port"]), "gid": str(n["gid"]), "lid": int(n["lid"]),
+                       "mtu": int(n["mtu"]), "numa": int(n.get("numa", -1))} for n in d.get("nics", [])],
             )
         except SegmentError:
             raise

@@ -63,7 +63,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="initiator threads submitting batches (default 1)")
     p.add_argument("--duration", type=float, default=2.0, help="seconds per row (default 2)")
     p.add_argument("--buffer-size", type=parse_size, default=1 * GiB, help="registered bytes per side (default 1G)")
-    p.add_argument("--protocol", default="auto", help="transport: auto (default), tcp or shm (same host)")
+    p.add_argument("--protocol", default="auto", help="transport: auto (default), tcp, rdma or shm (same host)")
     p.add_argument("--use-vram", action="store_true", help="register GPU memory (needs moonlet[cuda])")
     p.add_argument("--gpu", type=int, default=0, help="with --use-vram: this side's GPU ordinal (default 0)")
     p.add_argument("--target-gpu", type=int, help="with --use-vram and no --mode: the target's GPU (default --gpu)")

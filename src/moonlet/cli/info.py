@@ -10,7 +10,9 @@ from .. import __version__
 from ..segment import host_identity
 from .. import gpu
 from ..sysfs import read as _read
+from ..errors import MoonletError
 from ..transport import cma
+from ..transport.rdma import gpudirect, nic as rdma_nic, verbs
 
 
 def _nics() -> list[str]:
@@ -26,15 +28,28 @@ def _nics() -> list[str]:
     return out
 
 
-def _rdma() -> list[str]:
-    base = "/sys/class/infiniband"
-    if not os.path.isdir(base):
-        return []
-    return [f"{d} numa={_read(f'{base}/{d}/device/numa_node') or '?'}" for d in sorted(os.listdir(base))]
+def _rdma() -> tuple[list[str], str]:
+    """Usable RDMA NICs (device, port, GID index, MTU, NUMA), and why there are none when there are none."""
+    try:
+        nics, why = rdma_nic.discover()
+    except MoonletError as e:
+        return [], str(e)
+    out = [f"{n.name} port {n.port}: GID index {n.gid_index} ({_gid(n.gid)}), MTU {verbs.MTU_BYTES.get(n.mtu, '?')}, "
+           f"NUMA {n.numa if n.numa >= 0 else '?'}" for n in nics]
+    for n in nics:
+        n.ctx.close()  # type: ignore[union-attr]
+    return out, why
+
+
+def _gid(raw: bytes) -> str:
+    if raw[:12] == bytes(10) + b"\xff\xff":
+        return "IPv4 " + ".".join(str(b) for b in raw[12:])
+    return ":".join(raw[i:i + 2].hex() for i in range(0, 16, 2))
 
 
 def collect() -> dict:
     """Everything ``moonlet info`` prints, as a dict (also used by tests and benchmarks)."""
+    rdma = _rdma()
     nodes = sorted(n for n in os.listdir("/sys/devices/system/node") if n.startswith("node")) \
         if os.path.isdir("/sys/devices/system/node") else []
     return {
@@ -45,12 +60,27 @@ def collect() -> dict:
         "cpus": os.cpu_count(),
         "numa_nodes": nodes or ["node0"],
         "nics": _nics(),
-        "rdma_devices": _rdma(),
+        "rdma_devices": rdma[0],
+        "rdma_reason": rdma[1],
         "same_host": dict(zip(("works", "detail"), cma.probe())),
         "gpu": gpu.describe(),
         "transports": ["local"] + (["cuda_ipc"] if gpu.available() else []) + (["shm"] if cma.AVAILABLE else [])
-        + ["tcp"],
+        + (["rdma"] if rdma[0] else []) + ["tcp"],
     }
+
+
+def _gpudirect_verdict(info: dict) -> str:
+    """Which path the RDMA transport would use to register GPU memory here, or why none works."""
+    g = info["gpu"]
+    if not info["rdma_devices"]:
+        return "none: no usable RDMA NIC"
+    if not g["available"]:
+        return f"none: no usable GPU ({g['reason']})"
+    if g["gpudirect"]["dma_buf"].startswith("yes"):
+        return "DMA-BUF (ibv_reg_dmabuf_mr), tried first"
+    if gpudirect.peermem_loaded():
+        return "nvidia-peermem (ibv_reg_mr on device pointers)"
+    return "none: DMA-BUF export fails and nvidia-peermem is not loaded; GPU memory goes over TCP, staged"
 
 
 def main(_args: object = None) -> int:
@@ -62,8 +92,7 @@ def main(_args: object = None) -> int:
     sh = info["same_host"]
     print(f"same-host    {'works' if sh['works'] else 'NOT available'}: {sh['detail']}")
     print("NICs         " + ("\n             ".join(info["nics"]) or "none besides loopback"))
-    print("RDMA devices " + ("\n             ".join(info["rdma_devices"])
-                             or "none (no /sys/class/infiniband: no RDMA NIC or driver on this host)"))
+    print("RDMA NICs    " + ("\n             ".join(info["rdma_devices"]) or f"none usable: {info['rdma_reason']}"))
     g = info["gpu"]
     if not g["available"]:
         print(f"GPUs         none usable: {g['reason']}")
@@ -74,4 +103,5 @@ def main(_args: object = None) -> int:
         print("GPU peers    " + ", ".join(f"{k}: {'P2P' if v else 'no P2P'}" for k, v in g["peer_access"].items()))
     print("GPUDirect    nvidia-peermem: " + g["gpudirect"]["nvidia_peermem"])
     print("             DMA-BUF: " + g["gpudirect"]["dma_buf"])
+    print("             RDMA registration of GPU memory: " + _gpudirect_verdict(info))
     return 0

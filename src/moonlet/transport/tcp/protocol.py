@@ -23,6 +23,7 @@ PULL       count x (addr, len, src u64) none; same host: the target copies from 
 PUSH       count x (addr, len, dst u64) none; same host: the target copies into the initiator's dst
 RESP       count x status u8            for a READ: the bytes of every OK entry
 ERROR      none                         UTF-8 message; the sender then closes
+CONNECT    none                         JSON: {"service": ..., ...}, >= 16 bytes; answered by CONNECT
 =========  ===========================  ==============================================
 
 A WRITE or READ frame carries up to ``MAX_ENTRIES`` requests, so a batch of
@@ -32,6 +33,10 @@ Every frame a target receives has at least ``MIN_TARGET_TAIL`` bytes after its
 prefix, and every frame an initiator receives at least one, so each side may
 read that much with the prefix in one system call without ever reading into
 the next frame.
+
+CONNECT sets up a side channel for another transport (RDMA queue pairs): the
+service named in the body answers with its half of the handshake, and the
+connection stays open for as long as the side channel lives.
 """
 
 from __future__ import annotations
@@ -47,9 +52,9 @@ from ...memory import Denied
 MAGIC = 0x4D4C  # "ML"
 VERSION = 1
 
-HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR, PULL, PUSH = 1, 2, 3, 4, 5, 6, 7, 8, 9
+HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR, PULL, PUSH, CONNECT = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
 KINDS = {HELLO: "HELLO", GET_DESC: "GET_DESC", DESC: "DESC", WRITE: "WRITE", READ: "READ", RESP: "RESP",
-         ERROR: "ERROR", PULL: "PULL", PUSH: "PUSH"}
+         ERROR: "ERROR", PULL: "PULL", PUSH: "PUSH", CONNECT: "CONNECT"}
 REQUESTS = (WRITE, READ, PULL, PUSH)  # kinds that carry an entry table
 
 PREFIX = struct.Struct("<HBBIQQ")
@@ -101,12 +106,12 @@ def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
             raise ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
     elif count:
         raise ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
-    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL,
+    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL,
              READ: 0, PULL: 0, PUSH: 0}
     cap = limit.get(kind, MAX_PAYLOAD)
     if payload_len > cap:
         raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at most {cap}")
-    floor = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}.get(kind, 0)
+    floor = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}.get(kind, 0)
     if payload_len < floor:
         raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at least {floor}")
     return Prefix(kind, count, req_id, payload_len)
@@ -165,6 +170,22 @@ def encode_control(kind: int, body: bytes = b"", req_id: int = 0) -> bytes:
 def encode_hello(name: str, **identity: object) -> bytes:
     """HELLO naming the segment expected; ``identity`` (pid, host, pidns) asks for same-host copies."""
     return encode_control(HELLO, json.dumps({"name": name, **identity}).encode().ljust(MIN_TARGET_TAIL))
+
+
+def encode_connect(body: dict) -> bytes:
+    """CONNECT (either direction): a JSON object, padded so a target may read 16 bytes with the prefix."""
+    return encode_control(CONNECT, json.dumps(body).encode().ljust(MIN_TARGET_TAIL))
+
+
+def decode_connect(body: bytes) -> dict:
+    """The CONNECT body as a dict with a string ``service``."""
+    try:
+        d = json.loads(body)
+        if not isinstance(d, dict) or not isinstance(d.get("service", ""), str):
+            raise TypeError("CONNECT body must be an object with a string service")
+        return d
+    except (ValueError, TypeError) as e:
+        raise ProtocolError(f"malformed CONNECT body: {e!r}") from None
 
 
 def encode_get_desc() -> bytes:

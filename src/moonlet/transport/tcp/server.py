@@ -56,7 +56,7 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "buf", "views", "pinned", "statuses",
-                 "out", "out_bytes", "mask", "attach_pid", "stage")
+                 "out", "out_bytes", "mask", "attach_pid", "stage", "closers")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -67,6 +67,7 @@ class _Conn:
         self.out_bytes = 0
         self.mask = _IN
         self.attach_pid = 0  # initiator pid, once HELLO proved it shares our host and PID namespace
+        self.closers: list[Callable[[], None]] = []  # side channels (CONNECT) that end with this connection
         self._reset()
 
     def _reset(self) -> None:
@@ -112,6 +113,8 @@ class TcpServer:
         self._closed = False
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._stage_pool: StagingPool | None = None
+        #: CONNECT handlers by service name: body -> (reply body, cleanup run when the connection ends)
+        self.services: dict[str, Callable[[dict], tuple[dict, Callable[[], None]]]] = {}
         self._thread = threading.Thread(target=self._run, name="moonlet-tcp-server", daemon=True)
         self._thread.start()
 
@@ -209,6 +212,8 @@ class TcpServer:
             if stage is not None:
                 stage.release()
         conn.out.clear()
+        for close in conn.closers:
+            close()
         conn.sock.close()
 
     def _set_mask(self, conn: _Conn) -> None:
@@ -256,7 +261,7 @@ class TcpServer:
         p = conn.prefix = P.parse_prefix(conn.pview[: P.PREFIX_SIZE])
         if p.kind in P.REQUESTS:
             size = p.table_size
-        elif p.kind in (P.HELLO, P.GET_DESC):
+        elif p.kind in (P.HELLO, P.GET_DESC, P.CONNECT):
             size = p.payload_len
         else:
             raise ProtocolError(f"a target does not accept {P.KINDS[p.kind]} frames")
@@ -278,6 +283,14 @@ class TcpServer:
             hello = P.decode_hello(bytes(conn.buf or b""))
             conn.attach_pid = self._attachable(conn, hello)
             reply = P.encode_control(P.HELLO, json.dumps(self._identity()).encode(), p.req_id)
+        elif p.kind == P.CONNECT:
+            body = P.decode_connect(bytes(conn.buf or b""))
+            service = self.services.get(body.get("service", ""))
+            if service is None:
+                raise ProtocolError(f"no service {body.get('service')!r} here; offered: {sorted(self.services)}")
+            answer, cleanup = service(body)
+            conn.closers.append(cleanup)
+            reply = P.encode_connect(answer)
         else:
             reply = P.encode_control(P.DESC, self._describe(), p.req_id)
         conn._reset()

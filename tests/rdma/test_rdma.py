@@ -1,0 +1,230 @@
+"""The RDMA transport against a real verbs device (soft-RoCE in tests/lab.sh, or a real NIC).
+
+Every test moves random bytes between this process and a target engine in
+another process and checks them by hash on the target's side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import random
+import re
+import subprocess
+import time
+
+import pytest
+
+from moonlet import EngineConfig, TransferEngine
+from moonlet.batch import Op, Request, State
+from moonlet.transport.rdma import verbs
+
+WHY = verbs.unavailable_reason()
+pytestmark = pytest.mark.skipif(bool(WHY), reason=f"no RDMA device here ({WHY}); run tests/lab.sh")
+
+
+def sha(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def rdma():
+    with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=("rdma",))) as eng:
+        yield eng
+
+
+@pytest.fixture
+def mem(rdma):
+    m = mmap.mmap(-1, 64 << 20)
+    m[:] = os.urandom(64 << 20)
+    return rdma.register(m), memoryview(m)
+
+
+def test_descriptor_lists_nics_and_rkeys(rdma, mem):
+    d = rdma.descriptor()
+    assert d.nics and d.nics[0]["name"] in verbs.device_names()
+    assert "rdma" in d.endpoints
+    assert set(d.buffers[0]["rkeys"]) == {n["name"] for n in d.nics}
+
+
+@pytest.mark.parametrize("size", [1, 4095, 65536, 1 << 20, 20 << 20 | 123])
+def test_write_then_read_back(rdma, mem, peer, size):
+    buf, view = mem
+    seg = rdma.open_segment(peer.name)
+    off, roff = random.randrange(0, 4096), random.randrange(0, 4096)
+    view[off:off + size] = os.urandom(size)
+    st = rdma.write(buf.addr + off, seg, peer.addr + roff, size)
+    assert st.transport == "rdma"
+    assert peer.digest(peer.addr + roff, size) == sha(view[off:off + size])
+    theirs = peer.digest(peer.addr + roff, size)
+    view[32 << 20:(32 << 20) + size] = os.urandom(size)  # overwritten by the read
+    rdma.read(buf.addr + (32 << 20), seg, peer.addr + roff, size)
+    assert sha(view[32 << 20:(32 << 20) + size]) == theirs
+
+
+def test_batches_of_scattered_blocks(rdma, mem, peer):
+    buf, view = mem
+    seg = rdma.open_segment(peer.name)
+    n, block = 300, 4096
+    src = random.sample(range(1024), n)
+    dst = random.sample(range(2048), n)
+    reqs = [Request(Op.WRITE, buf.addr + s * block, seg, peer.addr + d * block, block) for s, d in zip(src, dst)]
+    statuses = rdma.submit(reqs).wait()
+    assert all(s.ok and s.transport == "rdma" for s in statuses)
+    for s, d in random.sample(list(zip(src, dst)), 20):
+        assert peer.digest(peer.addr + d * block, block) == sha(view[s * block:(s + 1) * block])
+    # and back, with submit_many, into another part of local memory
+    base = 48 << 20
+    view[base:base + n * block] = os.urandom(n * block)
+    batch = rdma.submit_many(Op.READ, seg, [buf.addr + base + i * block for i in range(n)],
+                             [peer.addr + d * block for d in dst], [block] * n)
+    assert all(s.ok for s in batch.wait())
+    for i in random.sample(range(n), 20):
+        assert sha(view[base + i * block:base + (i + 1) * block]) == sha(view[src[i] * block:(src[i] + 1) * block])
+
+
+def test_buffers_registered_as_several_regions(peer_factory):
+    """Large buffers are pinned as several memory regions; requests are cut at region edges on both sides."""
+    chunk = 1 << 20
+    target = peer_factory("--size", str(8 << 20), "--config", json.dumps({"rdma_mr_chunk": chunk}))
+    cfg = EngineConfig(transports=("rdma",), rdma_mr_chunk=3 * chunk, slice_size=4 << 20)
+    with TransferEngine(config=cfg) as eng:
+        m = mmap.mmap(-1, 16 << 20)
+        m[:] = os.urandom(16 << 20)
+        buf = eng.register(m)
+        assert len(buf.share["rkeys"][eng.descriptor().nics[0]["name"]]) == 6
+        seg = eng.open_segment(target.name)
+        assert len(seg.buffers[0]["rkeys"][eng.descriptor().nics[0]["name"]]) == 8
+        for _ in range(6):
+            n = random.randrange(1, 6 << 20)
+            lo, ro = random.randrange(0, (16 << 20) - n), random.randrange(0, (8 << 20) - n)
+            eng.write(buf.addr + lo, seg, target.addr + ro, n)
+            assert target.digest(target.addr + ro, n) == sha(m[lo:lo + n])
+            m[lo:lo + n] = os.urandom(n)
+            eng.read(buf.addr + lo, seg, target.addr + ro, n)
+            assert target.digest(target.addr + ro, n) == sha(m[lo:lo + n])
+
+
+def test_bad_rkey_fails_with_reason_and_spares_the_rest(rdma, mem, peer):
+    buf, view = mem
+    seg = rdma.open_segment(peer.name)
+    before = peer.digest(peer.addr, 1 << 20)
+    d = seg.descriptor
+    good = dict(d.buffers[0])
+    forged = dict(good, rkeys={k: [x ^ 0x5A5A for x in v] for k, v in good["rkeys"].items()}, addr=good["addr"] + (60 << 20),
+                  length=1 << 20)
+    d.buffers = [dict(good, length=60 << 20), forged]
+    seg.update(d)
+    reqs = [Request(Op.WRITE, buf.addr + i * 65536, seg, good["addr"] + (1 << 20) + i * 65536, 65536)
+            for i in range(8)]
+    reqs.insert(3, Request(Op.WRITE, buf.addr, seg, forged["addr"], 4096))
+    statuses = rdma.submit(reqs).wait()
+    assert statuses[3].state is State.FAILED and "refused access" in statuses[3].reason
+    assert [s.state for i, s in enumerate(statuses) if i != 3] == [State.COMPLETED] * 8
+    assert peer.digest(good["addr"] + (1 << 20), 8 * 65536) == sha(view[:8 * 65536])
+    assert peer.digest(peer.addr, 1 << 20) == before
+    # the engine recovered: later transfers work without reopening anything
+    view[:4096] = os.urandom(4096)
+    rdma.write(buf.addr, seg, peer.addr, 4096)
+    assert peer.digest(peer.addr, 4096) == sha(view[:4096])
+
+
+def test_out_of_range_remote_address(rdma, mem, peer):
+    buf, _ = mem
+    seg = rdma.open_segment(peer.name)
+    st = rdma.submit([Request(Op.READ, buf.addr, seg, peer.addr + peer.size, 4096)]).wait()[0]
+    assert st.state is State.FAILED and "not inside a registered buffer" in st.reason
+    # a descriptor forged to claim more: the target's NIC enforces the region's real bounds
+    seg.descriptor.buffers[0] = dict(seg.descriptor.buffers[0], length=peer.size + (1 << 20))
+    seg.update(seg.descriptor)
+    before = peer.digest(peer.addr, peer.size)
+    st = rdma.submit([Request(Op.WRITE, buf.addr, seg, peer.addr + peer.size - 2048, 4096)]).wait()[0]
+    assert st.state is State.FAILED and "refused access" in st.reason
+    assert peer.digest(peer.addr, peer.size) == before
+
+
+def test_read_only_buffer_refuses_writes(rdma, mem, peer_factory):
+    buf, _ = mem
+    ro = peer_factory("--read-only")
+    seg = rdma.open_segment(ro.name)
+    before = ro.digest(ro.addr, 1 << 20)
+    st = rdma.submit([Request(Op.WRITE, buf.addr, seg, ro.addr, 4096)]).wait()[0]
+    assert st.state is State.FAILED and "does not allow this access" in st.reason
+    # a descriptor forged to say writable: the memory region itself lacks REMOTE_WRITE
+    seg.descriptor.buffers[0] = dict(seg.descriptor.buffers[0], remote_write=True)
+    seg.update(seg.descriptor)
+    st = rdma.submit([Request(Op.WRITE, buf.addr, seg, ro.addr, 4096)]).wait()[0]
+    assert st.state is State.FAILED and "refused access" in st.reason
+    assert ro.digest(ro.addr, 1 << 20) == before
+    rdma.read(buf.addr, seg, ro.addr, 4096)  # reading is allowed
+
+
+def test_peer_killed_mid_batch(rdma, mem, peer_factory):
+    buf, _ = mem
+    victim, other = peer_factory(), peer_factory()
+    seg_v, seg_o = rdma.open_segment(victim.name), rdma.open_segment(other.name)
+    rdma.write(buf.addr, seg_v, victim.addr, 4096)  # connected
+    reqs = [Request(Op.WRITE, buf.addr + (i % 32) * (1 << 20), seg_v, victim.addr + (i % 60) * (1 << 20), 1 << 20)
+            for i in range(1500)]  # longer than the test on soft-RoCE: the kill lands mid-batch
+    start = time.monotonic()
+    batch = rdma.submit(reqs, timeout=30.0)
+    time.sleep(0.3)
+    victim.kill()
+    statuses = batch.wait()
+    elapsed = time.monotonic() - start
+    assert elapsed < 20.0  # the death is noticed, not waited out
+    assert all(s.state is not State.PENDING for s in statuses)
+    failed = [s for s in statuses if not s.ok]
+    assert failed and all(s.state is State.FAILED and "peer" in s.reason for s in failed), {s.reason for s in failed}
+    # the other peer is unaffected
+    rdma.write(buf.addr, seg_o, other.addr, 1 << 20)
+    assert other.digest(other.addr, 1 << 20) == sha(mem[1][:1 << 20])
+
+
+def _qp_count() -> int:
+    out = subprocess.run(["rdma", "resource", "show"], capture_output=True, text=True).stdout
+    return sum(int(m) for m in re.findall(r"\bqp (\d+)", out))
+
+
+def test_queue_pairs_torn_down_over_100_open_close_cycles(peer):
+    data = mmap.mmap(-1, 1 << 20)
+    with TransferEngine(config=EngineConfig(transports=("rdma",))) as warm:  # first-use costs out of the way
+        warm.write(warm.register(data).addr, warm.open_segment(peer.name), peer.addr, 4096)
+    qps, fds = _qp_count(), len(os.listdir("/proc/self/fd"))
+    for i in range(100):
+        data[:4096] = os.urandom(4096)
+        with TransferEngine(config=EngineConfig(transports=("rdma",))) as eng:
+            eng.write(eng.register(data).addr, eng.open_segment(peer.name), peer.addr + i * 4096, 4096)
+        assert peer.digest(peer.addr + i * 4096, 4096) == sha(data[:4096])
+    time.sleep(0.5)  # the target tears its half down when the control connection closes
+    assert _qp_count() == qps
+    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+
+
+def test_unreachable_rdma_falls_back_to_tcp(mem, peer):
+    with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=("rdma", "tcp"))) as eng:
+        m = mmap.mmap(-1, 1 << 20)
+        m[:] = os.urandom(1 << 20)
+        buf = eng.register(m)
+        seg = eng.open_segment(peer.name)
+        d = seg.descriptor
+        d.nics = [dict(d.nics[0], name="no-such-nic")]
+        d.buffers[0] = dict(d.buffers[0], rkeys={"no-such-nic": 1})
+        seg.update(d)
+        st = eng.write(buf.addr, seg, peer.addr, 1 << 20)
+        assert st.transport == "tcp"
+        assert peer.digest(peer.addr, 1 << 20) == sha(m[:])
+
+
+def test_deadline_passes_mid_transfer(rdma, mem, peer):
+    buf, view = mem
+    seg = rdma.open_segment(peer.name)
+    reqs = [Request(Op.WRITE, buf.addr, seg, peer.addr, 32 << 20) for _ in range(8)]  # slow on soft-RoCE
+    statuses = rdma.submit(reqs, timeout=0.3).wait()
+    assert all(s.state in (State.COMPLETED, State.TIMEOUT) for s in statuses)
+    assert any(s.state is State.TIMEOUT for s in statuses)
+    view[:4096] = os.urandom(4096)
+    rdma.write(buf.addr, seg, peer.addr, 4096)  # the QP was replaced
+    assert peer.digest(peer.addr, 4096) == sha(view[:4096])
