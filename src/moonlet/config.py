@@ -57,6 +57,12 @@ class EngineConfig:
         rdma_register_threads: threads pinning memory regions at once.
         rdma_gpu: how GPU memory is registered with NICs: "auto", "dmabuf",
             "peermem" or "off".
+        secret: the cluster secret (at least 16 bytes); every connection in both
+            directions must prove it holds it. Never shown by repr or logs.
+        secret_file: a file holding the secret, read when ``secret`` is None;
+            with neither, ``$MOONLET_SECRET`` is used, and with no secret at all
+            the engine serves anyone who reaches it (and says so in a warning).
+        max_connections: connections the listener holds at once; more are refused.
         transports: transport names in order of preference; empty means all
             installed ones, picked per request.
     """
@@ -83,6 +89,9 @@ class EngineConfig:
     rdma_mr_chunk: int = 1 << 30
     rdma_register_threads: int = 8
     rdma_gpu: str = "auto"
+    secret: str | None = field(default=None, repr=False)
+    secret_file: str | None = None
+    max_connections: int = 1024
     transports: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -117,6 +126,10 @@ class EngineConfig:
         if isinstance(self.rdma_devices, str):
             raise ConfigError("rdma_devices must be a sequence of names, e.g. ('mlx5_0',)")
         object.__setattr__(self, "rdma_devices", tuple(self.rdma_devices))
+        if self.secret is not None and len(self.secret.encode()) < 16:
+            raise ConfigError("secret must be at least 16 bytes long")
+        if not 1 <= self.max_connections <= 1_000_000:
+            raise ConfigError(f"max_connections must be in 1..1000000, got {self.max_connections}")
         if isinstance(self.transports, str):
             raise ConfigError("transports must be a sequence of names, e.g. ('tcp',)")
         object.__setattr__(self, "transports", tuple(self.transports))

@@ -25,6 +25,7 @@ from .transport.rdma import RdmaTransport
 from .transport.rdma import verbs as rdma_verbs
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
+from .transport.tcp.auth import load_secret
 
 log = logging.getLogger("moonlet")
 
@@ -50,7 +51,8 @@ class TransferEngine:
         self._registry = MemoryRegistry()
         self._instance = new_instance_id()
         self._host = host_identity()
-        self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl)
+        secret = load_secret(cfg.secret, cfg.secret_file)
+        self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl, secret)
         if not self._meta.names_are_endpoints:
             if not name or any(c.isspace() for c in name) or "/" in name:
                 raise ConfigError(f"engine name must be a non-empty string without spaces or '/', got {name!r}")
@@ -74,7 +76,7 @@ class TransferEngine:
         # Same-host peers map this page to learn at once when an unregister made their cache stale.
         self._generation = 0
         self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
-        ctx = HostContext(cfg, self._registry)
+        ctx = HostContext(cfg, self._registry, secret)
         self._rdma = None
         attach = None
         if "shm" in wanted:
@@ -105,9 +107,21 @@ class TransferEngine:
             if self._control is not None:
                 self._control.release()
             raise
+        if secret is None:
+            log.warning("engine %s has NO cluster secret: any process that reaches %s can read and write its "
+                        "registered memory; set MOONLET_SECRET (or EngineConfig.secret_file) on every engine",
+                        self._name, tcp.endpoint())
         self._stop = threading.Event()
         if self._meta.leased:
             threading.Thread(target=self._keepalive, name="moonlet-metadata-keepalive", daemon=True).start()
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start: TCP connections opened and frames retried on another connection,
+        RDMA queue pairs connected and slices re-posted after a queue pair error."""
+        out = {"tcp_connects": self._tcp.stats["connects"], "tcp_retries": self._tcp.stats["retries"]}
+        if self._rdma is not None:
+            out.update(self._rdma.stats())
+        return out
 
     def _keepalive(self) -> None:
         """Renew the descriptor's lease every third of its TTL; say once when the store is down, and when back."""

@@ -23,6 +23,7 @@ import pytest
 from moonlet import EngineConfig, TransferEngine
 from moonlet.batch import Op, Request, State
 
+from conftest import PeerProcess
 from netbed import NetBed, why_not
 
 WHY = why_not()
@@ -42,19 +43,40 @@ def bed():
     b.close()
 
 
+def on_host(bed: NetBed, i: int, *args: str) -> PeerProcess:
+    return PeerProcess("--size", str(32 << 20), "--config", json.dumps({"listen_host": bed.ip(i)}), *args,
+                       prefix=tuple(bed.prefix(i)))
+
+
+@pytest.fixture(scope="module")
+def targets(bed):
+    """A target engine on hosts 1..3, kept for the module (a process start costs seconds in the lab)."""
+    peers = [on_host(bed, i) for i in range(1, 4)]
+    yield peers
+    for p in peers:
+        p.close()
+
+
 @pytest.fixture
-def hosts(bed, peer_factory):
-    """A target engine on hosts 1..3 (fresh per test), links clean."""
-    for i in range(1, 4):
+def hosts(bed, targets):
+    """The module's targets, with every link up and clean."""
+    for i in range(1, 5):
         bed.clear(i)
         bed.link(i, True)
-    return [peer_factory("--config", json.dumps({"listen_host": bed.ip(i)}), prefix=tuple(bed.prefix(i)))
-            for i in range(1, 4)]
+    return targets
 
 
 def initiator(**kw) -> TransferEngine:
     """An engine in the root namespace that uses TCP only, as towards another host."""
-    return TransferEngine(config=EngineConfig(transports=("tcp",), request_timeout=10.0, connect_timeout=2.0, **kw))
+    kw = {"request_timeout": 10.0, "connect_timeout": 2.0, **kw}
+    return TransferEngine(config=EngineConfig(transports=("tcp",), **kw))
+
+
+def retransmitted_segments() -> int:
+    """TCP segments this namespace retransmitted so far (/proc/net/snmp RetransSegs)."""
+    with open("/proc/net/snmp") as f:
+        rows = [line.split() for line in f if line.startswith("Tcp:")]
+    return int(rows[1][rows[0].index("RetransSegs")])
 
 
 def local_memory(eng: TransferEngine, size: int):
@@ -64,23 +86,22 @@ def local_memory(eng: TransferEngine, size: int):
 
 
 def test_kill_9_mid_batch_fails_its_requests_and_spares_other_peers(bed, hosts):
-    victim, other, _ = hosts
+    victim, other = on_host(bed, 4), hosts[1]
     with initiator() as eng:
         buf, mem = local_memory(eng, 32 << 20)
         sv, so = eng.open_segment(victim.name), eng.open_segment(other.name)
         to_victim = eng.submit([Request(Op.WRITE, buf.addr + (i % 16) * (1 << 20), sv, victim.addr + i * (1 << 20),
-                                        1 << 20) for i in range(48)], timeout=8.0)
+                                        1 << 20) for i in range(24)], timeout=8.0)
         to_other = eng.submit([Request(Op.WRITE, buf.addr + (i % 16) * (1 << 20), so, other.addr + i * (1 << 20),
-                                       1 << 20) for i in range(48)], timeout=30.0)
+                                       1 << 20) for i in range(24)], timeout=30.0)
         start = time.monotonic()
         victim.kill()
         statuses = to_victim.wait()
         assert time.monotonic() - start < 9.0
         assert all(s.state in (State.COMPLETED, State.FAILED, State.TIMEOUT) for s in statuses)
-        assert any(not s.ok for s in statuses) or True  # it may all have landed before the kill
         assert all(s.reason for s in statuses if not s.ok)
         assert all(s.ok for s in to_other.wait())
-        for i in random.sample(range(48), 8):
+        for i in random.sample(range(24), 8):
             assert other.digest(other.addr + i * (1 << 20), 1 << 20) == sha(mem[(i % 16) << 20:((i % 16) + 1) << 20])
 
 
@@ -91,7 +112,7 @@ def test_link_cut_and_restored(bed, hosts):
         seg = eng.open_segment(target.name)
         eng.write(buf.addr, seg, target.addr, 4096)  # lanes are up
         batch = eng.submit([Request(Op.WRITE, buf.addr + i * (1 << 20), seg, target.addr + i * (1 << 20), 1 << 20)
-                            for i in range(32)], timeout=4.0)
+                            for i in range(24)], timeout=4.0)
         bed.link(1, False)
         start = time.monotonic()
         statuses = batch.wait()
@@ -113,9 +134,10 @@ def test_soak_under_loss_and_jitter(bed, hosts):
     """Several threads, several peers, mixed READ/WRITE, 5% loss and 10 ms jitter on every link."""
     for i in range(1, 4):
         bed.netem(i, "delay", "10ms", "10ms", "loss", "5%")
-    threads, region = 4, 16 << 20  # each thread owns a 16 MiB region on every peer
+    threads, region = 4, 8 << 20  # each thread owns an 8 MiB region on every peer
     counts = {"requests": 0, "bytes": 0, "failures": 0, "data_errors": 0}
     lock = threading.Lock()
+    resent = retransmitted_segments()
     with initiator(request_timeout=30.0) as eng:
         segs = [eng.open_segment(h.name) for h in hosts]
 
@@ -128,7 +150,7 @@ def test_soak_under_loss_and_jitter(bed, hosts):
             while time.monotonic() < end:
                 p = rng.randrange(len(hosts))
                 base = hosts[p].addr + t * region
-                slots = rng.sample(range(16), rng.randint(1, 6))
+                slots = rng.sample(range(8), rng.randint(1, 6))
                 sizes = [rng.choice((4096, 65536, rng.randrange(1, 1 << 20))) for _ in slots]
                 offs = [rng.randrange(0, region - n) for n in sizes]  # local source: random bytes at random places
                 writes = [Request(Op.WRITE, buf.addr + src + o, segs[p], base + s * (1 << 20), n)
@@ -155,7 +177,8 @@ def test_soak_under_loss_and_jitter(bed, hosts):
         for th in pool:
             th.join(SOAK_SECONDS + 120)
         assert not any(th.is_alive() for th in pool)
-        counts["retries"] = eng.stats()["tcp_retries"]
+        counts["frame_retries"] = eng.stats()["tcp_retries"]
+        counts["tcp_segments_retransmitted"] = retransmitted_segments() - resent
     for i in range(1, 4):
         bed.clear(i)
     report = {"seconds": SOAK_SECONDS, "threads": threads, "peers": len(hosts),

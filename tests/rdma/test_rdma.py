@@ -21,12 +21,22 @@ from moonlet import EngineConfig, TransferEngine
 from moonlet.batch import Op, Request, State
 from moonlet.transport.rdma import verbs
 
+from conftest import PeerProcess
+
 WHY = verbs.unavailable_reason()
 pytestmark = pytest.mark.skipif(bool(WHY), reason=f"no RDMA device here ({WHY}); run tests/lab.sh")
 
 
 def sha(data) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def target():
+    """One target engine in another process for the whole module (a process start costs seconds in the lab)."""
+    p = PeerProcess()
+    yield p
+    p.close()
 
 
 @pytest.fixture
@@ -50,36 +60,36 @@ def test_descriptor_lists_nics_and_rkeys(rdma, mem):
 
 
 @pytest.mark.parametrize("size", [1, 4095, 65536, 1 << 20, 20 << 20 | 123])
-def test_write_then_read_back(rdma, mem, peer, size):
+def test_write_then_read_back(rdma, mem, target, size):
     buf, view = mem
-    seg = rdma.open_segment(peer.name)
+    seg = rdma.open_segment(target.name)
     off, roff = random.randrange(0, 4096), random.randrange(0, 4096)
     view[off:off + size] = os.urandom(size)
-    st = rdma.write(buf.addr + off, seg, peer.addr + roff, size)
+    st = rdma.write(buf.addr + off, seg, target.addr + roff, size)
     assert st.transport == "rdma"
-    assert peer.digest(peer.addr + roff, size) == sha(view[off:off + size])
-    theirs = peer.digest(peer.addr + roff, size)
+    assert target.digest(target.addr + roff, size) == sha(view[off:off + size])
+    theirs = target.digest(target.addr + roff, size)
     view[32 << 20:(32 << 20) + size] = os.urandom(size)  # overwritten by the read
-    rdma.read(buf.addr + (32 << 20), seg, peer.addr + roff, size)
+    rdma.read(buf.addr + (32 << 20), seg, target.addr + roff, size)
     assert sha(view[32 << 20:(32 << 20) + size]) == theirs
 
 
-def test_batches_of_scattered_blocks(rdma, mem, peer):
+def test_batches_of_scattered_blocks(rdma, mem, target):
     buf, view = mem
-    seg = rdma.open_segment(peer.name)
+    seg = rdma.open_segment(target.name)
     n, block = 300, 4096
     src = random.sample(range(1024), n)
     dst = random.sample(range(2048), n)
-    reqs = [Request(Op.WRITE, buf.addr + s * block, seg, peer.addr + d * block, block) for s, d in zip(src, dst)]
+    reqs = [Request(Op.WRITE, buf.addr + s * block, seg, target.addr + d * block, block) for s, d in zip(src, dst)]
     statuses = rdma.submit(reqs).wait()
     assert all(s.ok and s.transport == "rdma" for s in statuses)
     for s, d in random.sample(list(zip(src, dst)), 20):
-        assert peer.digest(peer.addr + d * block, block) == sha(view[s * block:(s + 1) * block])
+        assert target.digest(target.addr + d * block, block) == sha(view[s * block:(s + 1) * block])
     # and back, with submit_many, into another part of local memory
     base = 48 << 20
     view[base:base + n * block] = os.urandom(n * block)
     batch = rdma.submit_many(Op.READ, seg, [buf.addr + base + i * block for i in range(n)],
-                             [peer.addr + d * block for d in dst], [block] * n)
+                             [target.addr + d * block for d in dst], [block] * n)
     assert all(s.ok for s in batch.wait())
     for i in random.sample(range(n), 20):
         assert sha(view[base + i * block:base + (i + 1) * block]) == sha(view[src[i] * block:(src[i] + 1) * block])
@@ -107,10 +117,10 @@ def test_buffers_registered_as_several_regions(peer_factory):
             assert target.digest(target.addr + ro, n) == sha(m[lo:lo + n])
 
 
-def test_bad_rkey_fails_with_reason_and_spares_the_rest(rdma, mem, peer):
+def test_bad_rkey_fails_with_reason_and_spares_the_rest(rdma, mem, target):
     buf, view = mem
-    seg = rdma.open_segment(peer.name)
-    before = peer.digest(peer.addr, 1 << 20)
+    seg = rdma.open_segment(target.name)
+    before = target.digest(target.addr, 1 << 20)
     d = seg.descriptor
     good = dict(d.buffers[0])
     forged = dict(good, rkeys={k: [x ^ 0x5A5A for x in v] for k, v in good["rkeys"].items()}, addr=good["addr"] + (60 << 20),
@@ -123,26 +133,26 @@ def test_bad_rkey_fails_with_reason_and_spares_the_rest(rdma, mem, peer):
     statuses = rdma.submit(reqs).wait()
     assert statuses[3].state is State.FAILED and "refused access" in statuses[3].reason
     assert [s.state for i, s in enumerate(statuses) if i != 3] == [State.COMPLETED] * 8
-    assert peer.digest(good["addr"] + (1 << 20), 8 * 65536) == sha(view[:8 * 65536])
-    assert peer.digest(peer.addr, 1 << 20) == before
+    assert target.digest(good["addr"] + (1 << 20), 8 * 65536) == sha(view[:8 * 65536])
+    assert target.digest(target.addr, 1 << 20) == before
     # the engine recovered: later transfers work without reopening anything
     view[:4096] = os.urandom(4096)
-    rdma.write(buf.addr, seg, peer.addr, 4096)
-    assert peer.digest(peer.addr, 4096) == sha(view[:4096])
+    rdma.write(buf.addr, seg, target.addr, 4096)
+    assert target.digest(target.addr, 4096) == sha(view[:4096])
 
 
-def test_out_of_range_remote_address(rdma, mem, peer):
+def test_out_of_range_remote_address(rdma, mem, target):
     buf, _ = mem
-    seg = rdma.open_segment(peer.name)
-    st = rdma.submit([Request(Op.READ, buf.addr, seg, peer.addr + peer.size, 4096)]).wait()[0]
+    seg = rdma.open_segment(target.name)
+    st = rdma.submit([Request(Op.READ, buf.addr, seg, target.addr + target.size, 4096)]).wait()[0]
     assert st.state is State.FAILED and "not inside a registered buffer" in st.reason
     # a descriptor forged to claim more: the target's NIC enforces the region's real bounds
-    seg.descriptor.buffers[0] = dict(seg.descriptor.buffers[0], length=peer.size + (1 << 20))
+    seg.descriptor.buffers[0] = dict(seg.descriptor.buffers[0], length=target.size + (1 << 20))
     seg.update(seg.descriptor)
-    before = peer.digest(peer.addr, peer.size)
-    st = rdma.submit([Request(Op.WRITE, buf.addr, seg, peer.addr + peer.size - 2048, 4096)]).wait()[0]
+    before = target.digest(target.addr, target.size)
+    st = rdma.submit([Request(Op.WRITE, buf.addr, seg, target.addr + target.size - 2048, 4096)]).wait()[0]
     assert st.state is State.FAILED and "refused access" in st.reason
-    assert peer.digest(peer.addr, peer.size) == before
+    assert target.digest(target.addr, target.size) == before
 
 
 def test_read_only_buffer_refuses_writes(rdma, mem, peer_factory):
@@ -188,43 +198,64 @@ def _qp_count() -> int:
     return sum(int(m) for m in re.findall(r"\bqp (\d+)", out))
 
 
-def test_queue_pairs_torn_down_over_100_open_close_cycles(peer):
+def test_queue_pairs_torn_down_over_100_open_close_cycles(target):
     data = mmap.mmap(-1, 1 << 20)
     with TransferEngine(config=EngineConfig(transports=("rdma",))) as warm:  # first-use costs out of the way
-        warm.write(warm.register(data).addr, warm.open_segment(peer.name), peer.addr, 4096)
+        warm.write(warm.register(data).addr, warm.open_segment(target.name), target.addr, 4096)
     qps, fds = _qp_count(), len(os.listdir("/proc/self/fd"))
     for i in range(100):
         data[:4096] = os.urandom(4096)
         with TransferEngine(config=EngineConfig(transports=("rdma",))) as eng:
-            eng.write(eng.register(data).addr, eng.open_segment(peer.name), peer.addr + i * 4096, 4096)
-        assert peer.digest(peer.addr + i * 4096, 4096) == sha(data[:4096])
+            eng.write(eng.register(data).addr, eng.open_segment(target.name), target.addr + i * 4096, 4096)
+        assert target.digest(target.addr + i * 4096, 4096) == sha(data[:4096])
     time.sleep(0.5)  # the target tears its half down when the control connection closes
     assert _qp_count() == qps
     assert len(os.listdir("/proc/self/fd")) <= fds + 2
 
 
-def test_unreachable_rdma_falls_back_to_tcp(mem, peer):
+def test_unreachable_rdma_falls_back_to_tcp(mem, target):
     with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=("rdma", "tcp"))) as eng:
         m = mmap.mmap(-1, 1 << 20)
         m[:] = os.urandom(1 << 20)
         buf = eng.register(m)
-        seg = eng.open_segment(peer.name)
+        seg = eng.open_segment(target.name)
         d = seg.descriptor
         d.nics = [dict(d.nics[0], name="no-such-nic")]
         d.buffers[0] = dict(d.buffers[0], rkeys={"no-such-nic": 1})
         seg.update(d)
-        st = eng.write(buf.addr, seg, peer.addr, 1 << 20)
+        st = eng.write(buf.addr, seg, target.addr, 1 << 20)
         assert st.transport == "tcp"
-        assert peer.digest(peer.addr, 1 << 20) == sha(m[:])
+        assert target.digest(target.addr, 1 << 20) == sha(m[:])
 
 
-def test_deadline_passes_mid_transfer(rdma, mem, peer):
+def test_deadline_passes_mid_transfer(rdma, mem, target):
     buf, view = mem
-    seg = rdma.open_segment(peer.name)
-    reqs = [Request(Op.WRITE, buf.addr, seg, peer.addr, 32 << 20) for _ in range(8)]  # slow on soft-RoCE
+    seg = rdma.open_segment(target.name)
+    reqs = [Request(Op.WRITE, buf.addr, seg, target.addr, 32 << 20) for _ in range(8)]  # slow on soft-RoCE
     statuses = rdma.submit(reqs, timeout=0.3).wait()
     assert all(s.state in (State.COMPLETED, State.TIMEOUT) for s in statuses)
     assert any(s.state is State.TIMEOUT for s in statuses)
     view[:4096] = os.urandom(4096)
-    rdma.write(buf.addr, seg, peer.addr, 4096)  # the QP was replaced
-    assert peer.digest(peer.addr, 4096) == sha(view[:4096])
+    rdma.write(buf.addr, seg, target.addr, 4096)  # the QP was replaced
+    assert target.digest(target.addr, 4096) == sha(view[:4096])
+
+
+def test_queue_pairs_need_the_cluster_secret(peer_factory):
+    from moonlet import MetadataServer
+
+    secret = "rdma cluster secret, 32 bytes.."
+    with MetadataServer() as server:
+        target = peer_factory("--metadata", server.url, "--name", "guarded", "--config",
+                              json.dumps({"secret": secret}))
+        before = target.digest(target.addr, 1 << 20)
+        m = mmap.mmap(-1, 1 << 20)
+        m[:] = os.urandom(1 << 20)
+        with TransferEngine("stranger", server.url, config=EngineConfig(transports=("rdma",))) as eng:
+            st = eng.submit([Request(Op.WRITE, eng.register(m).addr, eng.open_segment("guarded"), target.addr,
+                                     1 << 20)]).wait()[0]
+            assert st.state is State.FAILED and "authentication required" in st.reason
+        assert target.digest(target.addr, 1 << 20) == before
+        with TransferEngine("friend", server.url, config=EngineConfig(transports=("rdma",), secret=secret)) as eng:
+            st = eng.write(eng.register(m).addr, eng.open_segment("guarded"), target.addr, 1 << 20)
+            assert st.transport == "rdma"
+        assert target.digest(target.addr, 1 << 20) == sha(m[:])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
+from ..transport.tcp.auth import Secret
 from .base import MetadataBackend
 from .etcd import EtcdMetadata
 from .http import HttpMetadata, MetadataServer
@@ -10,11 +11,12 @@ from .p2p import P2PMetadata
 from .redis import RedisMetadata
 
 
-def connect(spec: str, timeout: float, ttl: float) -> MetadataBackend:
+def connect(spec: str, timeout: float, ttl: float, secret: Secret | None = None) -> MetadataBackend:
     """Backend for ``spec``: ``"p2p"``, ``"http://host:port[/metadata]"``, ``"etcd://host:port[,...][/cluster]"``
-    or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of etcd and Redis entries."""
+    or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of etcd and Redis entries;
+    ``secret`` authenticates peer-to-peer descriptor fetches."""
     if spec.lower() in ("p2p", "p2phandshake"):
-        return P2PMetadata(timeout)
+        return P2PMetadata(timeout, secret)
     if spec.startswith("http://"):
         return HttpMetadata(spec, timeout)
     if spec.startswith("etcd://"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 
 from ..errors import MetadataError, ProtocolError, SegmentError
+from ..transport.tcp.auth import Secret
 from ..transport.tcp.client import fetch_descriptor
 from .base import MetadataBackend
 
@@ -17,15 +18,16 @@ from .base import MetadataBackend
 class P2PMetadata(MetadataBackend):
     names_are_endpoints = True
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, secret: Secret | None = None) -> None:
         self._timeout = timeout
+        self._secret = secret
 
     def publish(self, name: str, descriptor: bytes) -> None:
         """Nothing to do: the engine's own listener serves its descriptor."""
 
     def fetch(self, name: str) -> bytes | None:
         try:
-            return fetch_descriptor(name, self._timeout)
+            return fetch_descriptor(name, self._timeout, self._secret)
         except SegmentError:
             raise SegmentError(
                 f"segment name {name!r} is not host:port; in p2p mode open a segment by its engine's host:port"

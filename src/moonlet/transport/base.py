@@ -14,6 +14,7 @@ from ..batch import Batch, Request
 from ..config import EngineConfig
 from ..memory import Buffer, MemoryRegistry
 from ..segment import Segment, SegmentDescriptor
+from .tcp.auth import Secret
 
 
 #: One request as the engine hands it to a transport: (position in the batch, the request,
@@ -28,6 +29,7 @@ class HostContext:
 
     config: EngineConfig
     registry: MemoryRegistry
+    secret: Secret | None = None  # the cluster secret every connection must prove, if one is set
 
 
 class Transport(ABC):

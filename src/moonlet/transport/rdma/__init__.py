@@ -40,7 +40,8 @@ from ...memory import Buffer, Denied
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from ..tcp import protocol as P
-from ..tcp.client import _read_control, split_endpoint
+from ..tcp.auth import Secret
+from ..tcp.client import _read_control, authenticate, split_endpoint
 from . import gpudirect, verbs
 from .nic import Nic, discover, load_matrix, tiers
 
@@ -112,6 +113,8 @@ class _Device:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self.retry: list[tuple["_Endpoint", list[Slice]]] = []
+        self.retried = 0  # slices re-posted after a queue pair error
+        self.connected = 0  # queue pairs brought up as initiator
         self.thread = threading.Thread(target=self._run, name=f"moonlet-rdma-{nic.name}", daemon=True)
         self.thread.start()
 
@@ -222,6 +225,7 @@ class _Device:
             q.fail(verbs.wc_status_str(status))
 
     def _queue_retry(self, ep: "_Endpoint", s: Slice) -> None:
+        self.retried += 1
         if self.retry and self.retry[-1][0] is ep:
             self.retry[-1][1].append(s)
         else:
@@ -329,8 +333,9 @@ class _Endpoint:
     """The queue pairs from one local NIC to one NIC of one peer engine."""
 
     def __init__(self, dev: _Device, peer: str, instance: str, control: str, nic: dict, count: int,
-                 timeout: float) -> None:
+                 timeout: float, secret: Secret | None) -> None:
         self.dev = dev
+        self.secret = secret
         self.peer = peer
         self.instance = instance
         self.control = control
@@ -391,6 +396,7 @@ class _Endpoint:
             raise TransferError(f"cannot reach peer {self.peer} at {self.control} to set up RDMA: {e}") from None
         qp = verbs.QueuePair(dev.ctx, dev.cq, dev.depth, nic.port)
         try:
+            authenticate(sock, self.secret)
             psn = random.getrandbits(24)
             sock.sendall(P.encode_connect({
                 "service": "rdma", "name": self.peer, "instance": self.instance, "nic": self.nic["name"],
@@ -409,6 +415,7 @@ class _Endpoint:
         q = _Qp(qp, sock, self)
         with dev.lock:
             dev.qps[qp.qpn] = q
+            dev.connected += 1
         dev.wake()  # the poller watches the new control connection
         return q
 
@@ -422,6 +429,7 @@ class RdmaTransport(Transport):
                  fallback: Transport | None = None) -> None:
         cfg = self._cfg = ctx.config
         self._instance = instance
+        self._secret = ctx.secret
         self._tcp = tcp
         self._fallback = fallback
         self._devices = {n.name: _Device(n, cfg) for n in nics}
@@ -559,17 +567,18 @@ class RdmaTransport(Transport):
             ep = self._endpoints.get(key)
             if ep is None:
                 ep = self._endpoints[key] = _Endpoint(dev, seg.name, d.instance, d.endpoints["rdma"], nic,
-                                                      self._cfg.rdma_qps, self._cfg.connect_timeout)
+                                                      self._cfg.rdma_qps, self._cfg.connect_timeout, self._secret)
         return ep
 
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         peer = segment.descriptor
         nics = {n["name"]: n for n in peer.nics}
         step = self._cfg.slice_size
-        routes: dict[tuple[int, int], list | None] = {}
+        routes: dict[tuple[int, int], list | str] = {}
         plan: dict[int, tuple[_Endpoint, list[Slice]]] = {}
         counts: list[tuple[int, int]] = []
         fallback: list[WorkItem] = []
+        why = ""
         for item in items:
             index, req, local, remote = item
             if not (remote["remote_write"] if req.op else remote["remote_read"]):
@@ -580,8 +589,9 @@ class RdmaTransport(Transport):
             route = routes.get(key, False)
             if route is False:
                 route = routes[key] = self._route(segment, local, remote, nics)
-            if route is None:
+            if isinstance(route, str):
                 fallback.append(item)
+                why = route
                 continue
             n = req.length
             op, la, ra = int(req.op), req.local_addr, req.remote_addr
@@ -610,17 +620,18 @@ class RdmaTransport(Transport):
             except TransferError as e:
                 ep.dev._fail_slices(slices, str(e))
         if fallback:
-            self._fall_back(segment, batch, fallback)
+            self._fall_back(segment, batch, fallback, why)
 
-    def _route(self, segment: Segment, local: Buffer, remote: dict, nics: dict) -> list | None:
-        """(endpoint, lkeys, rkeys) per stripe for local -> remote, or None when no QP can be set up.
+    def _route(self, segment: Segment, local: Buffer, remote: dict, nics: dict) -> list | str:
+        """(endpoint, lkeys, rkeys) per stripe for local -> remote, or why no QP can be set up.
 
         The best tier of NICs for the local memory is striped over; when none
         of its NICs can reach the peer, the next tier is tried.
         """
         rnames = [n for n in remote["rkeys"] if n in nics]
         if not rnames:
-            return None
+            return f"{segment.name} registered this buffer with no NIC it publishes"
+        why = f"no local NIC holds a memory region for {local.location} memory at {local.addr:#x}"
         for tier in self._order_cache.get(local.location) or self._order(local.location):
             out = []
             for i, dev in enumerate(d for d in tier if local.addr in d.mrs):
@@ -630,15 +641,16 @@ class RdmaTransport(Transport):
                     ep.ensure()
                 except (TransferError, verbs.VerbsError) as e:
                     log.warning("RDMA to %s via %s unavailable: %s", segment.name, dev.nic.name, e)
+                    why = str(e)
                     continue
                 rkeys = remote["rkeys"][rname]
                 out.append((ep, [mr.lkey for mr in dev.mrs[local.addr]],
                             [int(k) for k in (rkeys if isinstance(rkeys, list) else [rkeys])]))
             if out:
                 return out
-        return None
+        return why
 
-    def _fall_back(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
+    def _fall_back(self, segment: Segment, batch: Batch, items: list[WorkItem], why: str) -> None:
         if self._fallback is not None and all(self._fallback.reaches(it[2], segment.descriptor, it[3])
                                               for it in items):
             if self._fallback.drive not in batch._drivers:
@@ -646,8 +658,12 @@ class RdmaTransport(Transport):
             self._fallback.submit(segment, batch, items)
             return
         for index, *_ in items:
-            batch.fail(index, f"no RDMA queue pair to {segment.name} could be set up, and no fallback transport "
-                              f"is enabled")
+            batch.fail(index, f"no RDMA queue pair to {segment.name} could be set up ({why}), and no fallback "
+                              f"transport is enabled")
+
+    def stats(self) -> dict[str, int]:
+        return {"rdma_qps_connected": sum(d.connected for d in self._devices.values()),
+                "rdma_retries": sum(d.retried for d in self._devices.values())}
 
     def expire(self, batch: Batch) -> None:
         """Move every QP carrying a slice of ``batch`` to error: the flush ends those slices TIMEOUT."""

@@ -33,6 +33,7 @@ from ...errors import ProtocolError, SegmentError
 from ...gpu import GpuError
 from ...memory import Denied
 from . import protocol as P
+from .auth import InitiatorAuth, Secret
 from .server import tune_socket
 from .sockio import recv_exact, recv_some, recv_some_into, send_all
 
@@ -67,10 +68,20 @@ def _read_control(sock: socket.socket, expect: int, what: str) -> bytes:
     return bytes(body)
 
 
-def fetch_descriptor(endpoint: str, timeout: float) -> bytes:
+def authenticate(sock: socket.socket, secret: Secret | None) -> None:
+    """Run the cluster-secret handshake on a fresh connection (nothing to do without a secret)."""
+    if secret is None:
+        return
+    auth = InitiatorAuth(secret)
+    sock.sendall(auth.start())
+    sock.sendall(auth.finish(_read_control(sock, P.AUTH, "authentication")))
+
+
+def fetch_descriptor(endpoint: str, timeout: float, secret: Secret | None = None) -> bytes:
     """Ask the engine at ``endpoint`` for its segment descriptor (peer-to-peer metadata)."""
     host, port = split_endpoint(endpoint)
     with socket.create_connection((host, port), timeout=timeout) as sock:
+        authenticate(sock, secret)
         sock.sendall(P.encode_get_desc())
         return _read_control(sock, P.DESC, "GET_DESC")
 
@@ -385,8 +396,11 @@ class Peer:
 
     def __init__(self, name: str, endpoint: str, instance: str, lanes: int, connect_timeout: float,
                  send_timeout: float, socket_buffer: int | None, progress: Progress,
-                 on_stale: Callable[[str], None], hello: dict, on_refused: Callable[["Peer"], None]) -> None:
+                 on_stale: Callable[[str], None], hello: dict, on_refused: Callable[["Peer"], None],
+                 secret: Secret | None = None, stats: dict | None = None) -> None:
         self.name = name
+        self.secret = secret
+        self.stats = stats if stats is not None else {"retries": 0, "connects": 0}
         self.hello = hello  # our pid/host/pidns, offered so a same-host target may copy directly
         self.on_refused = on_refused
         self.endpoint = endpoint
@@ -409,6 +423,7 @@ class Peer:
             raise ConnectionError(f"cannot connect to {self.name} at {self.endpoint}: {e}") from None
         try:
             tune_socket(sock, self.socket_buffer)
+            authenticate(sock, self.secret)
             sock.sendall(P.encode_hello(self.name, **self.hello))
             ident = json.loads(_read_control(sock, P.HELLO, "HELLO"))
             if ident.get("instance") != self.instance:
@@ -425,6 +440,7 @@ class Peer:
             sock.close()
             raise
         lane = Lane(self, sock)
+        self.stats["connects"] += 1
         self.progress.add(lane)
         return lane
 
@@ -503,6 +519,7 @@ class Peer:
             self._end(frame, State.TIMEOUT, f"deadline passed before {self.name} answered ({reason})")
         elif frame.attempts < MAX_ATTEMPTS and not self.closed:
             frame.attempts += 1
+            self.stats["retries"] += 1
             log.info("retrying frame %d to %s after: %s", frame.req_id, self.name, reason)
             self.send(frame)
         else:

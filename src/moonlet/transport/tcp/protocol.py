@@ -24,6 +24,7 @@ PUSH       count x (addr, len, dst u64) none; same host: the target copies into 
 RESP       count x status u8            for a READ: the bytes of every OK entry
 ERROR      none                         UTF-8 message; the sender then closes
 CONNECT    none                         JSON: {"service": ..., ...}, >= 16 bytes; answered by CONNECT
+AUTH       none                         challenge-response with the cluster secret (see auth.py)
 =========  ===========================  ==============================================
 
 A WRITE or READ frame carries up to ``MAX_ENTRIES`` requests, so a batch of
@@ -52,9 +53,9 @@ from ...memory import Denied
 MAGIC = 0x4D4C  # "ML"
 VERSION = 1
 
-HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR, PULL, PUSH, CONNECT = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10
+HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR, PULL, PUSH, CONNECT, AUTH = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
 KINDS = {HELLO: "HELLO", GET_DESC: "GET_DESC", DESC: "DESC", WRITE: "WRITE", READ: "READ", RESP: "RESP",
-         ERROR: "ERROR", PULL: "PULL", PUSH: "PUSH", CONNECT: "CONNECT"}
+         ERROR: "ERROR", PULL: "PULL", PUSH: "PUSH", CONNECT: "CONNECT", AUTH: "AUTH"}
 REQUESTS = (WRITE, READ, PULL, PUSH)  # kinds that carry an entry table
 
 PREFIX = struct.Struct("<HBBIQQ")
@@ -106,12 +107,13 @@ def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
             raise ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
     elif count:
         raise ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
-    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL,
+    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, AUTH: 64, DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL,
              READ: 0, PULL: 0, PUSH: 0}
     cap = limit.get(kind, MAX_PAYLOAD)
     if payload_len > cap:
         raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at most {cap}")
-    floor = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}.get(kind, 0)
+    floor = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL, AUTH: MIN_TARGET_TAIL,
+             ERROR: 1, DESC: 1}.get(kind, 0)
     if payload_len < floor:
         raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at least {floor}")
     return Prefix(kind, count, req_id, payload_len)

@@ -32,6 +32,7 @@ from . import protocol as P
 from ... import gpu
 from ...gpu import GpuError, Stage, StagingPool
 from .. import cma
+from .auth import Secret, TargetAuth
 from .sockio import recv_some, recv_some_into, sendmsg_some
 
 log = logging.getLogger("moonlet.tcp")
@@ -56,10 +57,13 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "buf", "views", "pinned", "statuses",
-                 "out", "out_bytes", "mask", "attach_pid", "stage", "closers")
+                 "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, authed: bool) -> None:
         self.sock = sock
+        self.auth: TargetAuth | None = None
+        self.authed = authed  # True once the peer proved it holds the cluster secret (or none is set)
+        self.born = time.monotonic()
         self.fd = sock.fileno()
         self.pre = bytearray(_HEAD)
         self.pview = memoryview(self.pre)
@@ -94,13 +98,23 @@ class TcpServer:
         socket_buffer: int | None,
         spin_us: int = 0,
         attach: bool = False,
+        secret: Secret | None = None,
+        max_connections: int = 1024,
+        auth_timeout: float = 5.0,
     ) -> None:
+        """``secret``: serve only peers that prove they hold it. ``max_connections``: refuse more at once.
+        ``auth_timeout``: drop a connection that has not authenticated within this many seconds."""
         self._registry = registry
         self._describe = describe
         self._identity = identity
         self._bufsize = socket_buffer
         self._spin = spin_us / 1e6
         self._attach = attach and cma.AVAILABLE
+        self._secret = secret
+        self._max_conns = max_connections
+        self._auth_timeout = auth_timeout
+        self._next_sweep = 0.0
+        self.refused = 0  # connections turned away at the limit
         self._sock = socket.create_server((host, port), backlog=256)
         self._sock.setblocking(False)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
@@ -146,6 +160,8 @@ class TcpServer:
                     if time.monotonic() - last < self._spin:
                         continue
                     events = poll(1000)
+                    if self._secret is not None and time.monotonic() >= self._next_sweep:
+                        self._sweep()
                     if not events:
                         continue
                 last = time.monotonic()
@@ -182,6 +198,14 @@ class TcpServer:
             self._sock.close()
             os.close(self._wake_r)
 
+    def _sweep(self) -> None:
+        """Drop connections that have not authenticated in time (a peer without the secret, or a stalled one)."""
+        now = time.monotonic()
+        self._next_sweep = now + min(1.0, self._auth_timeout / 2)
+        for conn in [c for c in self._conns.values() if not c.authed and now - c.born > self._auth_timeout]:
+            log.info("dropping a connection that did not authenticate within %.1f s", self._auth_timeout)
+            self._drop(conn)
+
     def _accept(self) -> None:
         while True:
             try:
@@ -191,9 +215,20 @@ class TcpServer:
             except OSError as e:  # e.g. out of file descriptors: keep serving the others
                 log.warning("accept failed: %s", e)
                 return
+            if len(self._conns) >= self._max_conns:
+                self.refused += 1
+                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+                    log.warning("refused %d connection(s): at the limit of %d (EngineConfig.max_connections)",
+                                self.refused, self._max_conns)
+                try:
+                    sock.send(P.encode_error(f"too many connections (limit {self._max_conns})"), socket.MSG_DONTWAIT)
+                except OSError:
+                    pass
+                sock.close()
+                continue
             sock.setblocking(False)
             tune_socket(sock, self._bufsize)
-            conn = _Conn(sock)
+            conn = _Conn(sock, self._secret is None)
             self._conns[conn.fd] = conn
             self._poll.register(conn.fd, _IN)
 
@@ -259,9 +294,12 @@ class TcpServer:
     def _on_prefix(self, conn: _Conn) -> None:
         """The prefix and the 16 bytes after it are in: start the table or body with those 16."""
         p = conn.prefix = P.parse_prefix(conn.pview[: P.PREFIX_SIZE])
+        if not conn.authed and p.kind != P.AUTH:
+            raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
+                                "secret (set the same MOONLET_SECRET or EngineConfig.secret_file on both sides)")
         if p.kind in P.REQUESTS:
             size = p.table_size
-        elif p.kind in (P.HELLO, P.GET_DESC, P.CONNECT):
+        elif p.kind in (P.HELLO, P.GET_DESC, P.CONNECT, P.AUTH):
             size = p.payload_len
         else:
             raise ProtocolError(f"a target does not accept {P.KINDS[p.kind]} frames")
@@ -283,6 +321,19 @@ class TcpServer:
             hello = P.decode_hello(bytes(conn.buf or b""))
             conn.attach_pid = self._attachable(conn, hello)
             reply = P.encode_control(P.HELLO, json.dumps(self._identity()).encode(), p.req_id)
+        elif p.kind == P.AUTH:
+            if self._secret is None:
+                raise ProtocolError("this engine has no cluster secret and cannot prove itself; set the same "
+                                    "MOONLET_SECRET on both sides")
+            body = bytes(conn.buf or b"")
+            conn._reset()
+            if conn.auth is None:
+                conn.auth = TargetAuth(self._secret)
+                self._queue(conn, [conn.auth.challenge(body)], [])
+            else:
+                conn.auth.verify(body)
+                conn.authed = True
+            return
         elif p.kind == P.CONNECT:
             body = P.decode_connect(bytes(conn.buf or b""))
             service = self.services.get(body.get("service", ""))
