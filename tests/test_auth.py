@@ -17,7 +17,7 @@ from moonlet.batch import Op, Request, State
 from moonlet.errors import ConfigError, MetadataError
 from moonlet.transport.tcp import protocol as P
 from moonlet.transport.tcp.auth import InitiatorAuth, Secret, TargetAuth, load_secret
-from moonlet.transport.tcp.client import _read_control
+from moonlet.transport.tcp.dial import read_control as _read_control
 
 SECRET = "correct horse battery staple"
 OTHER = "incorrect horse battery staple"

@@ -63,6 +63,9 @@ class EngineConfig:
             with neither, ``$MOONLET_SECRET`` is used, and with no secret at all
             the engine serves anyone who reaches it (and says so in a warning).
         max_connections: connections the listener holds at once; more are refused.
+        tls_cert_file / tls_key_file / tls_ca_file: PEM files; with all three,
+            every connection is TLS, and both ends must present a certificate
+            signed by the CA (mutual TLS).
         transports: transport names in order of preference; empty means all
             installed ones, picked per request.
     """
@@ -92,6 +95,9 @@ class EngineConfig:
     secret: str | None = field(default=None, repr=False)
     secret_file: str | None = None
     max_connections: int = 1024
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    tls_ca_file: str | None = None
     transports: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -130,6 +136,9 @@ class EngineConfig:
             raise ConfigError("secret must be at least 16 bytes long")
         if not 1 <= self.max_connections <= 1_000_000:
             raise ConfigError(f"max_connections must be in 1..1000000, got {self.max_connections}")
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(tls) and not all(tls):
+            raise ConfigError("TLS needs tls_cert_file, tls_key_file and tls_ca_file together")
         if isinstance(self.transports, str):
             raise ConfigError("transports must be a sequence of names, e.g. ('tcp',)")
         object.__setattr__(self, "transports", tuple(self.transports))

@@ -26,6 +26,8 @@ from .transport.rdma import verbs as rdma_verbs
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
 from .transport.tcp.auth import load_secret
+from .transport.tcp.dial import Security
+from .transport.tcp.tls import Tls
 
 log = logging.getLogger("moonlet")
 
@@ -52,7 +54,9 @@ class TransferEngine:
         self._instance = new_instance_id()
         self._host = host_identity()
         secret = load_secret(cfg.secret, cfg.secret_file)
-        self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl, secret)
+        tls = Tls(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_cert_file else None  # type: ignore
+        security = Security(secret, tls)
+        self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl, security)
         if not self._meta.names_are_endpoints:
             if not name or any(c.isspace() for c in name) or "/" in name:
                 raise ConfigError(f"engine name must be a non-empty string without spaces or '/', got {name!r}")
@@ -76,7 +80,7 @@ class TransferEngine:
         # Same-host peers map this page to learn at once when an unregister made their cache stale.
         self._generation = 0
         self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
-        ctx = HostContext(cfg, self._registry, secret)
+        ctx = HostContext(cfg, self._registry, security)
         self._rdma = None
         attach = None
         if "shm" in wanted:

@@ -69,6 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-gpu", type=int, help="with --use-vram and no --mode: the target's GPU (default --gpu)")
     p.add_argument("--shared", action="store_true",
                    help="target memory from engine.allocate(): same-host initiators map it and memcpy")
+    p.add_argument("--secret-file", help="file holding the cluster secret (default: $MOONLET_SECRET, if set)")
+    p.add_argument("--tls", metavar="CERT,KEY,CA", help="TLS on every connection: PEM certificate, key and CA")
     p.add_argument("--lanes", type=int, default=EngineConfig.lanes, help="connections per peer")
     p.add_argument("--sweep", action="store_true", help="block sizes 4K..16M x batch sizes 1..128")
     p.add_argument("--verify", action="store_true", help="check the bytes of every row")
@@ -93,7 +95,9 @@ class Row:
 
 def _engine(args: argparse.Namespace, port: int = 0) -> TransferEngine:
     transports = () if args.protocol == "auto" else (args.protocol,)
-    cfg = EngineConfig(listen_host=args.listen, port=port, lanes=args.lanes, transports=transports)
+    tls = dict(zip(("tls_cert_file", "tls_key_file", "tls_ca_file"), args.tls.split(","))) if args.tls else {}
+    cfg = EngineConfig(listen_host=args.listen, port=port, lanes=args.lanes, transports=transports,
+                       secret_file=args.secret_file, **tls)
     return TransferEngine(args.name, args.metadata, config=cfg)
 
 
@@ -264,7 +268,8 @@ def run_both(args: argparse.Namespace) -> int:
     cmd = [sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target", "--metadata", args.metadata,
            "--listen", args.listen, "--buffer-size", str(args.buffer_size), "--protocol", args.protocol,
            "--lanes", str(args.lanes), "--gpu", str(args.gpu if args.target_gpu is None else args.target_gpu)] + (["--shared"] if args.shared else []) \
-        + (["--use-vram"] if args.use_vram else [])
+        + (["--use-vram"] if args.use_vram else []) + (["--tls", args.tls] if args.tls else []) \
+        + (["--secret-file", args.secret_file] if args.secret_file else [])
     if args.metadata != "p2p":
         cmd += ["--name", f"bench-target-{os.getpid()}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..transport.tcp.auth import Secret
+from ..transport.tcp.dial import PLAIN, Security
 from .base import MetadataBackend
 from .etcd import EtcdMetadata
 from .http import HttpMetadata, MetadataServer
@@ -11,12 +11,12 @@ from .p2p import P2PMetadata
 from .redis import RedisMetadata
 
 
-def connect(spec: str, timeout: float, ttl: float, secret: Secret | None = None) -> MetadataBackend:
+def connect(spec: str, timeout: float, ttl: float, security: Security = PLAIN) -> MetadataBackend:
     """Backend for ``spec``: ``"p2p"``, ``"http://host:port[/metadata]"``, ``"etcd://host:port[,...][/cluster]"``
     or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of etcd and Redis entries;
-    ``secret`` authenticates peer-to-peer descriptor fetches."""
+    ``security`` (TLS, cluster secret) applies to peer-to-peer descriptor fetches."""
     if spec.lower() in ("p2p", "p2phandshake"):
-        return P2PMetadata(timeout, secret)
+        return P2PMetadata(timeout, security)
     if spec.startswith("http://"):
         return HttpMetadata(spec, timeout)
     if spec.startswith("etcd://"):

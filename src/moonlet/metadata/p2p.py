@@ -10,7 +10,7 @@ from __future__ import annotations
 import socket
 
 from ..errors import MetadataError, ProtocolError, SegmentError
-from ..transport.tcp.auth import Secret
+from ..transport.tcp.dial import PLAIN, Security
 from ..transport.tcp.client import fetch_descriptor
 from .base import MetadataBackend
 
@@ -18,16 +18,16 @@ from .base import MetadataBackend
 class P2PMetadata(MetadataBackend):
     names_are_endpoints = True
 
-    def __init__(self, timeout: float, secret: Secret | None = None) -> None:
+    def __init__(self, timeout: float, security: Security = PLAIN) -> None:
         self._timeout = timeout
-        self._secret = secret
+        self._security = security
 
     def publish(self, name: str, descriptor: bytes) -> None:
         """Nothing to do: the engine's own listener serves its descriptor."""
 
     def fetch(self, name: str) -> bytes | None:
         try:
-            return fetch_descriptor(name, self._timeout, self._secret)
+            return fetch_descriptor(name, self._timeout, self._security)
         except SegmentError:
             raise SegmentError(
                 f"segment name {name!r} is not host:port; in p2p mode open a segment by its engine's host:port"

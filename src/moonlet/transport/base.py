@@ -14,7 +14,7 @@ from ..batch import Batch, Request
 from ..config import EngineConfig
 from ..memory import Buffer, MemoryRegistry
 from ..segment import Segment, SegmentDescriptor
-from .tcp.auth import Secret
+from .tcp.dial import PLAIN, Security
 
 
 #: One request as the engine hands it to a transport: (position in the batch, the request,
@@ -29,7 +29,7 @@ class HostContext:
 
     config: EngineConfig
     registry: MemoryRegistry
-    secret: Secret | None = None  # the cluster secret every connection must prove, if one is set
+    security: Security = PLAIN  # TLS and the cluster secret every connection must pass
 
 
 class Transport(ABC):

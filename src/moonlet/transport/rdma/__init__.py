@@ -40,8 +40,7 @@ from ...memory import Buffer, Denied
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from ..tcp import protocol as P
-from ..tcp.auth import Secret
-from ..tcp.client import _read_control, authenticate, split_endpoint
+from ..tcp.dial import Security, dial, read_control
 from . import gpudirect, verbs
 from .nic import Nic, discover, load_matrix, tiers
 
@@ -333,9 +332,9 @@ class _Endpoint:
     """The queue pairs from one local NIC to one NIC of one peer engine."""
 
     def __init__(self, dev: _Device, peer: str, instance: str, control: str, nic: dict, count: int,
-                 timeout: float, secret: Secret | None) -> None:
+                 timeout: float, security: Security) -> None:
         self.dev = dev
-        self.secret = secret
+        self.security = security
         self.peer = peer
         self.instance = instance
         self.control = control
@@ -388,20 +387,20 @@ class _Endpoint:
     def _connect(self) -> _Qp:
         dev = self.dev
         nic = dev.nic
-        host, port = split_endpoint(self.control)
         try:
-            sock = socket.create_connection((host, port), timeout=self.timeout)
+            sock = dial(self.control, self.timeout, self.security)
         except OSError as e:
             self.gone = True
             raise TransferError(f"cannot reach peer {self.peer} at {self.control} to set up RDMA: {e}") from None
+        except ProtocolError as e:
+            raise TransferError(f"peer {self.peer} refused the RDMA control connection: {e}") from None
         qp = verbs.QueuePair(dev.ctx, dev.cq, dev.depth, nic.port)
         try:
-            authenticate(sock, self.secret)
             psn = random.getrandbits(24)
             sock.sendall(P.encode_connect({
                 "service": "rdma", "name": self.peer, "instance": self.instance, "nic": self.nic["name"],
                 "qpn": qp.qpn, "psn": psn, "gid": nic.gid.hex(), "lid": nic.lid, "mtu": nic.mtu}))
-            reply = P.decode_connect(_read_control(sock, P.CONNECT, "RDMA connect"))
+            reply = P.decode_connect(read_control(sock, P.CONNECT, "RDMA connect"))
             qp.connect(psn=psn, remote_qpn=int(reply["qpn"]), remote_psn=int(reply["psn"]),
                        remote_gid=bytes.fromhex(reply["gid"]), remote_lid=int(reply["lid"]),
                        gid_index=nic.gid_index, mtu=min(nic.mtu, int(reply["mtu"])), rd_atomic=dev.rd_atomic,
@@ -429,7 +428,7 @@ class RdmaTransport(Transport):
                  fallback: Transport | None = None) -> None:
         cfg = self._cfg = ctx.config
         self._instance = instance
-        self._secret = ctx.secret
+        self._security = ctx.security
         self._tcp = tcp
         self._fallback = fallback
         self._devices = {n.name: _Device(n, cfg) for n in nics}
@@ -567,7 +566,7 @@ class RdmaTransport(Transport):
             ep = self._endpoints.get(key)
             if ep is None:
                 ep = self._endpoints[key] = _Endpoint(dev, seg.name, d.instance, d.endpoints["rdma"], nic,
-                                                      self._cfg.rdma_qps, self._cfg.connect_timeout, self._secret)
+                                                      self._cfg.rdma_qps, self._cfg.connect_timeout, self._security)
         return ep
 
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:

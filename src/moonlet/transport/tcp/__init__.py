@@ -40,11 +40,11 @@ class TcpTransport(Transport):
         self._hello = attach or {}
         #: called when a peer refused to copy our memory directly (the same-host transport listens)
         self.on_attach_refused: Callable[[Peer], None] = lambda peer: None
-        self.secret = ctx.secret
+        self.security = ctx.security
         #: counters: frames retried on another connection, connections opened
         self.stats = {"retries": 0, "connects": 0}
         self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer,
-                                cfg.spin_us, bool(attach), ctx.secret, cfg.max_connections, cfg.connect_timeout)
+                                cfg.spin_us, bool(attach), ctx.security, cfg.max_connections, cfg.connect_timeout)
         self.progress = Progress(cfg.spin_us)
         self.progress.on_tick = self._expire_overdue
         host = cfg.advertise_host or self.server.address[0]
@@ -82,7 +82,7 @@ class TcpTransport(Transport):
                 peer = self._peers[key] = Peer(segment.name, d.endpoints["tcp"], d.instance, self._cfg.lanes,
                                                self._cfg.connect_timeout, self._cfg.request_timeout,
                                                self._cfg.socket_buffer, self.progress, self._on_stale,
-                                               self._hello, lambda p: self.on_attach_refused(p), self.secret,
+                                               self._hello, lambda p: self.on_attach_refused(p), self.security,
                                                self.stats)
             elif peer.instance != d.instance:
                 peer.instance = d.instance

@@ -33,7 +33,7 @@ from ...errors import ProtocolError, SegmentError
 from ...gpu import GpuError
 from ...memory import Denied
 from . import protocol as P
-from .auth import InitiatorAuth, Secret
+from .dial import PLAIN, Security, dial, read_control
 from .server import tune_socket
 from .sockio import recv_exact, recv_some, recv_some_into, send_all
 
@@ -46,44 +46,11 @@ _HEAD = P.PREFIX_SIZE + P.MIN_INITIATOR_TAIL  # read with the prefix: the first 
 _GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
 
 
-def split_endpoint(endpoint: str) -> tuple[str, int]:
-    """``"host:port"`` (or ``"[v6]:port"``) to ``(host, port)`` with a clear error."""
-    host, sep, port = endpoint.rpartition(":")
-    if not sep or not port.isdigit() or not host:
-        raise SegmentError(f"endpoint {endpoint!r} is not of the form host:port")
-    return host.strip("[]"), int(port)
-
-
-def _read_control(sock: socket.socket, expect: int, what: str) -> bytes:
-    pre = bytearray(P.PREFIX_SIZE)
-    recv_exact(sock, memoryview(pre))
-    p = P.parse_prefix(pre)
-    body = bytearray(p.payload_len)
-    if p.payload_len:
-        recv_exact(sock, memoryview(body))
-    if p.kind == P.ERROR:
-        raise ProtocolError(f"peer refused {what}: {body.decode(errors='replace')}")
-    if p.kind != expect:
-        raise ProtocolError(f"expected {P.KINDS[expect]} in reply to {what}, got {P.KINDS[p.kind]}")
-    return bytes(body)
-
-
-def authenticate(sock: socket.socket, secret: Secret | None) -> None:
-    """Run the cluster-secret handshake on a fresh connection (nothing to do without a secret)."""
-    if secret is None:
-        return
-    auth = InitiatorAuth(secret)
-    sock.sendall(auth.start())
-    sock.sendall(auth.finish(_read_control(sock, P.AUTH, "authentication")))
-
-
-def fetch_descriptor(endpoint: str, timeout: float, secret: Secret | None = None) -> bytes:
+def fetch_descriptor(endpoint: str, timeout: float, security: Security = PLAIN) -> bytes:
     """Ask the engine at ``endpoint`` for its segment descriptor (peer-to-peer metadata)."""
-    host, port = split_endpoint(endpoint)
-    with socket.create_connection((host, port), timeout=timeout) as sock:
-        authenticate(sock, secret)
+    with dial(endpoint, timeout, security) as sock:
         sock.sendall(P.encode_get_desc())
-        return _read_control(sock, P.DESC, "GET_DESC")
+        return read_control(sock, P.DESC, "GET_DESC")
 
 
 class OutFrame:
@@ -397,9 +364,9 @@ class Peer:
     def __init__(self, name: str, endpoint: str, instance: str, lanes: int, connect_timeout: float,
                  send_timeout: float, socket_buffer: int | None, progress: Progress,
                  on_stale: Callable[[str], None], hello: dict, on_refused: Callable[["Peer"], None],
-                 secret: Secret | None = None, stats: dict | None = None) -> None:
+                 security: Security = PLAIN, stats: dict | None = None) -> None:
         self.name = name
-        self.secret = secret
+        self.security = security
         self.stats = stats if stats is not None else {"retries": 0, "connects": 0}
         self.hello = hello  # our pid/host/pidns, offered so a same-host target may copy directly
         self.on_refused = on_refused
@@ -415,17 +382,15 @@ class Peer:
         self.closed = False
 
     def _connect(self) -> Lane:
-        host, port = split_endpoint(self.endpoint)
         try:
-            sock = socket.create_connection((host, port), timeout=self.connect_timeout)
+            sock = dial(self.endpoint, self.connect_timeout, self.security)
         except OSError as e:
             self._on_stale(self.name)
             raise ConnectionError(f"cannot connect to {self.name} at {self.endpoint}: {e}") from None
         try:
             tune_socket(sock, self.socket_buffer)
-            authenticate(sock, self.secret)
             sock.sendall(P.encode_hello(self.name, **self.hello))
-            ident = json.loads(_read_control(sock, P.HELLO, "HELLO"))
+            ident = json.loads(read_control(sock, P.HELLO, "HELLO"))
             if ident.get("instance") != self.instance:
                 self._on_stale(self.name)
                 raise SegmentError(

@@ -32,7 +32,8 @@ from . import protocol as P
 from ... import gpu
 from ...gpu import GpuError, Stage, StagingPool
 from .. import cma
-from .auth import Secret, TargetAuth
+from .auth import TargetAuth
+from .dial import PLAIN, Security
 from .sockio import recv_some, recv_some_into, sendmsg_some
 
 log = logging.getLogger("moonlet.tcp")
@@ -47,7 +48,8 @@ _IN, _OUT, _ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP
 
 def tune_socket(sock: socket.socket, bufsize: int | None) -> None:
     """Low-latency, large-buffer settings shared by both ends."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):  # not the local end of a TLS relay
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     if bufsize:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, bufsize)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
@@ -98,11 +100,11 @@ class TcpServer:
         socket_buffer: int | None,
         spin_us: int = 0,
         attach: bool = False,
-        secret: Secret | None = None,
+        security: Security = PLAIN,
         max_connections: int = 1024,
         auth_timeout: float = 5.0,
     ) -> None:
-        """``secret``: serve only peers that prove they hold it. ``max_connections``: refuse more at once.
+        """``security``: TLS on every connection, and serve only peers that prove they hold the secret. ``max_connections``: refuse more at once.
         ``auth_timeout``: drop a connection that has not authenticated within this many seconds."""
         self._registry = registry
         self._describe = describe
@@ -110,7 +112,8 @@ class TcpServer:
         self._bufsize = socket_buffer
         self._spin = spin_us / 1e6
         self._attach = attach and cma.AVAILABLE
-        self._secret = secret
+        self._secret = security.secret
+        self._tls = security.tls
         self._max_conns = max_connections
         self._auth_timeout = auth_timeout
         self._next_sweep = 0.0
@@ -226,6 +229,8 @@ class TcpServer:
                     pass
                 sock.close()
                 continue
+            if self._tls is not None:  # the engine side of a relay whose thread runs TLS with the peer
+                sock = self._tls.wrap_server(sock, self._auth_timeout)
             sock.setblocking(False)
             tune_socket(sock, self._bufsize)
             conn = _Conn(sock, self._secret is None)

@@ -1,0 +1,81 @@
+"""Opening a connection to a peer engine: TCP, then TLS if configured, then the cluster-secret handshake.
+
+Every connection an engine opens (data lanes, peer-to-peer descriptor fetches,
+RDMA queue-pair setup) goes through :func:`dial`, so none can skip a step.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+from . import protocol as P
+from .auth import InitiatorAuth, Secret
+from .sockio import recv_exact
+from .tls import Tls
+
+
+@dataclass(frozen=True)
+class Security:
+    """What each connection must do before any traffic: TLS (optional), then prove the secret (if set)."""
+
+    secret: Secret | None = None
+    tls: Tls | None = None
+
+
+PLAIN = Security()
+
+
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """``"host:port"`` (or ``"[v6]:port"``) to ``(host, port)`` with a clear error."""
+    from ...errors import SegmentError
+
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise SegmentError(f"endpoint {endpoint!r} is not of the form host:port")
+    return host.strip("[]"), int(port)
+
+
+def read_control(sock: socket.socket, expect: int, what: str) -> bytes:
+    """Read one control frame of kind ``expect`` (blocking); an ERROR frame raises with the peer's message."""
+    from ...errors import ProtocolError
+
+    pre = bytearray(P.PREFIX_SIZE)
+    recv_exact(sock, memoryview(pre))
+    p = P.parse_prefix(pre)
+    body = bytearray(p.payload_len)
+    if p.payload_len:
+        recv_exact(sock, memoryview(body))
+    if p.kind == P.ERROR:
+        raise ProtocolError(f"peer refused {what}: {body.decode(errors='replace')}")
+    if p.kind != expect:
+        raise ProtocolError(f"expected {P.KINDS[expect]} in reply to {what}, got {P.KINDS[p.kind]}")
+    return bytes(body)
+
+
+def authenticate(sock: socket.socket, secret: Secret | None) -> None:
+    """Run the cluster-secret handshake on a fresh connection (nothing to do without a secret)."""
+    if secret is None:
+        return
+    auth = InitiatorAuth(secret)
+    sock.sendall(auth.start())
+    sock.sendall(auth.finish(read_control(sock, P.AUTH, "authentication")))
+
+
+def dial(endpoint: str, timeout: float, security: Security = PLAIN) -> socket.socket:
+    """A connection to ``endpoint`` that has passed TLS and the secret handshake (blocking, ``timeout`` set).
+
+    Raises OSError (ConnectionError) when the peer cannot be reached or TLS fails,
+    ProtocolError when the handshake is refused.
+    """
+    host, port = split_endpoint(endpoint)
+    sock = socket.create_connection((host, port), timeout=timeout)
+    try:
+        if security.tls is not None:
+            sock = security.tls.wrap_client(sock, timeout)
+            sock.settimeout(timeout)
+        authenticate(sock, security.secret)
+    except BaseException:
+        sock.close()
+        raise
+    return sock

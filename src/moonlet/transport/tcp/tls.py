@@ -1,0 +1,202 @@
+"""Optional TLS for every connection of an engine, with the standard library's ``ssl``.
+
+The TCP hot paths move bytes with ``sendmsg`` / ``recvmsg_into`` straight between
+sockets and registered memory, which TLS sockets cannot do.  So TLS is a layer
+beside them: each TLS connection gets a relay thread that encrypts and decrypts
+between the network socket and one end of a local socket pair, and the engine
+uses the other end exactly as it uses a plain connection.  That costs a copy
+and a thread hop per chunk (see ``docs/performance.md``), and keeps the wire
+format, the reactor and the zero-copy paths unchanged.
+
+Both ends present a certificate signed by the cluster's CA and verify the
+other's (mutual TLS).  Host names are not checked: engines are addressed by IP
+as often as by name, and identity is the CA plus the cluster secret.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import ssl
+import threading
+from collections import deque
+
+from ...errors import ConfigError
+
+log = logging.getLogger("moonlet.tls")
+
+_CHUNK = 1 << 20
+_CAP = 8 << 20  # bytes buffered per direction before the relay stops reading that side
+
+
+class Tls:
+    """Client and server TLS contexts built from the cluster CA and this engine's certificate."""
+
+    def __init__(self, cert: str, key: str, ca: str) -> None:
+        try:
+            self.server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
+            self.server.load_cert_chain(cert, key)
+            self.server.verify_mode = ssl.CERT_REQUIRED
+            self.client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+            self.client.load_cert_chain(cert, key)
+            self.client.check_hostname = False
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError(f"TLS setup failed (cert {cert!r}, key {key!r}, CA {ca!r}): {e}") from None
+
+    def wrap_client(self, raw: socket.socket, timeout: float) -> socket.socket:
+        """Run the client handshake on a connected socket; return the plain end of a relayed pair."""
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames must not wait for ACKs
+        raw.settimeout(timeout)
+        try:
+            tls = self.client.wrap_socket(raw)
+        except (OSError, ssl.SSLError) as e:
+            raw.close()
+            raise ConnectionError(f"TLS handshake with {raw_peer(raw)} failed: {e}") from None
+        return _relay(tls)
+
+    def wrap_server(self, raw: socket.socket, timeout: float) -> socket.socket:
+        """The plain end of a pair whose relay thread runs the server handshake, then relays."""
+        mine, theirs = socket.socketpair()
+
+        def start() -> None:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            raw.settimeout(timeout)
+            try:
+                tls = self.server.wrap_socket(raw, server_side=True)
+            except (OSError, ssl.SSLError) as e:
+                log.info("TLS handshake from %s failed: %s", raw_peer(raw), e)
+                raw.close()
+                theirs.close()
+                return
+            _pump(tls, theirs)
+
+        threading.Thread(target=start, name="moonlet-tls", daemon=True).start()
+        return mine
+
+
+def raw_peer(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "peer"
+
+
+def _relay(tls: ssl.SSLSocket) -> socket.socket:
+    mine, theirs = socket.socketpair()
+    threading.Thread(target=_pump, args=(tls, theirs), name="moonlet-tls", daemon=True).start()
+    return mine
+
+
+class _Queue:
+    """Bytes waiting to go one way: a FIFO of chunks, consumed from the front without moving the rest."""
+
+    __slots__ = ("chunks", "head", "size")
+
+    def __init__(self) -> None:
+        self.chunks: deque[bytes] = deque()
+        self.head = 0  # bytes of chunks[0] already sent
+        self.size = 0
+
+    def push(self, data: bytes) -> None:
+        self.chunks.append(data)
+        self.size += len(data)
+
+    def front(self) -> memoryview:
+        return memoryview(self.chunks[0])[self.head:]
+
+    def pop(self, n: int) -> None:
+        self.size -= n
+        self.head += n
+        if self.head == len(self.chunks[0]):
+            self.chunks.popleft()
+            self.head = 0
+
+    def __bool__(self) -> bool:
+        return self.size > 0
+
+
+def _pump(tls: ssl.SSLSocket, plain: socket.socket) -> None:
+    """Move bytes both ways between ``tls`` and ``plain`` until either side closes; one thread, never blocking.
+
+    Each readiness event drains what is available (TLS hands out one 16 KiB
+    record per call), so the per-event cost is spread over many records.
+    """
+    tls.setblocking(False)
+    plain.setblocking(False)
+    to_plain = _Queue()
+    to_tls = _Queue()
+    sel = selectors.DefaultSelector()
+    masks = {tls: 0, plain: 0}
+    tls_open = plain_open = True
+    try:
+        while True:
+            want = {tls: (selectors.EVENT_READ if tls_open and to_plain.size < _CAP else 0)
+                    | (selectors.EVENT_WRITE if to_tls else 0),
+                    plain: (selectors.EVENT_READ if plain_open and to_tls.size < _CAP else 0)
+                    | (selectors.EVENT_WRITE if to_plain else 0)}
+            for sock, mask in want.items():
+                if mask != masks[sock]:
+                    if not masks[sock]:
+                        sel.register(sock, mask)
+                    elif not mask:
+                        sel.unregister(sock)
+                    else:
+                        sel.modify(sock, mask)
+                    masks[sock] = mask
+            if tls.pending() and want[tls] & selectors.EVENT_READ:
+                ready = {tls: selectors.EVENT_READ}  # decrypted bytes already buffered inside ssl
+            else:
+                ready = {key.fileobj: ev for key, ev in sel.select(timeout=1.0)}
+            ev = ready.get(tls, 0)
+            if ev & selectors.EVENT_READ:
+                while to_plain.size < _CAP:
+                    try:
+                        data = tls.recv(_CHUNK)
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        break
+                    if not data:
+                        tls_open = False
+                        break
+                    to_plain.push(data)
+            if ev & selectors.EVENT_WRITE:
+                while to_tls:
+                    try:
+                        to_tls.pop(tls.send(to_tls.front()))
+                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                        break
+            ev = ready.get(plain, 0)
+            if ev & selectors.EVENT_READ:
+                while to_tls.size < _CAP:
+                    try:
+                        data = plain.recv(_CHUNK)
+                    except BlockingIOError:
+                        break
+                    if not data:
+                        plain_open = False
+                        break
+                    to_tls.push(data)
+            while to_plain:  # the local end is nearly always writable: try at once
+                try:
+                    to_plain.pop(plain.send(to_plain.front()))
+                except BlockingIOError:
+                    break
+            if to_tls and not ev & selectors.EVENT_WRITE:
+                try:
+                    to_tls.pop(tls.send(to_tls.front()))
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    pass
+            if not tls_open and not to_plain:
+                break  # the remote end closed and everything it sent is delivered
+            if not plain_open and not to_tls:
+                break  # the engine closed its end and everything it sent is out
+    except (OSError, ssl.SSLError) as e:
+        log.debug("TLS relay ended: %s", e)
+    finally:
+        sel.close()
+        for sock in (tls, plain):
+            try:
+                sock.close()
+            except OSError:
+                pass
