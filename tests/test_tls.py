@@ -12,7 +12,7 @@ import subprocess
 import pytest
 
 from moonlet import EngineConfig, TransferEngine
-from moonlet.batch import Op, Request, State
+from moonlet.batch import Op, Request
 from moonlet.errors import ConfigError, MetadataError
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed (makes test certs)")

@@ -35,6 +35,17 @@ log = logging.getLogger("moonlet")
 ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "rdma", "tcp")
 
 
+def _usable() -> dict[str, bool]:
+    return {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE,
+            "rdma": not rdma_verbs.unavailable_reason(), "tcp": True}
+
+
+def available_transports() -> tuple[str, ...]:
+    """The transports this host can run, in the default order of preference."""
+    usable = _usable()
+    return tuple(t for t in ALL_TRANSPORTS if usable[t])
+
+
 class TransferEngine:
     """Moves bytes between this process's registered memory and other engines'.
 
@@ -66,8 +77,7 @@ class TransferEngine:
         self._closed = False
         self._pidns = cma.pid_namespace()
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
-        usable = {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE,
-                  "rdma": not rdma_verbs.unavailable_reason(), "tcp": True}
+        usable = _usable()
         wanted = cfg.transports or tuple(t for t in ALL_TRANSPORTS if usable[t])
         unknown = [t for t in wanted if not usable.get(t)]
         if unknown:
@@ -207,6 +217,8 @@ class TransferEngine:
                 raise MemoryAccessError("registering a raw address needs a length")
             addr, size = target, length
             check_range(addr, length)
+            if addr < 4096:
+                raise MemoryAccessError(f"address {addr:#x} is in the never-mapped first page (a NULL pointer?)")
             gpu_info = gpu.pointer_info(addr) if (location or "cuda").startswith("cuda") and gpu.available() \
                 else None
             device = gpu_info.device if gpu_info else None
@@ -557,4 +569,4 @@ class TransferEngine:
         return f"TransferEngine({self._name!r}, metadata={self.metadata!r}, buffers={len(self._registry)})"
 
 
-__all__ = ["TransferEngine"]
+__all__ = ["TransferEngine", "available_transports"]
