@@ -224,3 +224,28 @@ def test_register_cupy_array_and_move_bytes(peer_factory):
         seg = eng.open_segment(target.name)
         eng.read(buf.addr, seg, target.addr + 3, 1 << 20)  # host memory of another process into the CuPy array
         assert target.digest(target.addr + 3, 1 << 20) == sha(cupy.asnumpy(arr).tobytes())
+
+
+def test_dmabuf_export_for_gpudirect_registration():
+    """The DMA-BUF half of GPUDirect RDMA registration: the fd the NIC would register, for an interior range.
+
+    (No machine here has both a GPU and an RDMA NIC, so ibv_reg_dmabuf_mr itself is not exercised.)
+    """
+    from moonlet.transport.rdma import gpudirect
+
+    base = gpu.alloc(0, (8 << 20) + 4096)
+    try:
+        addr = base + 12345  # a range starting inside the allocation
+        try:
+            fd, start = gpudirect.export(addr)
+        except gpu.GpuError as e:
+            pytest.skip(f"this driver cannot export DMA-BUF: {e}")
+        try:
+            assert start == base - base % gpudirect.PAGE and start <= addr
+            size = os.fstat(fd).st_size
+            assert size == 0 or size >= (8 << 20) + 4096 - (start - base)
+            assert os.readlink(f"/proc/self/fd/{fd}").startswith(("anon_inode:dmabuf", "/dmabuf"))
+        finally:
+            os.close(fd)
+    finally:
+        gpu.free(base, 0)

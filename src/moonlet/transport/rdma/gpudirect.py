@@ -62,16 +62,24 @@ class GpuRegistration:
 
     @staticmethod
     def _dmabuf(ctx: verbs.Context, addr: int, length: int, access: int) -> verbs.MemoryRegion:
-        info = gpu.pointer_info(addr)
-        if info is None:
-            raise gpu.GpuError(f"{addr:#x} is not CUDA memory")
-        start = info.base - info.base % PAGE
-        end = -(-(info.base + info.size) // PAGE) * PAGE
-        fd = gpu.dmabuf_fd(start, end - start)
+        fd, start = export(addr)
         try:
             return ctx.reg_dmabuf_mr(addr - start, length, addr, fd, access)
         finally:
             os.close(fd)
+
+
+def export(addr: int) -> tuple[int, int]:
+    """A DMA-BUF fd for the whole CUDA allocation holding ``addr`` (page-aligned), and where that range starts.
+
+    The NIC registers ``[addr, +length)`` as the fd's slice at offset ``addr - start``.
+    """
+    info = gpu.pointer_info(addr)
+    if info is None:
+        raise gpu.GpuError(f"{addr:#x} is not CUDA memory")
+    start = info.base - info.base % PAGE
+    end = -(-(info.base + info.size) // PAGE) * PAGE
+    return gpu.dmabuf_fd(start, end - start), start
 
 
 @functools.lru_cache(maxsize=None)
