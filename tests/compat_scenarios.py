@@ -18,14 +18,14 @@ import time
 
 def load(impl: str):
     if impl == "mooncake":
-        from mooncake.engine import TransferEngine, TransferOpcode
+        from mooncake.engine import TransferEngine, TransferNotify, TransferOpcode
     else:
-        from moonlet.mooncake import TransferEngine, TransferOpcode
-    return TransferEngine, TransferOpcode
+        from moonlet.mooncake import TransferEngine, TransferNotify, TransferOpcode
+    return TransferEngine, TransferOpcode, TransferNotify
 
 
 def run(impl: str) -> dict:
-    TransferEngine, TransferOpcode = load(impl)
+    TransferEngine, TransferOpcode, TransferNotify = load(impl)
     out: dict = {}
     target, init = TransferEngine(), TransferEngine()
     out["initialize"] = [target.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", ""),
@@ -67,6 +67,12 @@ def run(impl: str) -> dict:
         status = init.transfer_check_status(bid)
     out["submit_write"] = ["id" if bid > 0 else bid, status, target.read_bytes_from_buffer(taddr + 200000, 4096)
                            == data]
+    data = fill(4096)
+    rc = init.transfer_sync(name, iaddr, taddr + 300000, 4096, TransferOpcode.Write, TransferNotify("kv-17", "ready"))
+    notes, deadline = [], time.monotonic() + 5
+    while not notes and time.monotonic() < deadline:
+        notes = [[n.name, n.msg] for n in target.get_notifies()]
+    out["notify"] = [rc, notes, target.read_bytes_from_buffer(taddr + 300000, 4096) == data]
     out["bytes_helpers"] = [init.write_bytes_to_buffer(iaddr + 9, b"hello moonlet", 13),
                             init.read_bytes_from_buffer(iaddr + 9, 13) == b"hello moonlet"]
     managed = init.allocate_managed_buffer(1 << 16)

@@ -6,14 +6,15 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from operator import add
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 from . import gpu
 from . import metadata as md
 from .batch import Batch, Op, Request, RequestStatus
 from .config import EngineConfig
-from .errors import ConfigError, MemoryAccessError, MoonletError, SegmentError, TransferError
+from .errors import ConfigError, MemoryAccessError, MoonletError, ProtocolError, SegmentError, TransferError
 from .memory import (Buffer, MemoryRegistry, SharedMemory, address_of, check_range, host_numa_node, parse_location,
                      view_at)
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
@@ -26,10 +27,14 @@ from .transport.rdma import verbs as rdma_verbs
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
 from .transport.tcp.auth import load_secret
-from .transport.tcp.dial import Security
+from .transport.tcp import protocol as P
+from .transport.tcp.dial import Security, dial, read_control
 from .transport.tcp.tls import Tls
 
 log = logging.getLogger("moonlet")
+
+_NOTE_MAX = 32 * 1024  # characters of name + message of one notification
+_NOTES_KEPT = 65536  # unread notifications an engine queues before refusing more
 
 #: Transport names in the default order of preference: same process, same host, RDMA NIC, anywhere.
 ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "rdma", "tcp")
@@ -113,6 +118,9 @@ class TransferEngine:
                     t.close()
                 raise ConfigError(f"RDMA transport cannot start: {e}") from None
         self._all_transports = list(available.values())
+        self._notes: deque[tuple[str, str]] = deque()
+        self._security = security
+        tcp.server.services["notify"] = self._on_notify
         self._transports = [available[t] for t in wanted]
         try:
             self._publish()
@@ -528,6 +536,43 @@ class TransferEngine:
                          timeout: float | None = None) -> RequestStatus:
         """asyncio form of :meth:`read`."""
         return await self._one_async(Op.READ, local_addr, segment, remote_addr, length, timeout)
+
+    # -- notifications -------------------------------------------------------------------
+
+    def notify(self, segment: object, name: str, message: str, timeout: float | None = None) -> None:
+        """Deliver a short ``(name, message)`` note to the peer, e.g. "KV blocks of request 17 written".
+
+        Send it after the transfers it announces have completed: it travels on
+        its own connection and is queued by the peer until it calls
+        :meth:`notifications`. Raises :class:`TransferError` if the peer did not take it.
+        """
+        self._check_open()
+        if not isinstance(name, str) or not isinstance(message, str) or len(name) + len(message) > _NOTE_MAX:
+            raise TransferError(f"a notification is two strings of at most {_NOTE_MAX} characters together")
+        seg = self._segment(segment)
+        timeout = self.config.request_timeout if timeout is None else timeout
+        try:
+            with dial(seg.descriptor.endpoints["tcp"], timeout, self._security) as sock:
+                sock.sendall(P.encode_connect({"service": "notify", "name": name, "msg": message}))
+                read_control(sock, P.CONNECT, "notification")
+        except (OSError, MoonletError, KeyError) as e:
+            raise TransferError(f"notification to {seg.name} not delivered: {e}") from None
+
+    def notifications(self) -> list[tuple[str, str]]:
+        """Notes peers sent with :meth:`notify` since the last call, oldest first (and forget them)."""
+        out = []
+        while self._notes:
+            out.append(self._notes.popleft())
+        return out
+
+    def _on_notify(self, body: dict) -> tuple[dict, Callable[[], None]]:
+        name, msg = body.get("name"), body.get("msg")
+        if not isinstance(name, str) or not isinstance(msg, str):
+            raise ProtocolError("a notification needs string name and msg")
+        if len(self._notes) >= _NOTES_KEPT:
+            raise ProtocolError(f"notification queue full ({_NOTES_KEPT} unread); the peer must call notifications()")
+        self._notes.append((name, msg))
+        return {}, lambda: None
 
     # -- lifecycle ---------------------------------------------------------------------
 

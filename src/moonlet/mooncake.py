@@ -220,10 +220,16 @@ class TransferEngine:
     def batch_transfer_sync(self, target_hostname: str, buffers: Sequence[int], peer_buffer_addresses: Sequence[int],
                             lengths: Sequence[int], opcode: TransferOpcode, notify: TransferNotify | None = None,
                             transport_hint: str = "") -> int:
-        batch = self._submit(target_hostname, buffers, peer_buffer_addresses, lengths, opcode, notify)
+        batch = self._submit(target_hostname, buffers, peer_buffer_addresses, lengths, opcode)
         if batch is None:
             return -1
-        return self._outcome(batch.wait(), target_hostname)
+        rc = self._outcome(batch.wait(), target_hostname)
+        if rc == 0 and notify is not None:  # after the bytes landed, so the peer may read them on seeing it
+            try:
+                self._need().notify(target_hostname, notify.name, notify.msg)
+            except MoonletError as e:
+                return self._fail(str(e))
+        return rc
 
     def batch_transfer_async_write(self, target_hostname: str, buffers: Sequence[int],
                                    peer_buffer_addresses: Sequence[int], lengths: Sequence[int],
@@ -240,7 +246,7 @@ class TransferEngine:
     def batch_transfer_async(self, target_hostname: str, buffers: Sequence[int], peer_buffer_addresses: Sequence[int],
                              lengths: Sequence[int], opcode: TransferOpcode, transport_hint: str = "") -> int:
         """Start a batch; its id (0 when it could not start) goes to :meth:`get_batch_transfer_status`."""
-        batch = self._submit(target_hostname, buffers, peer_buffer_addresses, lengths, opcode, None)
+        batch = self._submit(target_hostname, buffers, peer_buffer_addresses, lengths, opcode)
         return 0 if batch is None else self._keep(batch)
 
     def get_batch_transfer_status(self, batch_ids: Sequence[int]) -> int:
@@ -258,7 +264,7 @@ class TransferEngine:
     def transfer_submit_write(self, target_hostname: str, buffer: int, peer_buffer_address: int, length: int,
                               transport_hint: str = "") -> int:
         """Start one WRITE; its id (-1 when it could not start) goes to :meth:`transfer_check_status`."""
-        batch = self._submit(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Write, None)
+        batch = self._submit(target_hostname, [buffer], [peer_buffer_address], [length], TransferOpcode.Write)
         return -1 if batch is None else self._keep(batch)
 
     def transfer_check_status(self, batch_id: int) -> int:
@@ -278,8 +284,8 @@ class TransferEngine:
         return -2 if status.state is State.TIMEOUT else -1
 
     def get_notifies(self) -> list[TransferNotify]:
-        """Notifications received (moonlet peers send none; see docs/mooncake-compat.md)."""
-        return []
+        """Notifications peers sent with their transfers since the last call, oldest first."""
+        return [TransferNotify(name, msg) for name, msg in self._need().notifications()]
 
     # -- helpers -----------------------------------------------------------------------
 
@@ -300,10 +306,7 @@ class TransferEngine:
         return bid
 
     def _submit(self, target: str, buffers: Sequence[int], peers: Sequence[int], lengths: Sequence[int],
-                opcode: TransferOpcode, notify: TransferNotify | None) -> Batch | None:
-        if notify is not None:
-            self._fail("transfers with a TransferNotify are not supported by moonlet yet")
-            return None
+                opcode: TransferOpcode) -> Batch | None:
         if not len(buffers) == len(peers) == len(lengths):
             self._fail("buffers, peer_buffer_addresses and lengths have different size")
             return None
