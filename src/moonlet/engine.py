@@ -431,9 +431,11 @@ class TransferEngine:
             if items is None:
                 items = self._route(batch, groups, routes, local, seg, remote)  # type: ignore[arg-type]
             if items is False:
+                why = "; ".join(f"{t.name}: {w}" for t in self._transports
+                                if (w := t.why_not(local, seg.descriptor, remote)))  # type: ignore[union-attr,arg-type]
                 batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
                               f"{remote['location']} memory of {seg.name!r} from local "  # type: ignore[union-attr]
-                              f"{local.location}")  # type: ignore[union-attr]
+                              f"{local.location}" + (f" ({why})" if why else ""))  # type: ignore[union-attr]
                 continue
             items.append((i, r, local, remote))
         for t, seg, work in groups.values():

@@ -259,3 +259,14 @@ def test_queue_pairs_need_the_cluster_secret(peer_factory):
             st = eng.write(eng.register(m).addr, eng.open_segment("guarded"), target.addr, 1 << 20)
             assert st.transport == "rdma"
         assert target.digest(target.addr, 1 << 20) == sha(m[:])
+
+
+def test_memory_the_nic_cannot_register_says_why(rdma, target):
+    import ctypes
+
+    m = mmap.mmap(-1, 1 << 16)
+    addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+    assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(addr), 1 << 16, 0) == 0  # no access: ibv_reg_mr refuses it
+    buf = rdma.register(addr, 1 << 16)
+    st = rdma.submit([Request(Op.WRITE, buf.addr, rdma.open_segment(target.name), target.addr, 4096)]).wait()[0]
+    assert st.state is State.FAILED and "could not register it" in st.reason, st.reason

@@ -49,6 +49,10 @@ class Transport(ABC):
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         """Start moving ``items``; report each one's end to ``batch`` (never block on the network)."""
 
+    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> str:
+        """Why :meth:`reaches` is False for this pair, when there is more to say than "not this kind"."""
+        return ""
+
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
         """Array form of :meth:`submit`: every range already checked to lie in ``local`` / ``remote``.

@@ -437,6 +437,7 @@ class RdmaTransport(Transport):
         self._endpoints: dict[tuple, _Endpoint] = {}
         self._lock = threading.Lock()
         self._order_cache: dict[str, list[list[_Device]]] = {}
+        self._unregistered: dict[int, str] = {}  # buffer addr -> why a NIC refused to register it
         tcp.server.services["rdma"] = self._accept
 
     @classmethod
@@ -503,6 +504,7 @@ class RdmaTransport(Transport):
                         r.close()
                 log.info("buffer [%#x, +%d) on %s not registered with %s: %s; peers use another transport",
                          buf.addr, buf.length, buf.location, dev.nic.name, bad)
+                self._unregistered[buf.addr] = f"{dev.nic.name} could not register it: {bad}"
                 continue
             with dev.lock:
                 dev.mrs[buf.addr] = mrs  # type: ignore[assignment]  # no exceptions left in it
@@ -512,6 +514,7 @@ class RdmaTransport(Transport):
         self._order_cache[buf.location] = order
 
     def unregister(self, buf: Buffer) -> None:
+        self._unregistered.pop(buf.addr, None)
         for dev in self._devices.values():
             with dev.lock:
                 mrs = dev.mrs.pop(buf.addr, [])
@@ -558,6 +561,13 @@ class RdmaTransport(Transport):
     def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
         return (bool(peer.nics) and "rdma" in peer.endpoints and bool(remote.get("rkeys"))
                 and peer.instance != self._instance and any(local.addr in d.mrs for d in self._devices.values()))
+
+    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> str:
+        if local.addr in self._unregistered and not any(local.addr in d.mrs for d in self._devices.values()):
+            return f"local buffer not registered with a NIC: {self._unregistered[local.addr]}"
+        if peer.nics and not remote.get("rkeys"):
+            return f"{peer.name} registered that buffer with none of its NICs"
+        return ""
 
     def _endpoint(self, dev: _Device, seg: Segment, nic: dict) -> _Endpoint:
         d = seg.descriptor
