@@ -6,7 +6,8 @@ Workload: block sizes 4 KiB ... 16 MiB, batch 1 and 32, READ and WRITE, two
 processes, scattered blocks (stride 2 x block). Engines:
 
 - moonlet over each transport that works here: tcp, shm (the target copies with
-  process_vm_readv/writev) and shm with target memory from engine.allocate()
+  process_vm_readv/writev), shm with target memory from engine.allocate(), and rdma
+  (on a host without an RDMA device its rows say so)
   (the initiator memcpys into a shared mapping);
 - Mooncake Transfer Engine (``mooncake-transfer-engine-non-cuda``, protocol tcp,
   P2PHANDSHAKE);
@@ -163,6 +164,7 @@ def main() -> int:
     results["moonlet tcp"] = moonlet_engine("moonlet tcp", "tcp", False, args.duration)
     results["moonlet shm"] = moonlet_engine("moonlet shm", "shm", False, args.duration)
     results["moonlet shm (allocate)"] = moonlet_engine("moonlet shm (allocate)", "shm", True, args.duration)
+    results["moonlet rdma"] = moonlet_engine("moonlet rdma", "rdma", False, args.duration)  # a row saying why not, here
     print(f"  [{time.perf_counter() - t_start:.0f} s]", file=sys.stderr)
     if "mooncake" not in args.skip:
         results["Mooncake tcp"] = peer_engine("mooncake", "Mooncake tcp", args.duration)

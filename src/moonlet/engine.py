@@ -90,8 +90,8 @@ class TransferEngine:
             why = {"cuda_ipc": gpu.unavailable_reason, "rdma": rdma_verbs.unavailable_reason, "shm": lambda: (
                 "process_vm_readv is not available")}
             detail = "; ".join(f"{t}: {why[t]()}" for t in unknown if t in why)
-            raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {here}"
-                              + (f" ({detail})" if detail else ""))
+            raise ConfigError(f"unknown or unavailable transport(s) {unknown}" + (f" ({detail})" if detail else "")
+                              + f"; available here: {here}")
         # Same-host peers map this page to learn at once when an unregister made their cache stale.
         self._generation = 0
         self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
