@@ -205,9 +205,13 @@ class Batch:
         """
         if timeout is not None:
             self.expire_at(time.monotonic() + timeout)
-        for drive in self._drivers:
-            drive(self, True)
-        while not self._done.wait(max(0.0, min(self.deadline - time.monotonic(), 1.0)) + 0.01):
+        ran = 0
+        while True:
+            while ran < len(self._drivers):  # a transport may hand requests to another one meanwhile
+                self._drivers[ran](self, True)
+                ran += 1
+            if self._done.wait(max(0.0, min(self.deadline - time.monotonic(), 0.1)) + 0.01):
+                break
             if time.monotonic() >= self.deadline and self._expire is not None:
                 self._expire(self)
         return self.statuses()

@@ -270,3 +270,28 @@ def test_memory_the_nic_cannot_register_says_why(rdma, target):
     buf = rdma.register(addr, 1 << 16)
     st = rdma.submit([Request(Op.WRITE, buf.addr, rdma.open_segment(target.name), target.addr, 4096)]).wait()[0]
     assert st.state is State.FAILED and "could not register it" in st.reason, st.reason
+
+
+def test_a_broken_rdma_path_moves_its_requests_to_tcp(target):
+    """QPs fail mid-batch and new ones are refused: the flushed slices finish over TCP, bytes intact."""
+    cfg = EngineConfig(transports=("rdma", "tcp"), request_timeout=30.0)
+    with TransferEngine(config=cfg) as eng:
+        m = mmap.mmap(-1, 64 << 20)
+        m[:] = os.urandom(64 << 20)
+        buf = eng.register(m)
+        seg = eng.open_segment(target.name)
+        eng.write(buf.addr, seg, target.addr, 4096)  # queue pairs up
+        rdma = eng._rdma
+        for ep in rdma._endpoints.values():  # from now on the target refuses new queue pairs for this NIC
+            ep.nic = dict(ep.nic, name="no-such-nic")
+        reqs = [Request(Op.WRITE, buf.addr + i * (1 << 20), seg, target.addr + i * (1 << 20), 1 << 20)
+                for i in range(48)]
+        batch = eng.submit(reqs)
+        for dev in rdma._devices.values():  # the NIC path breaks with most of the batch in flight
+            with dev.lock:
+                for q in list(dev.qps.values()):
+                    q.fail("test: NIC path broken")
+        statuses = batch.wait()
+        assert all(s.ok for s in statuses), [s for s in statuses if not s.ok][:3]
+        assert any(s.transport == "tcp" for s in statuses)
+        assert target.digest(target.addr, 48 << 20) == sha(m[:48 << 20])

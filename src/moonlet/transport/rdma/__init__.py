@@ -33,6 +33,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, TransferError
@@ -40,6 +41,7 @@ from ...memory import Buffer, Denied
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from ..tcp import protocol as P
+from ..tcp.client import OutFrame
 from ..tcp.dial import Security, dial, read_control
 from . import gpudirect, verbs
 from .nic import Nic, discover, load_matrix, tiers
@@ -54,7 +56,8 @@ _REASONS = {
     verbs.WC_RETRY_EXC_ERR: "no answer from the peer's NIC (retries exhausted): peer down or unreachable",
 }
 
-# One slice in flight: (batch, request index, op, local addr, lkey, remote addr, rkey, length, attempt)
+# One slice in flight: (batch, request index, op, local addr, lkey, remote addr, rkey, length, attempt,
+# origin), origin being (segment, local Buffer, remote buffer dict), shared by the slices of a route.
 Slice = tuple
 
 
@@ -113,6 +116,8 @@ class _Device:
         os.set_blocking(self._wake_r, False)
         self.retry: list[tuple["_Endpoint", list[Slice]]] = []
         self.retried = 0  # slices re-posted after a queue pair error
+        #: takes slices whose RDMA path is gone (another transport carries them); returns those it could not
+        self.rescue: Callable[[list[Slice]], list[Slice]] = lambda slices: slices
         self.connected = 0  # queue pairs brought up as initiator
         self.thread = threading.Thread(target=self._run, name=f"moonlet-rdma-{nic.name}", daemon=True)
         self.thread.start()
@@ -213,7 +218,7 @@ class _Device:
             return
         if status == verbs.WC_WR_FLUSH_ERR:
             if s[8] < 2 and time.monotonic() < s[0].deadline and not q.endpoint.gone:
-                self._queue_retry(q.endpoint, s[:8] + (s[8] + 1,))
+                self._queue_retry(q.endpoint, s[:8] + (s[8] + 1,) + s[9:])
             else:
                 self._end(s, False, f"flushed: {q.broken or 'queue pair in error'}")
         else:
@@ -302,7 +307,9 @@ class _Device:
             try:
                 ep.send(slices)
             except (OSError, ProtocolError, TransferError) as e:
-                self._fail_slices(slices, f"retry after a queue pair error failed: {e}")
+                log.warning("RDMA path to %s via %s failed (%s); moving %d slice(s) to TCP where possible",
+                            ep.peer, self.nic.name, e, len(slices))
+                self._fail_slices(self.rescue(slices), f"retry after a queue pair error failed: {e}")
 
     def close(self) -> None:
         self.closed = True
@@ -432,6 +439,8 @@ class RdmaTransport(Transport):
         self._tcp = tcp
         self._fallback = fallback
         self._devices = {n.name: _Device(n, cfg) for n in nics}
+        for dev in self._devices.values():
+            dev.rescue = self._rescue
         self._matrix = load_matrix(cfg.rdma_nic_matrix)
         self._gpu = gpudirect.GpuRegistration(cfg.rdma_gpu)
         self._endpoints: dict[tuple, _Endpoint] = {}
@@ -587,6 +596,7 @@ class RdmaTransport(Transport):
         plan: dict[int, tuple[_Endpoint, list[Slice]]] = {}
         counts: list[tuple[int, int]] = []
         fallback: list[WorkItem] = []
+        origins: dict[tuple[int, int], tuple] = {}
         why = ""
         for item in items:
             index, req, local, remote = item
@@ -604,9 +614,13 @@ class RdmaTransport(Transport):
                 continue
             n = req.length
             op, la, ra = int(req.op), req.local_addr, req.remote_addr
+            origin = origins.get(key)
+            if origin is None:
+                origin = origins[key] = (segment, local, remote)
             ep, lkeys, rkeys = route[0]
             if n <= step and len(lkeys) == 1 and len(rkeys) == 1:  # the common case: one slice, one region
-                plan.setdefault(id(ep), (ep, []))[1].append((batch, index, op, la, lkeys[0], ra, rkeys[0], n, 1))
+                plan.setdefault(id(ep), (ep, []))[1].append(
+                    (batch, index, op, la, lkeys[0], ra, rkeys[0], n, 1, origin))
                 counts.append((index, 1))
                 continue
             lspan, rspan = span(local.length, len(lkeys)), span(remote["length"], len(rkeys))
@@ -617,7 +631,7 @@ class RdmaTransport(Transport):
                 ep, lkeys, rkeys = route[k % len(route)]
                 plan.setdefault(id(ep), (ep, []))[1].append(
                     (batch, index, op, la + off, lkeys[(lo + off) // lspan], ra + off, rkeys[(ro + off) // rspan],
-                     size, 1))
+                     size, 1, origin))
                 off += size
                 k += 1
             counts.append((index, k))
@@ -658,6 +672,39 @@ class RdmaTransport(Transport):
             if out:
                 return out
         return why
+
+    def _rescue(self, slices: list[Slice]) -> list[Slice]:
+        """Carry slices whose RDMA path failed mid-transfer over the TCP fallback; return those it cannot take.
+
+        Each slice is one part of its request, exactly as a TCP frame entry is, so
+        the request completes when its last part does, over whichever transport.
+        """
+        tcp = self._fallback
+        if tcp is None:
+            return slices
+        left: list[Slice] = []
+        frames: dict[tuple[int, int], list] = {}
+        for s in slices:
+            seg, local, remote = s[9]
+            if not local.is_host or not tcp.reaches(local, seg.descriptor, remote):
+                left.append(s)
+                continue
+            frames.setdefault((id(seg), s[2]), [seg, []])[1].append(s)
+        for (_, op), (seg, group) in frames.items():
+            batch_parts: dict[int, list] = {}
+            for s in group:
+                batch_parts.setdefault(id(s[0]), []).append(s)
+            peer = tcp.peer(seg)
+            for parts in batch_parts.values():
+                batch = parts[0][0]
+                batch.set_transport([s[1] for s in parts], tcp.name)
+                if tcp.drive not in batch._drivers:
+                    batch._drivers.append(tcp.drive)  # Batch.wait picks up drivers added while it waits
+                table = [x for s in parts for x in (s[5], s[7])]
+                views = [s[9][1].view(s[3], s[7]) for s in parts]
+                peer.send(OutFrame(P.WRITE if op else P.READ, table, views, [s[1] for s in parts], batch,
+                                   sum(s[7] for s in parts)))
+        return left
 
     def _fall_back(self, segment: Segment, batch: Batch, items: list[WorkItem], why: str) -> None:
         if self._fallback is not None and all(self._fallback.reaches(it[2], segment.descriptor, it[3])
