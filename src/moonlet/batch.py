@@ -108,6 +108,12 @@ class Batch:
             self._parts = [1] * self._n
             self._transport = [transport] * self._n
 
+    def add_driver(self, drive: Callable[["Batch", bool], None]) -> None:
+        """Have waiters call ``drive`` to make progress (once per transport; :meth:`wait` also runs drivers
+        added while it waits)."""
+        if drive not in self._drivers:
+            self._drivers.append(drive)
+
     def set_transport(self, indices: list[int], transport: str) -> None:
         """Record that requests ``indices`` moved to another transport (a fallback)."""
         with self._lock:

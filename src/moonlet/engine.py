@@ -476,7 +476,7 @@ class TransferEngine:
         t, local, remote = fast
         batch = Batch(len(la), time.monotonic() + timeout)
         batch._expire = self._expire
-        batch._drivers.append(t.drive)
+        batch.add_driver(t.drive)
         t.submit_many(seg, batch, op, la, ra, ln, local, remote)
         return batch
 
@@ -495,8 +495,7 @@ class TransferEngine:
         group = groups.get((id(t), id(seg)))
         if group is None:
             group = groups[(id(t), id(seg))] = (t, seg, [])
-            if t.drive not in batch._drivers:
-                batch._drivers.append(t.drive)
+            batch.add_driver(t.drive)
         return group[2]
 
     def _expire(self, batch: Batch) -> None:

@@ -698,8 +698,7 @@ class RdmaTransport(Transport):
             for parts in batch_parts.values():
                 batch = parts[0][0]
                 batch.set_transport([s[1] for s in parts], tcp.name)
-                if tcp.drive not in batch._drivers:
-                    batch._drivers.append(tcp.drive)  # Batch.wait picks up drivers added while it waits
+                batch.add_driver(tcp.drive)  # Batch.wait picks up drivers added while it waits
                 table = [x for s in parts for x in (s[5], s[7])]
                 views = [s[9][1].view(s[3], s[7]) for s in parts]
                 peer.send(OutFrame(P.WRITE if op else P.READ, table, views, [s[1] for s in parts], batch,
@@ -709,8 +708,7 @@ class RdmaTransport(Transport):
     def _fall_back(self, segment: Segment, batch: Batch, items: list[WorkItem], why: str) -> None:
         if self._fallback is not None and all(self._fallback.reaches(it[2], segment.descriptor, it[3])
                                               for it in items):
-            if self._fallback.drive not in batch._drivers:
-                batch._drivers.append(self._fallback.drive)
+            batch.add_driver(self._fallback.drive)
             self._fallback.submit(segment, batch, items)
             return
         for index, *_ in items:
