@@ -40,14 +40,10 @@ _NOTES_KEPT = 65536  # unread notifications an engine queues before refusing mor
 ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "rdma", "tcp")
 
 
-def _usable() -> dict[str, bool]:
-    return {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE,
-            "rdma": not rdma_verbs.unavailable_reason(), "tcp": True}
-
-
 def available_transports() -> tuple[str, ...]:
     """The transports this host can run, in the default order of preference."""
-    usable = _usable()
+    usable = {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE,
+              "rdma": not rdma_verbs.unavailable_reason(), "tcp": True}
     return tuple(t for t in ALL_TRANSPORTS if usable[t])
 
 
@@ -82,16 +78,15 @@ class TransferEngine:
         self._closed = False
         self._pidns = cma.pid_namespace()
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
-        usable = _usable()
-        wanted = cfg.transports or tuple(t for t in ALL_TRANSPORTS if usable[t])
-        unknown = [t for t in wanted if not usable.get(t)]
+        here = available_transports()
+        wanted = cfg.transports or here
+        unknown = [t for t in wanted if t not in here]
         if unknown:
-            here = [t for t in ALL_TRANSPORTS if usable[t]]
             why = {"cuda_ipc": gpu.unavailable_reason, "rdma": rdma_verbs.unavailable_reason, "shm": lambda: (
                 "process_vm_readv is not available")}
             detail = "; ".join(f"{t}: {why[t]()}" for t in unknown if t in why)
             raise ConfigError(f"unknown or unavailable transport(s) {unknown}" + (f" ({detail})" if detail else "")
-                              + f"; available here: {here}")
+                              + f"; available here: {list(here)}")
         # Same-host peers map this page to learn at once when an unregister made their cache stale.
         self._generation = 0
         self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None

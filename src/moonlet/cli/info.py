@@ -7,6 +7,7 @@ import platform
 import sys
 
 from .. import __version__
+from ..engine import available_transports
 from ..segment import host_identity
 from .. import gpu
 from ..sysfs import read as _read
@@ -64,8 +65,7 @@ def collect() -> dict:
         "rdma_reason": rdma[1],
         "same_host": dict(zip(("works", "detail"), cma.probe())),
         "gpu": gpu.describe(),
-        "transports": ["local"] + (["cuda_ipc"] if gpu.available() else []) + (["shm"] if cma.AVAILABLE else [])
-        + (["rdma"] if rdma[0] else []) + ["tcp"],
+        "transports": list(available_transports()),
     }
 
 
