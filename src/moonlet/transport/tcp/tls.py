@@ -28,6 +28,7 @@ log = logging.getLogger("moonlet.tls")
 
 _CHUNK = 1 << 20
 _CAP = 8 << 20  # bytes buffered per direction before the relay stops reading that side
+_TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a non-blocking TLS call that must be retried
 
 
 class Tls:
@@ -117,6 +118,28 @@ class _Queue:
         return self.size > 0
 
 
+def _fill(q: _Queue, recv, again: type | tuple) -> bool:
+    """Read chunks into ``q`` until the source would block or ``q`` is full; False once the source closed."""
+    while q.size < _CAP:
+        try:
+            data = recv(_CHUNK)
+        except again:
+            return True
+        if not data:
+            return False
+        q.push(data)
+    return True
+
+
+def _flush(sock, q: _Queue, again: type | tuple) -> None:
+    """Send from ``q`` until it is empty or ``sock`` would block."""
+    while q:
+        try:
+            q.pop(sock.send(q.front()))
+        except again:
+            return
+
+
 def _pump(tls: ssl.SSLSocket, plain: socket.socket) -> None:
     """Move bytes both ways between ``tls`` and ``plain`` until either side closes; one thread, never blocking.
 
@@ -149,44 +172,13 @@ def _pump(tls: ssl.SSLSocket, plain: socket.socket) -> None:
                 ready = {tls: selectors.EVENT_READ}  # decrypted bytes already buffered inside ssl
             else:
                 ready = {key.fileobj: ev for key, ev in sel.select(timeout=1.0)}
-            ev = ready.get(tls, 0)
-            if ev & selectors.EVENT_READ:
-                while to_plain.size < _CAP:
-                    try:
-                        data = tls.recv(_CHUNK)
-                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                        break
-                    if not data:
-                        tls_open = False
-                        break
-                    to_plain.push(data)
-            if ev & selectors.EVENT_WRITE:
-                while to_tls:
-                    try:
-                        to_tls.pop(tls.send(to_tls.front()))
-                    except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                        break
-            ev = ready.get(plain, 0)
-            if ev & selectors.EVENT_READ:
-                while to_tls.size < _CAP:
-                    try:
-                        data = plain.recv(_CHUNK)
-                    except BlockingIOError:
-                        break
-                    if not data:
-                        plain_open = False
-                        break
-                    to_tls.push(data)
-            while to_plain:  # the local end is nearly always writable: try at once
-                try:
-                    to_plain.pop(plain.send(to_plain.front()))
-                except BlockingIOError:
-                    break
-            if to_tls and not ev & selectors.EVENT_WRITE:
-                try:
-                    to_tls.pop(tls.send(to_tls.front()))
-                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                    pass
+            if ready.get(tls, 0) & selectors.EVENT_READ:
+                tls_open = _fill(to_plain, tls.recv, _TLS_AGAIN)
+            if ready.get(plain, 0) & selectors.EVENT_READ:
+                plain_open = _fill(to_tls, plain.recv, BlockingIOError)
+            # Write readiness only wakes the loop; both queues are pushed out every turn.
+            _flush(plain, to_plain, BlockingIOError)
+            _flush(tls, to_tls, _TLS_AGAIN)
             if not tls_open and not to_plain:
                 break  # the remote end closed and everything it sent is delivered
             if not plain_open and not to_tls:
