@@ -104,8 +104,9 @@ class TcpServer:
         max_connections: int = 1024,
         auth_timeout: float = 5.0,
     ) -> None:
-        """``security``: TLS on every connection, and serve only peers that prove they hold the secret. ``max_connections``: refuse more at once.
-        ``auth_timeout``: drop a connection that has not authenticated within this many seconds."""
+        """``security``: TLS on every connection, and serve only peers that prove they hold the secret.
+        ``max_connections``: refuse more at once. ``auth_timeout``: drop a connection that has not
+        authenticated within this many seconds."""
         self._registry = registry
         self._describe = describe
         self._identity = identity
@@ -163,11 +164,12 @@ class TcpServer:
                     if time.monotonic() - last < self._spin:
                         continue
                     events = poll(1000)
-                    if self._secret is not None and time.monotonic() >= self._next_sweep:
-                        self._sweep()
-                    if not events:
-                        continue
-                last = time.monotonic()
+                now = time.monotonic()
+                if self._secret is not None and now >= self._next_sweep:  # busy or idle, stalled peers go
+                    self._sweep(now)
+                if not events:
+                    continue
+                last = now
                 for fd, ev in events:
                     if fd == self._wake_r:
                         try:
@@ -201,9 +203,8 @@ class TcpServer:
             self._sock.close()
             os.close(self._wake_r)
 
-    def _sweep(self) -> None:
+    def _sweep(self, now: float) -> None:
         """Drop connections that have not authenticated in time (a peer without the secret, or a stalled one)."""
-        now = time.monotonic()
         self._next_sweep = now + min(1.0, self._auth_timeout / 2)
         for conn in [c for c in self._conns.values() if not c.authed and now - c.born > self._auth_timeout]:
             log.info("dropping a connection that did not authenticate within %.1f s", self._auth_timeout)
