@@ -221,7 +221,7 @@ def test_unreachable_rdma_falls_back_to_tcp(mem, target):
         seg = eng.open_segment(target.name)
         d = seg.descriptor
         d.nics = [dict(d.nics[0], name="no-such-nic")]
-        d.buffers[0] = dict(d.buffers[0], rkeys={"no-such-nic": 1})
+        d.buffers[0] = dict(d.buffers[0], rkeys={"no-such-nic": [1]})
         seg.update(d)
         st = eng.write(buf.addr, seg, target.addr, 1 << 20)
         assert st.transport == "tcp"

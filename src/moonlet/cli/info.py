@@ -43,7 +43,7 @@ def _rdma() -> tuple[list[str], str]:
 
 
 def _gid(raw: bytes) -> str:
-    if raw[:12] == bytes(10) + b"\xff\xff":
+    if raw.startswith(rdma_nic.V4_MAPPED):
         return "IPv4 " + ".".join(str(b) for b in raw[12:])
     return ":".join(raw[i:i + 2].hex() for i in range(0, 16, 2))
 

@@ -136,12 +136,16 @@ class _Device:
             if q.backlog:
                 q.backlog.extend(slices)
                 return
-            room = min(self.depth - len(q.outstanding), self.cq_depth - self.inflight)
+            room = self._room(q)
             if room < len(slices):
                 q.backlog.extend(slices[max(room, 0):])
                 slices = slices[:max(room, 0)]
             if slices:
                 self._post_chain(q, slices)
+
+    def _room(self, q: _Qp) -> int:
+        """Work requests ``q`` may take now: bounded by its send queue and by the shared CQ."""
+        return min(self.depth - len(q.outstanding), self.cq_depth - self.inflight)
 
     def _post_chain(self, q: _Qp, slices: list[Slice]) -> None:
         n = len(slices)
@@ -166,22 +170,22 @@ class _Device:
             else:
                 wr.send_flags = signaled
         if q.broken:
-            self._fail_slices(slices, f"queue pair in error: {q.broken}", q)
+            self._fail_slices(slices, f"queue pair in error: {q.broken}")
             return
         try:
             q.qp.post(wrs[0])
         except verbs.VerbsError as e:
-            self._fail_slices(slices, str(e), q)
+            self._fail_slices(slices, str(e))
             return
         q.outstanding.extend(zip(range(seq, seq + n), slices))
         q.seq = seq + n
         self.inflight += n
 
-    def _fail_slices(self, slices: list[Slice], reason: str, q: _Qp | None = None) -> None:
+    def _fail_slices(self, slices: list[Slice], reason: str) -> None:
         for s in slices:
-            self._end(s, False, reason, q)
+            self._end(s, False, reason)
 
-    def _end(self, s: Slice, ok: bool, reason: str = "", q: _Qp | None = None) -> None:
+    def _end(self, s: Slice, ok: bool, reason: str = "") -> None:
         batch = s[0]
         if ok:
             batch.part_done(s[1])
@@ -246,7 +250,7 @@ class _Device:
                 q.endpoint.retire(q)
                 continue
             if q.backlog:
-                room = min(self.depth - len(q.outstanding), self.cq_depth - self.inflight)
+                room = self._room(q)
                 if room > 0:
                     chunk = [q.backlog.popleft() for _ in range(min(room, len(q.backlog)))]
                     self._post_chain(q, chunk)
@@ -532,7 +536,7 @@ class RdmaTransport(Transport):
 
     # -- target side -------------------------------------------------------------------
 
-    def _accept(self, body: dict) -> tuple[dict, object]:
+    def _accept(self, body: dict) -> tuple[dict, Callable[[], None]]:
         """CONNECT from an initiator: make our half of the QP pair and bring it up."""
         ident = self._tcp.server._identity()
         if body.get("name") not in ("", ident["name"]) or body.get("instance") not in ("", ident["instance"]):
@@ -666,9 +670,7 @@ class RdmaTransport(Transport):
                     log.warning("RDMA to %s via %s unavailable: %s", segment.name, dev.nic.name, e)
                     why = str(e)
                     continue
-                rkeys = remote["rkeys"][rname]
-                out.append((ep, [mr.lkey for mr in dev.mrs[local.addr]],
-                            [int(k) for k in (rkeys if isinstance(rkeys, list) else [rkeys])]))
+                out.append((ep, [mr.lkey for mr in dev.mrs[local.addr]], remote["rkeys"][rname]))
             if out:
                 return out
         return why

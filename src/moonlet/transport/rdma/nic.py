@@ -22,6 +22,7 @@ from ...sysfs import read
 from . import verbs
 
 SYSFS = "/sys/class/infiniband"
+V4_MAPPED = bytes(10) + b"\xff\xff"  # the first 12 bytes of a GID that carries an IPv4 address
 
 
 @dataclass
@@ -58,11 +59,9 @@ def pick_gid_index(gids: dict[int, bytes], types: dict[int, str], ethernet: bool
     valid = {i: g for i, g in gids.items() if any(g)}
     if not ethernet:
         return 0 if 0 in valid else min(valid, default=None)
-    v4 = bytes(10) + b"\xff\xff"
-
     def rank(i: int) -> tuple:
         v2 = "v2" in types.get(i, "").lower()
-        return (not v2, not valid[i].startswith(v4), i)
+        return (not v2, not valid[i].startswith(V4_MAPPED), i)
 
     return min(valid, key=rank, default=None)
 

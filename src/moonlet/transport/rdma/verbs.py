@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes as C
 import ctypes.util
 import os
+from contextlib import contextmanager
 from typing import Iterator
 
 u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
@@ -177,18 +178,28 @@ def _lib_or_raise() -> C.CDLL:
     return lib
 
 
-def device_names() -> list[str]:
-    """Names of the RDMA devices libibverbs sees (e.g. ``mlx5_0``, ``rxe0``)."""
+@contextmanager
+def _device_list() -> Iterator[list[tuple[int, str]]]:
+    """(device pointer, name) of every device; the pointers are valid inside the ``with`` only."""
     lib = _lib_or_raise()
     n = C.c_int(0)
     lst = lib.ibv_get_device_list(C.byref(n))
     if not lst:
-        return []
+        raise _fail("ibv_get_device_list")
     try:
         arr = C.cast(lst, C.POINTER(vp))
-        return [lib.ibv_get_device_name(arr[i]).decode() for i in range(n.value)]
+        yield [(arr[i], lib.ibv_get_device_name(arr[i]).decode()) for i in range(n.value)]
     finally:
         lib.ibv_free_device_list(lst)
+
+
+def device_names() -> list[str]:
+    """Names of the RDMA devices libibverbs sees (e.g. ``mlx5_0``, ``rxe0``)."""
+    try:
+        with _device_list() as devices:
+            return [name for _, name in devices]
+    except VerbsError:
+        return []
 
 
 def wc_status_str(status: int) -> str:
@@ -200,18 +211,11 @@ class Context:
 
     def __init__(self, name: str) -> None:
         lib = self._lib = _lib_or_raise()
-        n = C.c_int(0)
-        lst = lib.ibv_get_device_list(C.byref(n))
-        if not lst:
-            raise _fail("ibv_get_device_list")
-        try:
-            arr = C.cast(lst, C.POINTER(vp))
-            dev = next((arr[i] for i in range(n.value) if lib.ibv_get_device_name(arr[i]).decode() == name), None)
+        with _device_list() as devices:
+            dev = next((ptr for ptr, found in devices if found == name), None)
             if dev is None:
                 raise VerbsError(0, f"no RDMA device named {name!r}")
             self.ctx = lib.ibv_open_device(dev)
-        finally:
-            lib.ibv_free_device_list(lst)
         if not self.ctx:
             raise _fail(f"ibv_open_device({name})")
         self.name = name
