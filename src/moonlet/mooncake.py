@@ -16,6 +16,7 @@ import enum
 import itertools
 import logging
 import os
+import socket
 import threading
 from typing import Sequence
 
@@ -181,7 +182,7 @@ class TransferEngine:
         return min((b["addr"] for b in bufs), default=0)
 
     def read_bytes_from_buffer(self, source_address: int, length: int) -> bytes:
-        self._need().buffers()  # an initialized engine, as Mooncake requires
+        self._need()  # an initialized engine, as Mooncake requires
         return bytes(view_at(int(source_address), int(length)))
 
     def write_bytes_to_buffer(self, dest_address: int, src: bytes | str, length: int) -> int:
@@ -337,8 +338,6 @@ class TransferEngine:
 
 def _bind_address(host: str) -> str:
     """Where to listen for ``local_hostname``'s host: that address if it is one of ours, else all addresses."""
-    import socket
-
     if host in ("", "0.0.0.0", "::"):
         return "0.0.0.0"
     try:

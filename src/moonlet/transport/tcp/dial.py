@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from ...errors import ProtocolError, SegmentError
 from . import protocol as P
 from .auth import InitiatorAuth, Secret
 from .sockio import recv_exact
@@ -28,8 +29,6 @@ PLAIN = Security()
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
     """``"host:port"`` (or ``"[v6]:port"``) to ``(host, port)`` with a clear error."""
-    from ...errors import SegmentError
-
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise SegmentError(f"endpoint {endpoint!r} is not of the form host:port")
@@ -38,8 +37,6 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 def read_control(sock: socket.socket, expect: int, what: str) -> bytes:
     """Read one control frame of kind ``expect`` (blocking); an ERROR frame raises with the peer's message."""
-    from ...errors import ProtocolError
-
     pre = bytearray(P.PREFIX_SIZE)
     recv_exact(sock, memoryview(pre))
     p = P.parse_prefix(pre)
