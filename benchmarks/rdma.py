@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 from moonlet.transport.rdma import nic, verbs  # noqa: E402
+from _moonlet_bench import bench_row  # noqa: E402
 
 BLOCKS = (64 << 10, 1 << 20)
 
@@ -51,18 +50,6 @@ def perftest_at(op: str, block: int, duration: float, dev: str, gid: int, depth:
     raise RuntimeError(f"{tool} gave no result:\n{client.stdout}\n{client.stderr}")
 
 
-def moonlet(op: str, block: int, duration: float, batch: int) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-m", "moonlet.cli.main", "bench", "--protocol", "rdma", "--op", op,
-               "--block-size", str(block), "--batch-size", str(batch), "--duration", str(duration),
-               "--buffer-size", "256M", "--json", out.name]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 120,
-                              env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        if done.returncode:
-            raise RuntimeError(f"moonlet bench failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        return json.loads(Path(out.name).read_text())[0]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -85,7 +72,7 @@ def main() -> int:
             ref, ours, reqs = [], [], []
             for _ in range(args.runs):  # interleaved, so drift hits both alike
                 ref.append(perftest(op, block, args.duration, dev.name, dev.gid_index))
-                r = moonlet(op, block, args.duration, args.batch)
+                r = bench_row("rdma", op, block, args.batch, args.duration)
                 ours.append(r["req_per_s"] * block / 1e6)
                 reqs.append(r["req_per_s"])
             p, m = statistics.median(ref), statistics.median(ours)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _moonlet_bench import bench_row
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = (("write", "4K", 32), ("write", "64K", 32), ("write", "1M", 32), ("read", "1M", 32))
@@ -35,17 +36,6 @@ def certs(d: str) -> str:
     return ",".join(os.path.join(d, f) for f in ("e.pem", "e.key", "ca.pem"))
 
 
-def bench(op: str, block: str, batch: int, duration: float, extra: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        cmd = [sys.executable, "-m", "moonlet.cli.main", "bench", "--protocol", "tcp", "--op", op, "--block-size",
-               block, "--batch-size", str(batch), "--duration", str(duration), "--buffer-size", "256M",
-               "--json", out.name, *extra]
-        done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-        if done.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr}")
-        return json.loads(Path(out.name).read_text())[0]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3)
@@ -61,7 +51,7 @@ def main() -> int:
         for _ in range(args.runs):
             for row in ROWS:
                 for v, extra in variants.items():
-                    results[(row, v)].append(bench(*row, args.duration, extra)["gbps"])
+                    results[(row, v)].append(bench_row("tcp", *row, args.duration, *extra)["gbps"])
     lines = [f"# TLS and secret cost, TCP loopback ({datetime.date.today()})", "",
              f"Command: `python benchmarks/tls_cost.py --runs {args.runs} --duration {args.duration}`; "
              "GB/s, median of the runs, ratio to plain in the same run.", "",
