@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import compat_scenarios
+from mooncake_peer import NO_MOONCAKE, mooncake_python
 from moonlet.mooncake import TransferEngine, TransferNotify, TransferOpcode, parse_metadata
 
 HERE = Path(__file__).parent
@@ -23,21 +24,11 @@ EXPECTED = {"initialize": [0, 0], "register": [0, 0], "first_buffer": True, "syn
             "unknown_segment": True, "unregister": [0, 0]}
 
 
-def mooncake_python() -> str | None:
-    """An interpreter with Mooncake's wheel: $MOONLET_MOONCAKE_PYTHON, or benchmarks' peer venv."""
-    env = os.environ.get("MOONLET_MOONCAKE_PYTHON")
-    if env:
-        return env
-    venv = HERE.parent / ".bench" / "mooncake" / "bin" / "python"
-    return str(venv) if venv.exists() else None
-
-
 def test_scenarios_on_moonlet():
     assert compat_scenarios.run("moonlet") == EXPECTED
 
 
-@pytest.mark.skipif(mooncake_python() is None, reason="no Mooncake interpreter (set MOONLET_MOONCAKE_PYTHON or run "
-                                                      "benchmarks/compare.py once to build .bench/mooncake)")
+@pytest.mark.skipif(mooncake_python() is None, reason=NO_MOONCAKE)
 def test_same_results_as_mooncake():
     """The scenario script, run by Mooncake's own engine in its own virtualenv, gives the same outcomes."""
     done = subprocess.run([mooncake_python(), str(HERE / "compat_scenarios.py"), "mooncake"], capture_output=True,

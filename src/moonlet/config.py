@@ -68,6 +68,12 @@ class EngineConfig:
             signed by the CA (mutual TLS).
         transports: transport names in order of preference; empty means all
             installed ones, picked per request.
+        mooncake_wire: also speak Mooncake's wire, so Mooncake engines can
+            open this engine's segment (handshake on the listener's port, data
+            on a port of its own) and this engine can open theirs (transport
+            ``mooncake_tcp``); with a metadata store, Mooncake's keys are
+            written and read too.  Mooncake's wire has no authentication, so
+            this cannot be combined with a cluster secret or TLS.
     """
 
     listen_host: str = "127.0.0.1"
@@ -99,6 +105,7 @@ class EngineConfig:
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
     transports: tuple[str, ...] = field(default_factory=tuple)
+    mooncake_wire: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -139,6 +146,9 @@ class EngineConfig:
         tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
         if any(tls) and not all(tls):
             raise ConfigError("TLS needs tls_cert_file, tls_key_file and tls_ca_file together")
+        if self.mooncake_wire and (self.secret is not None or self.secret_file is not None or all(tls)):
+            raise ConfigError("mooncake_wire cannot be combined with a cluster secret or TLS: Mooncake peers "
+                              "can neither authenticate nor speak TLS")
         if isinstance(self.transports, str):
             raise ConfigError("transports must be a sequence of names, e.g. ('tcp',)")
         object.__setattr__(self, "transports", tuple(self.transports))

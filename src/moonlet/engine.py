@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -21,14 +22,17 @@ from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
 from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
 from .transport.cuda_ipc import CudaIpcTransport
+from .metadata.mooncake import MooncakeMetadata, exchange
 from .transport.local import LocalTransport
+from .transport.mooncake import MooncakeTcpTransport
+from .transport.mooncake import protocol as MP
 from .transport.rdma import RdmaTransport
 from .transport.rdma import verbs as rdma_verbs
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
 from .transport.tcp.auth import load_secret
 from .transport.tcp import protocol as P
-from .transport.tcp.dial import Security, dial, read_control
+from .transport.tcp.dial import Security, dial, read_control, split_endpoint
 from .transport.tcp.tls import Tls
 
 log = logging.getLogger("moonlet")
@@ -66,6 +70,9 @@ class TransferEngine:
         self._instance = new_instance_id()
         self._host = host_identity()
         secret = load_secret(cfg.secret, cfg.secret_file)
+        if cfg.mooncake_wire and secret is not None:
+            raise ConfigError("mooncake_wire cannot be combined with a cluster secret ($MOONLET_SECRET is set): "
+                              "Mooncake peers cannot authenticate")
         tls = Tls(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_cert_file else None  # type: ignore
         security = Security(secret, tls)
         self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl, security)
@@ -112,8 +119,17 @@ class TransferEngine:
                 for t in available.values():
                     t.close()
                 raise ConfigError(f"RDMA transport cannot start: {e}") from None
-        self._all_transports = list(available.values())
         self._notes: deque[tuple[str, str]] = deque()
+        if cfg.mooncake_wire:
+            host, port = split_endpoint(tcp.endpoint())
+            mc = MooncakeTcpTransport(ctx, cfg.listen_host, host, lambda: json.loads(self._descriptor_json()),
+                                      self._queue_note)
+            available["mooncake_tcp"] = mc
+            wanted = (*wanted, "mooncake_tcp")
+            tcp.server.foreign = mc.server
+            self._meta = MooncakeMetadata(self._meta, cfg.metadata_timeout, mc.server.descriptor,
+                                          lambda: MP.rpc_meta(host, port))
+        self._all_transports = list(available.values())
         self._security = security
         tcp.server.services["notify"] = self._on_notify
         self._transports = [available[t] for t in wanted]
@@ -547,6 +563,13 @@ class TransferEngine:
             raise TransferError(f"a notification is two strings of at most {_NOTE_MAX} characters together")
         seg = self._segment(segment)
         timeout = self.config.request_timeout if timeout is None else timeout
+        rpc = seg.descriptor.endpoints.get("mooncake_rpc")
+        if "tcp" not in seg.descriptor.endpoints and rpc is not None:  # a Mooncake engine
+            try:
+                exchange(rpc, MP.NOTIFY, {"name": name, "notify_msg": message}, timeout)
+            except (OSError, MoonletError) as e:
+                raise TransferError(f"notification to {seg.name} (Mooncake) not delivered: {e}") from None
+            return
         try:
             with dial(seg.descriptor.endpoints["tcp"], timeout, self._security) as sock:
                 sock.sendall(P.encode_connect({"service": "notify", "name": name, "msg": message}))
@@ -565,10 +588,13 @@ class TransferEngine:
         name, msg = body.get("name"), body.get("msg")
         if not isinstance(name, str) or not isinstance(msg, str):
             raise ProtocolError("a notification needs string name and msg")
+        self._queue_note(name, msg)
+        return {}, lambda: None
+
+    def _queue_note(self, name: str, msg: str) -> None:
         if len(self._notes) >= _NOTES_KEPT:
             raise ProtocolError(f"notification queue full ({_NOTES_KEPT} unread); the peer must call notifications()")
         self._notes.append((name, msg))
-        return {}, lambda: None
 
     # -- lifecycle ---------------------------------------------------------------------
 

@@ -8,6 +8,11 @@ could not start).  The reason behind a failure, which Mooncake writes to its
 log, is logged by ``moonlet.mooncake`` and kept in :attr:`TransferEngine.last_error`.
 Differences, where Mooncake's behaviour would surprise its users, are listed
 in ``docs/mooncake-compat.md``.
+
+The engine also speaks Mooncake's wire (``EngineConfig.mooncake_wire``), so
+Mooncake and moonlet nodes of one cluster reach each other, unless a cluster
+secret is set (``$MOONLET_SECRET``): Mooncake peers cannot prove they hold
+one, so then only moonlet peers are served.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .engine import TransferEngine as _Engine
 from .engine import available_transports
 from .errors import MoonletError
 from .memory import view_at
+from .transport.tcp.auth import load_secret
 
 log = logging.getLogger("moonlet.mooncake")
 
@@ -104,7 +110,8 @@ class TransferEngine:
             timeout = float(os.environ.get("MC_TRANSFER_TIMEOUT", "30"))
             cfg = EngineConfig(listen_host=_bind_address(host), advertise_host=host, port=int(port or 0),
                                request_timeout=timeout, transports=_transports(proto),
-                               rdma_devices=tuple(d for d in device_name.split(",") if d) if proto == "rdma" else ())
+                               rdma_devices=tuple(d for d in device_name.split(",") if d) if proto == "rdma" else (),
+                               mooncake_wire=load_secret(None, None) is None)
             spec = parse_metadata(metadata_server, metadata_type)
             self._engine = _Engine(None if spec == "p2p" else local_hostname, spec, config=cfg)
         except (MoonletError, ValueError, OSError) as e:

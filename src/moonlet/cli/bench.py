@@ -71,6 +71,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="target memory from engine.allocate(): same-host initiators map it and memcpy")
     p.add_argument("--secret-file", help="file holding the cluster secret (default: $MOONLET_SECRET, if set)")
     p.add_argument("--tls", metavar="CERT,KEY,CA", help="TLS on every connection: PEM certificate, key and CA")
+    p.add_argument("--mooncake-wire", action="store_true",
+                   help="also speak Mooncake's wire: Mooncake engines (transfer_engine_bench) can use this target, "
+                        "and this initiator can use a Mooncake target")
     p.add_argument("--lanes", type=int, default=EngineConfig.lanes, help="connections per peer")
     p.add_argument("--sweep", action="store_true", help="block sizes 4K..16M x batch sizes 1..128")
     p.add_argument("--verify", action="store_true", help="check the bytes of every row")
@@ -97,7 +100,7 @@ def _engine(args: argparse.Namespace, port: int = 0) -> TransferEngine:
     transports = () if args.protocol == "auto" else (args.protocol,)
     tls = dict(zip(("tls_cert_file", "tls_key_file", "tls_ca_file"), args.tls.split(","))) if args.tls else {}
     cfg = EngineConfig(listen_host=args.listen, port=port, lanes=args.lanes, transports=transports,
-                       secret_file=args.secret_file, **tls)
+                       secret_file=args.secret_file, mooncake_wire=args.mooncake_wire, **tls)
     return TransferEngine(args.name, args.metadata, config=cfg)
 
 
@@ -269,7 +272,8 @@ def run_both(args: argparse.Namespace) -> int:
            "--listen", args.listen, "--buffer-size", str(args.buffer_size), "--protocol", args.protocol,
            "--lanes", str(args.lanes), "--gpu", str(args.gpu if args.target_gpu is None else args.target_gpu)] + (["--shared"] if args.shared else []) \
         + (["--use-vram"] if args.use_vram else []) + (["--tls", args.tls] if args.tls else []) \
-        + (["--secret-file", args.secret_file] if args.secret_file else [])
+        + (["--secret-file", args.secret_file] if args.secret_file else []) \
+        + (["--mooncake-wire"] if args.mooncake_wire else [])
     if args.metadata != "p2p":
         cmd += ["--name", f"bench-target-{os.getpid()}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from ..errors import MetadataError
+
 
 class MetadataBackend(ABC):
     """Stores and finds segment descriptors by segment name."""
@@ -24,6 +26,18 @@ class MetadataBackend(ABC):
     @abstractmethod
     def remove(self, name: str) -> None:
         """Withdraw the descriptor of ``name`` (missing is not an error)."""
+
+    def put_key(self, key: str, value: bytes) -> None:
+        """Store ``value`` under the literal ``key`` (no prefix, no lease): keys other engines read (Mooncake's)."""
+        raise MetadataError(f"metadata service {self} keeps no keys of other engines")
+
+    def get_key(self, key: str) -> bytes | None:
+        """The value under the literal ``key``, or None."""
+        raise MetadataError(f"metadata service {self} keeps no keys of other engines")
+
+    def delete_key(self, key: str) -> None:
+        """Remove the literal ``key`` (missing is not an error)."""
+        raise MetadataError(f"metadata service {self} keeps no keys of other engines")
 
     def keepalive(self) -> None:
         """Keep this engine's descriptor alive; re-publish it if the store lost it. Leased stores only."""

@@ -106,5 +106,15 @@ class EtcdMetadata(MetadataBackend):
             self._lease = None
             self._published = None
 
+    def put_key(self, key: str, value: bytes) -> None:
+        self._call("/v3/kv/put", {"key": _b64(key), "value": base64.b64encode(value).decode()})
+
+    def get_key(self, key: str) -> bytes | None:
+        kvs = self._call("/v3/kv/range", {"key": _b64(key)}).get("kvs")
+        return base64.b64decode(kvs[0]["value"]) if kvs else None
+
+    def delete_key(self, key: str) -> None:
+        self._call("/v3/kv/deleterange", {"key": _b64(key)})
+
     def __str__(self) -> str:
         return self._url

@@ -32,8 +32,8 @@ class HttpMetadata(MetadataBackend):
         self._timeout = timeout
         self._url = url
 
-    def _call(self, method: str, name: str, body: bytes | None = None) -> tuple[int, bytes]:
-        query = urllib.parse.urlencode({"key": KEY_PREFIX + name})
+    def _call(self, method: str, key: str, body: bytes | None = None) -> tuple[int, bytes]:
+        query = urllib.parse.urlencode({"key": key})
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         try:
             headers = {"Content-Type": "application/json"} if body is not None else {}
@@ -41,27 +41,36 @@ class HttpMetadata(MetadataBackend):
             resp = conn.getresponse()
             return resp.status, resp.read()
         except (OSError, http.client.HTTPException) as e:
-            raise MetadataError(f"metadata server {self._url} unreachable ({method} {name!r}): {e}") from None
+            raise MetadataError(f"metadata server {self._url} unreachable ({method} {key!r}): {e}") from None
         finally:
             conn.close()
 
     def publish(self, name: str, descriptor: bytes) -> None:
-        status, text = self._call("PUT", name, descriptor)
-        if status != 200:
-            raise MetadataError(f"metadata server {self._url} refused PUT {name!r}: HTTP {status} {text[:200]!r}")
+        self.put_key(KEY_PREFIX + name, descriptor)
 
     def fetch(self, name: str) -> bytes | None:
-        status, body = self._call("GET", name)
+        return self.get_key(KEY_PREFIX + name)
+
+    def remove(self, name: str) -> None:
+        self.delete_key(KEY_PREFIX + name)
+
+    def put_key(self, key: str, value: bytes) -> None:
+        status, text = self._call("PUT", key, value)
+        if status != 200:
+            raise MetadataError(f"metadata server {self._url} refused PUT {key!r}: HTTP {status} {text[:200]!r}")
+
+    def get_key(self, key: str) -> bytes | None:
+        status, body = self._call("GET", key)
         if status == 404:
             return None
         if status != 200:
-            raise MetadataError(f"metadata server {self._url} failed GET {name!r}: HTTP {status} {body[:200]!r}")
+            raise MetadataError(f"metadata server {self._url} failed GET {key!r}: HTTP {status} {body[:200]!r}")
         return body
 
-    def remove(self, name: str) -> None:
-        status, text = self._call("DELETE", name)
+    def delete_key(self, key: str) -> None:
+        status, text = self._call("DELETE", key)
         if status not in (200, 404):
-            raise MetadataError(f"metadata server {self._url} refused DELETE {name!r}: HTTP {status}")
+            raise MetadataError(f"metadata server {self._url} refused DELETE {key!r}: HTTP {status}")
 
     def __str__(self) -> str:
         return self._url

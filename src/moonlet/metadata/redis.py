@@ -68,6 +68,15 @@ class RedisMetadata(MetadataBackend):
             self._published = None
             self._do("DEL", self._client.delete, self._key(name))
 
+    def put_key(self, key: str, value: bytes) -> None:
+        self._do("SET", self._client.set, key, value)
+
+    def get_key(self, key: str) -> bytes | None:
+        return self._do("GET", self._client.get, key)
+
+    def delete_key(self, key: str) -> None:
+        self._do("DEL", self._client.delete, key)
+
     def close(self) -> None:
         self._client.close()
 

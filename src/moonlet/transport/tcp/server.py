@@ -24,7 +24,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import Any, Callable
 
 from ...errors import ProtocolError
 from ...memory import Buffer, Denied, MemoryRegistry
@@ -59,13 +59,14 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "buf", "views", "pinned", "statuses",
-                 "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born")
+                 "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born", "first")
 
     def __init__(self, sock: socket.socket, authed: bool) -> None:
         self.sock = sock
         self.auth: TargetAuth | None = None
         self.authed = authed  # True once the peer proved it holds the cluster secret (or none is set)
         self.born = time.monotonic()
+        self.first = True  # no frame read yet
         self.fd = sock.fileno()
         self.pre = bytearray(_HEAD)
         self.pview = memoryview(self.pre)
@@ -77,7 +78,7 @@ class _Conn:
         self._reset()
 
     def _reset(self) -> None:
-        self.phase = 0  # 0 prefix, 1 table, 2 payload into self.views, 3 control body
+        self.phase = 0  # 0 prefix, 1 table, 2 payload into self.views, 3 control body, 4 handed over
         self.got = 0
         self.prefix: P.Prefix | None = None
         self.buf: bytearray | None = None
@@ -133,6 +134,9 @@ class TcpServer:
         self._stage_pool: StagingPool | None = None
         #: CONNECT handlers by service name: body -> (reply body, cleanup run when the connection ends)
         self.services: dict[str, Callable[[dict], tuple[dict, Callable[[], None]]]] = {}
+        #: Another protocol served on this port: connections whose first bytes it ``claims(head)`` are
+        #: handed to its ``adopt(sock, head)`` (Mooncake's handshake, when the engine speaks its wire).
+        self.foreign: Any = None
         self._thread = threading.Thread(target=self._run, name="moonlet-tcp-server", daemon=True)
         self._thread.start()
 
@@ -291,6 +295,8 @@ class TcpServer:
             conn.got = 0
             if conn.phase == 0:
                 self._on_prefix(conn)
+                if conn.phase == 4:
+                    return
             elif conn.phase == 1:
                 self._on_table(conn)
             else:
@@ -299,6 +305,15 @@ class TcpServer:
 
     def _on_prefix(self, conn: _Conn) -> None:
         """The prefix and the 16 bytes after it are in: start the table or body with those 16."""
+        if conn.first:
+            conn.first = False
+            head = bytes(conn.pview)
+            if self.foreign is not None and head[:2] != b"LM" and self.foreign.claims(head):
+                self._conns.pop(conn.fd, None)
+                self._poll.unregister(conn.fd)
+                conn.phase = 4
+                self.foreign.adopt(conn.sock, head)
+                return
         p = conn.prefix = P.parse_prefix(conn.pview[: P.PREFIX_SIZE])
         if not conn.authed and p.kind != P.AUTH:
             raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
