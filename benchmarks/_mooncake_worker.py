@@ -1,36 +1,35 @@
-"""Runs one side of a Mooncake Transfer Engine benchmark (TCP, P2PHANDSHAKE).
+"""Runs one side of a Mooncake Transfer Engine benchmark (P2PHANDSHAKE; protocol ``$MOONCAKE_PROTOCOL``, tcp).
 
-Executed with the Python of a virtualenv that has ``mooncake-transfer-engine-non-cuda``;
-``tcp_vs_baselines.py`` starts it.  Target: prints ``READY host:port`` and waits
+Executed with the Python of a virtualenv that has ``mooncake-transfer-engine-non-cuda``
+(or, for GPU memory, ``$MOONLET_PEER_VRAM``, the CUDA wheel); ``tcp_vs_baselines.py``
+and ``compare.py`` start it.  Target: prints ``READY host:port`` and waits
 for stdin to close.  Initiator: runs the rows given as JSON and prints one JSON
 result per row.  Nothing of moonlet is imported here.
 """
 
 import json
-import mmap
+import os
 import sys
 
-from _worker_rows import run_row
+from _worker_rows import memory, run_row
 
 
 def engine():
     from mooncake.engine import TransferEngine
 
     eng = TransferEngine()
-    rc = eng.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "")
+    protocol = os.environ.get("MOONCAKE_PROTOCOL", "tcp")
+    rc = eng.initialize("127.0.0.1", "P2PHANDSHAKE", protocol, "")
     if rc != 0:
-        raise SystemExit(f"mooncake initialize failed: {rc}")
+        raise SystemExit(f"mooncake initialize (protocol {protocol}) failed: {rc}")
     return eng
 
 
 def main():
     role, size = sys.argv[1], int(sys.argv[2])
     eng = engine()
-    mem = mmap.mmap(-1, size)
-    import ctypes
-
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
-    if eng.register_memory(addr, size, "cpu:0") != 0:
+    addr, _keep, ordinal = memory(role, size)  # _keep: the memory lives as long as this function
+    if eng.register_memory(addr, size, "cpu:0" if ordinal is None else f"cuda:{ordinal}") != 0:
         raise SystemExit("mooncake register_memory failed")
     if role == "target":
         print(f"READY 127.0.0.1:{eng.get_rpc_port()}", flush=True)

@@ -3,17 +3,17 @@
 Executed with the Python of a virtualenv that has ``nixl-cu12``; ``compare.py``
 starts it. Target: prints ``READY <metadata hex> <buffer address>`` and waits
 for stdin to close. Initiator: runs the rows given as JSON and prints one JSON
-result per row. Set ``UCX_TLS=tcp`` in the environment to force TCP.
+result per row. Set ``UCX_TLS=tcp`` in the environment to force TCP, ``MOONLET_PEER_VRAM`` for GPU memory
+(see ``_worker_rows.memory``).
 Nothing of moonlet is imported here.
 """
 
-import ctypes
 import json
-import mmap
+import os
 import sys
 import time
 
-from _worker_rows import run_row
+from _worker_rows import memory, run_row
 
 
 def agent(name):
@@ -26,24 +26,25 @@ def agent(name):
 
 def main():
     role, size = sys.argv[1], int(sys.argv[2])
-    mem = mmap.mmap(-1, size)
-    addr = ctypes.addressof(ctypes.c_char.from_buffer(mem))
+    addr, _keep, ordinal = memory(role, size)  # _keep: the memory lives as long as this function
+    kind, dev = ("DRAM", 0) if ordinal is None else ("VRAM", ordinal)
     a = agent(role)
-    a.register_memory([(addr, size, 0, "")], "DRAM")
+    a.register_memory([(addr, size, dev, "")], kind)
     if role == "target":
         print(f"READY {a.get_agent_metadata().hex()} {addr}", flush=True)
         sys.stdin.read()
         return
     remote_name = a.add_remote_agent(bytes.fromhex(sys.argv[3]))
     remote = int(sys.argv[4])
+    remote_dev = 0 if ordinal is None else int(os.environ["MOONLET_PEER_VRAM"].split(",")[1])
     rows = json.loads(sys.argv[5])
     for op, block, batch, threads, duration in rows:
         stride = block * 2
         handles = []
         for t in range(threads):
             base = t * stride * batch
-            local = a.get_xfer_descs([(addr + base + j * stride, block, 0) for j in range(batch)], "DRAM")
-            far = a.get_xfer_descs([(remote + base + j * stride, block, 0) for j in range(batch)], "DRAM")
+            local = a.get_xfer_descs([(addr + base + j * stride, block, dev) for j in range(batch)], kind)
+            far = a.get_xfer_descs([(remote + base + j * stride, block, remote_dev) for j in range(batch)], kind)
             handles.append(a.initialize_xfer(op.upper(), local, far, remote_name))
 
         def transfer(t, handles=handles):

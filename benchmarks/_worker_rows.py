@@ -5,8 +5,29 @@ returning None or an error) until ``seconds`` have passed, and prints one JSON r
 """
 
 import json
+import mmap
+import os
 import threading
 import time
+
+
+def memory(role, size):
+    """This side's benchmark memory: ``(address, keep-alive, GPU ordinal or None)``.
+
+    Host memory (mmap) unless ``MOONLET_PEER_VRAM="INITIATOR_GPU,TARGET_GPU"`` is set, then GPU
+    memory from torch on this role's GPU.
+    """
+    vram = os.environ.get("MOONLET_PEER_VRAM")
+    if vram:
+        import torch
+
+        ordinal = int(vram.split(",")[0 if role == "initiator" else 1])
+        t = torch.empty(size, dtype=torch.uint8, device=f"cuda:{ordinal}")
+        return t.data_ptr(), t, ordinal
+    import ctypes
+
+    mem = mmap.mmap(-1, size)
+    return ctypes.addressof(ctypes.c_char.from_buffer(mem)), mem, None
 
 
 def run_row(op, block, batch, threads, seconds, transfer):

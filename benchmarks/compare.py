@@ -19,6 +19,16 @@ processes, scattered blocks (stride 2 x block). Engines:
 Peers are installed into their own virtualenvs under .bench/ (they pin
 conflicting packages). A peer that fails to install or run gets rows saying
 why. Writes ``<out>.json``, ``<out>.md`` and ``<out>.png``.
+
+GPU version, on a machine with two GPUs and no package registry:
+
+    scripts/gpu-peers.sh unpack /tmp/peers      # the peer wheels, packed beforehand by scripts/gpu-peers.sh pack
+    python benchmarks/compare.py --use-vram --peers /tmp/peers
+
+Both sides' memory is GPU memory (initiator GPU 0, target the last GPU). Engines:
+moonlet over CUDA IPC and over TCP (staged through pinned host memory), Mooncake's
+CUDA wheel (protocol nvlink_intra, then tcp), NIXL with UCX's own choice;
+baselines: torch peer copies and pinned copies in one process.
 """
 
 from __future__ import annotations
@@ -48,9 +58,11 @@ BUFFER = 1 * GiB  # 16 MiB x 32 blocks at a 32 MiB stride
 CONFIGS = [(op, block, batch) for op in OPS for batch in BATCHES for block in BLOCKS]
 
 
-def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float) -> dict:
+def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float, vram: int | None = None) -> dict:
+    """Rows of moonlet over ``protocol``; ``vram``: the target's GPU (the initiator uses GPU 0), None for host memory."""
     cmd = [sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target", "--protocol", protocol,
-           "--buffer-size", str(BUFFER)] + (["--shared"] if shared else [])
+           "--buffer-size", str(BUFFER)] + (["--shared"] if shared else []) \
+        + (["--use-vram", "--gpu", str(vram)] if vram is not None else [])
     target = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out = {}
     try:
@@ -59,7 +71,12 @@ def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float) -> d
             why = (target.stderr.read().strip().splitlines() or ["no output"])[-1]
             return {c: {"error": f"target did not start: {why}"} for c in CONFIGS}
         with TransferEngine(config=EngineConfig(transports=(protocol,))) as eng:
-            local = eng.register(mmap.mmap(-1, BUFFER))
+            if vram is None:
+                local = eng.register(mmap.mmap(-1, BUFFER))
+            else:
+                from moonlet import gpu
+
+                local = eng.register(gpu.alloc(0, BUFFER), BUFFER)
             seg = eng.open_segment(line.split()[1])
             for op, block, batch in CONFIGS:
                 print(f"  {label}: {op} {human(block)} x {batch}", file=sys.stderr, flush=True)
@@ -75,9 +92,10 @@ def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float) -> d
     return out
 
 
-def peer_engine(name: str, label: str, seconds: float, env: dict | None = None) -> dict:
+def peer_engine(name: str, label: str, seconds: float, env: dict | None = None, python: str | None = None) -> dict:
+    """Rows of a peer engine, from its virtualenv (installed on demand) or from ``python`` with ``env``."""
     print(f"  {label}: installing / checking", file=sys.stderr, flush=True)
-    py, why = peer_python(name)
+    py, why = (python, "") if python else peer_python(name)
     if py is None:
         return {c: {"error": why} for c in CONFIGS}
     spec = [[op, block, batch, 1, seconds] for op, block, batch in CONFIGS]
@@ -152,9 +170,14 @@ def plot(results: dict, baselines: dict, path: str) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=0.5, help="seconds per row and engine")
-    ap.add_argument("--out", default=f"docs/results/compare-{time.strftime('%Y-%m-%d')}")
+    ap.add_argument("--out", help="output path without extension (default docs/results/compare[-gpu]-DATE)")
     ap.add_argument("--skip", nargs="*", default=[], help="engines to leave out: mooncake, nixl")
+    ap.add_argument("--use-vram", action="store_true", help="GPU memory on both sides (two GPUs, see above)")
+    ap.add_argument("--peers", help="with --use-vram: where scripts/gpu-peers.sh unpacked the peer wheels")
     args = ap.parse_args()
+    args.out = args.out or f"docs/results/compare{'-gpu' if args.use_vram else ''}-{time.strftime('%Y-%m-%d')}"
+    if args.use_vram:
+        return main_gpu(args)
     t_start = time.perf_counter()
     results: dict[str, dict] = {}
     print("baselines", file=sys.stderr, flush=True)
@@ -173,13 +196,54 @@ def main() -> int:
         results["NIXL UCX tcp"] = peer_engine("nixl", "NIXL UCX tcp", args.duration, {"UCX_TLS": "tcp"})
         print(f"  [{time.perf_counter() - t_start:.0f} s]", file=sys.stderr)
         results["NIXL UCX (same host)"] = peer_engine("nixl", "NIXL UCX (same host)", args.duration)
-    elapsed = time.perf_counter() - t_start
+    return report(args, results, baselines, time.perf_counter() - t_start, "python benchmarks/compare.py")
 
+
+def main_gpu(args: argparse.Namespace) -> int:
+    """The comparison with GPU memory on both sides."""
+    import torch
+
+    from gpu import baselines as gpu_baselines
+
+    t_start = time.perf_counter()
+    last = torch.cuda.device_count() - 1
+    if last < 1:
+        print("--use-vram needs two GPUs", file=sys.stderr)
+        return 2
+    print("baselines", file=sys.stderr, flush=True)
+    base = gpu_baselines(max(args.duration, 0.5), 1)
+    baselines = {k: base[k] for k in ("peer copy 128 MiB (one copy)", "pinned H2D 128 MiB")}
+    results: dict[str, dict] = {}
+    results["moonlet cuda_ipc"] = moonlet_engine("moonlet cuda_ipc", "cuda_ipc", False, args.duration, last)
+    results["moonlet tcp (GPU staged)"] = moonlet_engine("moonlet tcp (GPU staged)", "tcp", False, args.duration,
+                                                         last)
+    env = {"MOONLET_PEER_VRAM": f"0,{last}"}
+    if args.peers:
+        site = str(Path(args.peers) / "site")
+        cuda_libs = [str(p) for p in Path(torch.__file__).parent.parent.glob("nvidia/*/lib")]
+        env.update(PYTHONPATH=os.pathsep.join([site, str(Path(__file__).parent)]),
+                   LD_LIBRARY_PATH=os.pathsep.join([str(Path(args.peers) / "lib"), *cuda_libs,
+                                                    os.environ.get("LD_LIBRARY_PATH", "")]))
+    python = sys.executable if args.peers else None
+    if "mooncake" not in args.skip:
+        for protocol in ("nvlink_intra", "tcp"):
+            label = f"Mooncake {protocol}"
+            results[label] = peer_engine("mooncake", label, args.duration, {**env, "MOONCAKE_PROTOCOL": protocol},
+                                         python)
+    if "nixl" not in args.skip:
+        results["NIXL UCX (same host)"] = peer_engine("nixl", "NIXL UCX (same host)", args.duration, env, python)
+    return report(args, results, baselines, time.perf_counter() - t_start,
+                  "python benchmarks/compare.py --use-vram --peers DIR")
+
+
+def report(args: argparse.Namespace, results: dict, baselines: dict, elapsed: float, command: str) -> int:
+    """Write the table (Markdown, JSON) and the plot; print the table."""
     peers = [e for e in results if not e.startswith(("moonlet", "memcpy"))]
+    first_moonlet = next(e for e in results if e.startswith("moonlet"))
     lines = [f"# moonlet vs. peer engines, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, Python "
              f"{platform.python_version()}. Two processes, scattered blocks, {args.duration:g} s per row, one run "
-             f"of each (whole suite {elapsed:.0f} s). Command: `python benchmarks/compare.py`.", "",
+             f"of each (whole suite {elapsed:.0f} s). Command: `{command}`.", "",
              "Baselines: " + ", ".join(f"{k} {v:.2f} GB/s" if v else f"{k}: not installed"
                                        for k, v in baselines.items()) + ".", "",
              "| op | block x batch | engine | GB/s | req/s | p50 us | p99 us | moonlet best / best peer |",
@@ -197,7 +261,7 @@ def main() -> int:
             else:
                 lat = (f"{r['p50_us']:.0f} | {r['p99_us']:.0f}" if "p50_us" in r else " | ")
                 lines.append(f"| {op} | {human(block)} x {batch} | {engine} | {r['gbps']:.3f} | {r['req_per_s']:,.0f} "
-                             f"| {lat} | {ratio if engine == 'moonlet tcp' else ''} |")
+                             f"| {lat} | {ratio if engine == first_moonlet else ''} |")
     text = "\n".join(lines) + "\n"
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".md").write_text(text)

@@ -301,13 +301,18 @@ class Stream:
             check(d.cuLaunchKernel(fn, len(chunk), parts, 1, 256, 1, 1, 0, self.handle, ctypes.addressof(params), 0),
                   "cuLaunchKernel(gather_copy)")
 
-    def copy(self, copies: list[tuple[int, int, int]], device_only: bool = False) -> None:
+    def copy(self, copies: list[tuple[int, int, int]], device_only: bool = False, record: bool = False) -> Any:
         """Queue ``(dst, src, nbytes)`` copies: one kernel launch, one batched call, or one call each.
 
         ``device_only`` says every pointer is GPU memory (the kernel needs that).
+        With ``record``, returns an event that fires when they are done (see :func:`event_done`).
         """
-        d = driver()
         use_device(self.device)
+        self._queue(copies, device_only)
+        return self._record() if record else None
+
+    def _queue(self, copies: list[tuple[int, int, int]], device_only: bool) -> None:
+        d = driver()
         if (device_only and len(copies) > 1 and self._kernel_max
                 and sum(c[2] for c in copies) <= self._kernel_max * len(copies)
                 and max(c[2] for c in copies) < 1 << 32):
@@ -334,10 +339,19 @@ class Stream:
             check(d.cuMemcpyAsync(dst, src, n, self.handle), "cuMemcpyAsync")
 
     def record(self) -> Any:
-        d = driver()
+        """An event that fires when the copies queued so far are done (see :func:`event_done`)."""
         use_device(self.device)
-        event = check(d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate")
-        check(d.cuEventRecord(event, self.handle), "cuEventRecord")
+        return self._record()
+
+    def _record(self) -> "_Event":
+        d = driver()
+        free = _free_events.setdefault(self.device, [])
+        try:
+            event = free.pop()
+        except IndexError:  # events are reused: creating and destroying one per batch costs a few us each
+            event = _Event(check(d.cuEventCreate(d.CUevent_flags.CU_EVENT_DISABLE_TIMING), "cuEventCreate"),
+                           self.device)
+        check(d.cuEventRecord(event.handle, self.handle), "cuEventRecord")
         return event
 
     def synchronize(self) -> None:
@@ -345,17 +359,31 @@ class Stream:
         check(driver().cuStreamSynchronize(self.handle), "cuStreamSynchronize")
 
 
-def event_done(event: Any, block: bool) -> bool:
-    """Whether the copies before ``event`` finished (waiting for them if ``block``); destroys it when done."""
+class _Event:
+    """A CUDA event of a :class:`Stream`, recycled once it has fired."""
+
+    __slots__ = ("handle", "device")
+
+    def __init__(self, handle: Any, device: int) -> None:
+        self.handle = handle
+        self.device = device
+
+
+_free_events: dict[int, list[_Event]] = {}  # per device: events that fired, ready to record again
+
+
+def event_done(event: "_Event", block: bool) -> bool:
+    """Whether the copies before ``event`` finished (waiting for them if ``block``); the event is then
+    recycled and must not be used again."""
     d = driver()
     if block:
-        check(d.cuEventSynchronize(event), "cuEventSynchronize")
+        check(d.cuEventSynchronize(event.handle), "cuEventSynchronize")
     else:
-        (err,) = d.cuEventQuery(event)
+        (err,) = d.cuEventQuery(event.handle)
         if err == d.CUresult.CUDA_ERROR_NOT_READY:
             return False
         check((err,), "cuEventQuery")
-    check(d.cuEventDestroy(event), "cuEventDestroy")
+    _free_events.setdefault(event.device, []).append(event)
     return True
 
 
@@ -471,11 +499,11 @@ class Stage:
         events = []
         for device, copies in by_device.items():
             stream = _staging_stream(device)
-            stream.copy(copies)
+            event = stream.copy(copies, record=not wait)
             if wait:
                 stream.synchronize()
             else:
-                events.append(stream.record())
+                events.append(event)
         return events
 
     def to_host(self) -> None:

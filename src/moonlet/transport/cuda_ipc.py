@@ -121,8 +121,7 @@ class CudaIpcTransport(Transport):
         for device, (copies, refs) in by_device.items():
             stream = self._stream(device)
             try:
-                stream.copy(copies, device_only[device])
-                events.append((stream.record(), refs))
+                events.append((stream.copy(copies, device_only[device], record=True), refs))
             except gpu.GpuError as e:
                 stream.synchronize()
                 for index in refs:
@@ -147,8 +146,7 @@ class CudaIpcTransport(Transport):
             there = [a + off for a in remote_addrs]
             copies = list(zip(there, local_addrs, lengths) if op else zip(local_addrs, there, lengths))
             stream = self._stream(device)
-            stream.copy(copies, not local.is_host)
-            event = stream.record()
+            event = stream.copy(copies, not local.is_host, record=True)
         except gpu.GpuError as e:
             for index in everyone:
                 batch.part_done(index, State.FAILED, f"CUDA IPC to {peer.name}: {e}")
