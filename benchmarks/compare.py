@@ -25,7 +25,8 @@ GPU version, on a machine with two GPUs and no package registry:
     scripts/gpu-peers.sh unpack /tmp/peers      # the peer wheels, packed beforehand by scripts/gpu-peers.sh pack
     python benchmarks/compare.py --use-vram --peers /tmp/peers
 
-Both sides' memory is GPU memory (initiator GPU 0, target the last GPU). Engines:
+Both sides' memory is GPU memory (initiator GPU 0, target the last GPU, which is GPU 0 too
+on a one-GPU machine). Engines:
 moonlet over CUDA IPC and over TCP (staged through pinned host memory), Mooncake's
 CUDA wheel (protocol nvlink_intra, then tcp), NIXL with UCX's own choice;
 baselines: torch peer copies and pinned copies in one process.
@@ -206,9 +207,9 @@ def main_gpu(args: argparse.Namespace) -> int:
     from gpu import baselines as gpu_baselines
 
     t_start = time.perf_counter()
-    last = torch.cuda.device_count() - 1
-    if last < 1:
-        print("--use-vram needs two GPUs", file=sys.stderr)
+    last = torch.cuda.device_count() - 1  # with one GPU, both processes use it
+    if last < 0:
+        print("--use-vram needs a GPU", file=sys.stderr)
         return 2
     print("baselines", file=sys.stderr, flush=True)
     base = gpu_baselines(max(args.duration, 0.5), 1)
