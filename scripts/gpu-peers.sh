@@ -6,9 +6,10 @@
 #
 # Packed: Mooncake's CUDA wheel (mooncake-transfer-engine, the transfer engine only: engine.so and the
 # libraries it links), NIXL's (nixl-cu12, without its expert-parallel kernels), both for PYTHON_VERSION
-# (default 3.12, the GPU machine's), and Debian's libibverbs1 / ibverbs-providers / libnuma1, which
-# Mooncake's engine links against even without an RDMA NIC. Everything else they need (torch, numpy, the
-# CUDA runtime) comes from the GPU machine's Python.
+# (default 3.12, the GPU machine's), CUDA 12's runtime library (nvidia-cuda-runtime-cu12: the wheels are
+# built against it, the GPU machine's torch may bring another), and Debian's libibverbs1 /
+# ibverbs-providers / libnuma1, which Mooncake's engine links against even without an RDMA NIC. The rest
+# (torch, numpy, the driver) comes from the GPU machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MOONCAKE=mooncake-transfer-engine==0.3.13.post1
@@ -27,6 +28,9 @@ pack)
      'mooncake/libetcd_wrapper.so' 'mooncake_transfer_engine.libs/*' 'mooncake_transfer_engine-*.dist-info/*' \
      && rm -f mooncake_transfer_engine.libs/libetcd_wrapper-*.so)
   (cd "$work/nx" && unzip -q "$work"/wheels/nixl_cu12-*.whl -x 'nixl_ep_cu12/*')
+  pip download -q --no-deps --only-binary=:all: --python-version "$py" --platform manylinux2014_x86_64 \
+    nvidia-cuda-runtime-cu12 -d "$work/cudart"
+  unzip -q -j "$work"/cudart/*.whl 'nvidia/cuda_runtime/lib/libcudart.so.12' -d "$work/lib"
   (cd "$work/debs" && apt-get download libibverbs1 ibverbs-providers libnuma1 >/dev/null 2>&1 \
      && for d in *.deb; do dpkg -x "$d" x; done && cp -a x/usr/lib/x86_64-linux-gnu/*.so* "$work/lib/")
   tar cf - -C "$work/mc" . | xz -T2 -6 > "$out/mooncake-cuda.tar.xz"

@@ -86,6 +86,7 @@ class Batch:
         self._done = threading.Event()
         self._expire: Callable[["Batch"], None] | None = None
         self._drivers: list[Callable[["Batch", bool], None]] = []
+        self._uniform: str | None = None  # the transport of every request, when one carries them all
         if n == 0:
             self._done.set()
 
@@ -107,6 +108,7 @@ class Batch:
         with self._lock:
             self._parts = [1] * self._n
             self._transport = [transport] * self._n
+            self._uniform = transport
 
     def add_driver(self, drive: Callable[["Batch", bool], None]) -> None:
         """Have waiters call ``drive`` to make progress (once per transport; :meth:`wait` also runs drivers
@@ -117,6 +119,7 @@ class Batch:
     def set_transport(self, indices: list[int], transport: str) -> None:
         """Record that requests ``indices`` moved to another transport (a fallback)."""
         with self._lock:
+            self._uniform = None
             for index in indices:
                 self._transport[index] = transport
 
@@ -185,6 +188,8 @@ class Batch:
         """Status of every request now (no progress is made)."""
         with self._lock:
             if self._done.is_set() and not any(self._reason):  # all completed: shared status objects
+                if self._uniform is not None:
+                    return [_completed(self._uniform)] * self._n
                 return [_COMPLETED.get(t) or _completed(t) for t in self._transport]
             out = []
             for state, reason, transport, parts in zip(self._state, self._reason, self._transport, self._parts):

@@ -7,6 +7,7 @@ GPU pointer, with an error that says what to install.
 
 from __future__ import annotations
 
+import array
 import bisect
 import ctypes
 import logging
@@ -285,20 +286,21 @@ class Stream:
         self._batch = hasattr(d, "cuMemcpyBatchAsync")
         self._kernel_max = kernel_max_block
 
-    def _launch(self, copies: list[tuple[int, int, int]]) -> None:
+    def _launch(self, dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
         d = driver()
         fn = _gather_kernel(self.device)
-        for i in range(0, len(copies), KERNEL_ENTRIES):
-            chunk = copies[i:i + KERNEL_ENTRIES]
-            k = len(chunk)
-            dsts, srcs, sizes = zip(*chunk)
+        for i in range(0, len(sizes), KERNEL_ENTRIES):
+            k = min(KERNEL_ENTRIES, len(sizes) - i)
             table = _Table()
-            table.dst[:k], table.src[:k], table.size[:k] = dsts, srcs, sizes
+            base = ctypes.addressof(table)
+            for offset, code, column in ((_Table.dst.offset, "Q", dsts), (_Table.src.offset, "Q", srcs),
+                                         (_Table.size.offset, "I", sizes)):
+                packed = array.array(code, column[i:i + k])  # one C loop, not a Python one per entry
+                ctypes.memmove(base + offset, packed.buffer_info()[0], k * packed.itemsize)
             table.n = k
-            longest = max(sizes)
-            parts = max(1, min(16, longest // (32 << 10)))  # about 32 KiB per block
-            params = (ctypes.c_void_p * 1)(ctypes.addressof(table))
-            check(d.cuLaunchKernel(fn, len(chunk), parts, 1, 256, 1, 1, 0, self.handle, ctypes.addressof(params), 0),
+            parts = max(1, min(16, max(sizes[i:i + k]) // (32 << 10)))  # about 32 KiB per block
+            params = (ctypes.c_void_p * 1)(base)
+            check(d.cuLaunchKernel(fn, k, parts, 1, 256, 1, 1, 0, self.handle, ctypes.addressof(params), 0),
                   "cuLaunchKernel(gather_copy)")
 
     def copy(self, copies: list[tuple[int, int, int]], device_only: bool = False, record: bool = False) -> Any:
@@ -307,36 +309,41 @@ class Stream:
         ``device_only`` says every pointer is GPU memory (the kernel needs that).
         With ``record``, returns an event that fires when they are done (see :func:`event_done`).
         """
+        dsts, srcs, sizes = (list(column) for column in zip(*copies)) if copies else ([], [], [])
+        return self.copy_columns(dsts, srcs, sizes, device_only, record)
+
+    def copy_columns(self, dsts: list[int], srcs: list[int], sizes: list[int], device_only: bool = False,
+                     record: bool = False) -> Any:
+        """:meth:`copy` with the copies as three parallel lists (what array submits already hold)."""
         use_device(self.device)
-        self._queue(copies, device_only)
+        if sizes:
+            self._queue(dsts, srcs, sizes, device_only)
         return self._record() if record else None
 
-    def _queue(self, copies: list[tuple[int, int, int]], device_only: bool) -> None:
+    def _queue(self, dsts: list[int], srcs: list[int], sizes: list[int], device_only: bool) -> None:
         d = driver()
-        if (device_only and len(copies) > 1 and self._kernel_max
-                and sum(c[2] for c in copies) <= self._kernel_max * len(copies)
-                and max(c[2] for c in copies) < 1 << 32):
+        n = len(sizes)
+        if device_only and n > 1 and self._kernel_max and sum(sizes) <= self._kernel_max * n \
+                and max(sizes) < 1 << 32:
             try:
-                self._launch(copies)
+                self._launch(dsts, srcs, sizes)
                 return
             except GpuError as e:
                 self._kernel_max = 0
                 log.warning("gather-copy kernel unusable (%s); using the copy engines", e)
-        if len(copies) > 1 and self._batch:
+        if n > 1 and self._batch:
             attr = d.CUmemcpyAttributes()
             attr.srcAccessOrder = d.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
             ptr = d.CUdeviceptr
-            dsts = [ptr(c[0]) for c in copies]
-            srcs = [ptr(c[1]) for c in copies]
             try:
-                check(d.cuMemcpyBatchAsync(dsts, srcs, [c[2] for c in copies], len(copies), [attr], [0], 1,
+                check(d.cuMemcpyBatchAsync([ptr(x) for x in dsts], [ptr(x) for x in srcs], sizes, n, [attr], [0], 1,
                                            self.handle), "cuMemcpyBatchAsync")
                 return
             except (GpuError, TypeError) as e:  # e.g. an older driver: one call per copy from now on
                 self._batch = False
                 log.info("cuMemcpyBatchAsync unusable (%s); copying one call per request", e)
-        for dst, src, n in copies:
-            check(d.cuMemcpyAsync(dst, src, n, self.handle), "cuMemcpyAsync")
+        for dst, src, size in zip(dsts, srcs, sizes):
+            check(d.cuMemcpyAsync(dst, src, size, self.handle), "cuMemcpyAsync")
 
     def record(self) -> Any:
         """An event that fires when the copies queued so far are done (see :func:`event_done`)."""

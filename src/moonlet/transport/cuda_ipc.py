@@ -144,9 +144,8 @@ class CudaIpcTransport(Transport):
         try:
             off = self._open(peer, remote, device) - remote["ipc_base"]
             there = [a + off for a in remote_addrs]
-            copies = list(zip(there, local_addrs, lengths) if op else zip(local_addrs, there, lengths))
-            stream = self._stream(device)
-            event = stream.copy(copies, not local.is_host, record=True)
+            dsts, srcs = (there, local_addrs) if op else (local_addrs, there)
+            event = self._stream(device).copy_columns(dsts, srcs, lengths, not local.is_host, record=True)
         except gpu.GpuError as e:
             for index in everyone:
                 batch.part_done(index, State.FAILED, f"CUDA IPC to {peer.name}: {e}")
