@@ -79,16 +79,21 @@ def main() -> int:
             start = gpu.check(d.cuEventCreate(0), "cuEventCreate")
             end = gpu.check(d.cuEventCreate(0), "cuEventCreate")
             reps = 200
-            gpu.check(d.cuEventRecord(start, stream.handle), "cuEventRecord")
-            t0 = time.perf_counter()
-            for _ in range(reps):
-                launch_only()
-            t1 = time.perf_counter()
-            gpu.check(d.cuEventRecord(end, stream.handle), "cuEventRecord")
-            gpu.check(d.cuEventSynchronize(end), "cuEventSynchronize")
-            ms = gpu.check(d.cuEventElapsedTime(start, end), "cuEventElapsedTime")
-            print(f"launch (CPU side): {(t1 - t0) / reps * 1e6:.1f} us; GPU time per batch (back to back): "
-                  f"{ms * 1e3 / reps:.1f} us = {nbytes * reps / (ms * 1e-3) / 1e9:.1f} GB/s")
+            chosen = stream.kernel_chunk
+            for chunk in sorted({4 << 10, 8 << 10, 16 << 10, 32 << 10, chosen}):
+                stream.kernel_chunk = chunk
+                gpu.check(d.cuEventRecord(start, stream.handle), "cuEventRecord")
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    launch_only()
+                t1 = time.perf_counter()
+                gpu.check(d.cuEventRecord(end, stream.handle), "cuEventRecord")
+                gpu.check(d.cuEventSynchronize(end), "cuEventSynchronize")
+                ms = gpu.check(d.cuEventElapsedTime(start, end), "cuEventElapsedTime")
+                print(f"gather kernel, {chunk >> 10} KiB per thread block{' (default)' if chunk == chosen else ''}: "
+                      f"launch (CPU side, queue may be full) {(t1 - t0) / reps * 1e6:.1f} us; GPU time per batch "
+                      f"(back to back) {ms * 1e3 / reps:.1f} us = {nbytes * reps / (ms * 1e-3) / 1e9:.1f} GB/s")
+            stream.kernel_chunk = chosen
             prof = cProfile.Profile()
             prof.enable()
             t0 = time.perf_counter()

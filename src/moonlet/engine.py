@@ -474,9 +474,11 @@ class TransferEngine:
         seg = self._segment(segment)
         timeout = self.config.request_timeout if timeout is None else timeout
         fast = None
-        if la and min(ln) > 0 and min(la) >= 0 and min(ra) >= 0:
-            lo, hi = min(la), max(map(add, la, ln))
-            rlo, rhi = min(ra), max(map(add, ra, ln))
+        lo = rlo = -1
+        if la and min(ln) > 0:
+            lo, rlo = min(la), min(ra)
+        if lo >= 0 and rlo >= 0:
+            hi, rhi = max(map(add, la, ln)), max(map(add, ra, ln))
             local = self._registry.find(lo, hi - lo)
             remote = seg.find(rlo, rhi - rlo)
             t = self._pick(local, seg, remote) if local is not None and remote is not None else None

@@ -285,6 +285,9 @@ class Stream:
         self.handle = check(d.cuStreamCreate(d.CUstream_flags.CU_STREAM_NON_BLOCKING), "cuStreamCreate")
         self._batch = hasattr(d, "cuMemcpyBatchAsync")
         self._kernel_max = kernel_max_block
+        #: bytes of one entry that one thread block of the gather kernel copies (256 threads, 64 B each:
+        #: enough blocks per SM to hide memory latency, benchmarks/gpu_profile.py measures the choice)
+        self.kernel_chunk = 16 << 10
 
     def _launch(self, dsts: list[int], srcs: list[int], sizes: list[int]) -> None:
         d = driver()
@@ -298,7 +301,7 @@ class Stream:
                 packed = array.array(code, column[i:i + k])  # one C loop, not a Python one per entry
                 ctypes.memmove(base + offset, packed.buffer_info()[0], k * packed.itemsize)
             table.n = k
-            parts = max(1, min(16, max(sizes[i:i + k]) // (32 << 10)))  # about 32 KiB per block
+            parts = max(1, min(64, max(sizes[i:i + k]) // self.kernel_chunk))
             params = (ctypes.c_void_p * 1)(base)
             check(d.cuLaunchKernel(fn, k, parts, 1, 256, 1, 1, 0, self.handle, ctypes.addressof(params), 0),
                   "cuLaunchKernel(gather_copy)")
