@@ -38,8 +38,9 @@ class EngineConfig:
             crashed engine disappears from the cluster within this time.
         socket_buffer: SO_SNDBUF/SO_RCVBUF size, None keeps the OS default.
         spin_us: after traffic, poll this long without sleeping before blocking.
-            A sleep/wake-up pair costs tens of microseconds on virtual
-            machines; spinning trades a little CPU for latency. 0 disables.
+            A sleep/wake-up pair costs tens to a hundred microseconds on
+            virtual machines; spinning trades up to this much CPU time (one
+            core, after each burst) for latency. 0 disables.
         gpu_kernel_max_block: GPU-to-GPU batches whose blocks average at most
             this many bytes are moved by one gather-copy kernel (fast for small
             scattered blocks, but it borrows SMs); larger ones by the copy
@@ -88,7 +89,7 @@ class EngineConfig:
     metadata_timeout: float = 5.0
     metadata_ttl: float = 10.0
     socket_buffer: int | None = 4 * MiB
-    spin_us: int = 100
+    spin_us: int = 1000
     gpu_kernel_max_block: int = 1 * MiB
     rdma_devices: tuple[str, ...] = field(default_factory=tuple)
     rdma_gid_index: int | None = None
