@@ -12,6 +12,7 @@ rows), transport chosen automatically (CUDA IPC).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import mmap
 import os
@@ -20,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any, Iterator
 
 import torch
 
@@ -67,31 +69,39 @@ def baselines(seconds: float, runs: int) -> dict:
     return out
 
 
-def moonlet_rows(seconds: float, runs: int, threads: int) -> list:
-    last = torch.cuda.device_count() - 1
+@contextlib.contextmanager
+def vram_target(size: int) -> Iterator[tuple[TransferEngine, Any, dict]]:
+    """A target process registering ``size`` bytes of GPU memory on the last GPU, and an engine here:
+    yields ``(engine, the target's segment, its buffer)``."""
     target = subprocess.Popen([sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target", "--use-vram",
-                               "--gpu", str(last), "--buffer-size", str(BUFFER)], stdout=subprocess.PIPE, text=True)
-    rows = []
+                               "--gpu", str(gpu.device_count() - 1), "--buffer-size", str(size)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         line = target.stdout.readline()
         assert line.startswith(READY), line
         with TransferEngine() as eng:
             seg = eng.open_segment(line.split()[1])
-            remote = seg.buffers[0]
-            vram = eng.register(gpu.alloc(0, BUFFER), BUFFER)
-            host = eng.register(mmap.mmap(-1, BUFFER))
-            for local, where in ((vram, "GPU0"), (host, "host")):
-                cases = [("write", 4 * MiB, 32), ("read", 4 * MiB, 32)]
-                if where == "GPU0":
-                    cases += [("write", 64 * KiB, 128), ("read", 64 * KiB, 128)]
-                for op, block, batch in cases:
-                    res = [run_row(eng, seg, local, remote, op, block, batch, threads, seconds, False)
-                           for _ in range(runs)]
-                    med = sorted(res, key=lambda r: r.gbps)[len(res) // 2]
-                    rows.append((where, f"GPU{last}", med))
+            yield eng, seg, seg.buffers[0]
     finally:
         target.terminate()
         target.wait(10)
+
+
+def moonlet_rows(seconds: float, runs: int, threads: int) -> list:
+    last = torch.cuda.device_count() - 1
+    rows = []
+    with vram_target(BUFFER) as (eng, seg, remote):
+        vram = eng.register(gpu.alloc(0, BUFFER), BUFFER)
+        host = eng.register(mmap.mmap(-1, BUFFER))
+        for local, where in ((vram, "GPU0"), (host, "host")):
+            cases = [("write", 4 * MiB, 32), ("read", 4 * MiB, 32)]
+            if where == "GPU0":
+                cases += [("write", 64 * KiB, 128), ("read", 64 * KiB, 128)]
+            for op, block, batch in cases:
+                res = [run_row(eng, seg, local, remote, op, block, batch, threads, seconds, False)
+                       for _ in range(runs)]
+                med = sorted(res, key=lambda r: r.gbps)[len(res) // 2]
+                rows.append((where, f"GPU{last}", med))
     return rows
 
 

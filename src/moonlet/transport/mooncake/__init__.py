@@ -16,6 +16,7 @@ import queue
 import socket
 import threading
 import time
+from typing import Callable
 
 from ...batch import Batch, Op, State
 from ...errors import ProtocolError
@@ -177,7 +178,10 @@ class MooncakeTcpTransport(Transport):
 
     name = "mooncake_tcp"
 
-    def __init__(self, ctx: HostContext, host: str, advertise: str, describe, on_notify) -> None:
+    def __init__(self, ctx: HostContext, host: str, advertise: str, describe: Callable[[], dict],
+                 on_notify: Callable[[str, str], None]) -> None:
+        """Serve Mooncake peers on ``host`` (advertised as ``advertise``); ``describe`` and ``on_notify``:
+        see :class:`MooncakeServer`."""
         cfg = ctx.config
         self._registry: MemoryRegistry = ctx.registry
         self._lanes = cfg.lanes
