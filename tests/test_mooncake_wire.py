@@ -8,7 +8,6 @@ random bytes both ways, peer to peer and through an HTTP metadata server.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import re
 import socket
@@ -113,8 +112,7 @@ def wire_engine():
 
 def test_plain_and_wire_engines_still_talk_moonlet(wire_engine, peer_factory):
     """A moonlet peer without Mooncake's wire opens a wire engine's segment and the other way round."""
-    mem = mmap.mmap(-1, 1 << 20)
-    mem[:] = os.urandom(1 << 20)
+    mem = bytearray(os.urandom(1 << 20))
     buf = wire_engine.register(mem)
     plain = peer_factory()
     data = bytes(mem[:65536])
@@ -122,7 +120,7 @@ def test_plain_and_wire_engines_still_talk_moonlet(wire_engine, peer_factory):
     assert plain.digest(plain.addr, 65536) == sha(data)
     wired = peer_factory("--config", '{"mooncake_wire": true}')
     with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=("tcp",))) as eng:
-        other = mmap.mmap(-1, 1 << 20)
+        other = bytearray(1 << 20)
         b = eng.register(other)
         assert eng.read(b.addr, wired.name, wired.addr, 1 << 20).transport == "tcp"
         assert sha(other[:]) == wired.digest(wired.addr, 1 << 20)
@@ -148,8 +146,7 @@ def test_moonlet_initiator_mooncake_target(mooncake_metadata):
     peer = MooncakePeer(theirs, "127.0.0.1" if spec == "p2p" else f"mc-target-{os.getpid()}")
     try:
         with _engine(spec, f"ml-init-{os.getpid()}") as eng:
-            mem = mmap.mmap(-1, 4 << 20)
-            mem[:] = os.urandom(4 << 20)
+            mem = bytearray(os.urandom(4 << 20))
             buf = eng.register(mem)
             seg = eng.open_segment(peer.name)
             assert seg.descriptor.endpoints["mooncake"] == "tcp"
@@ -188,11 +185,9 @@ def test_moonlet_initiator_mooncake_target(mooncake_metadata):
 def test_mooncake_initiator_moonlet_target(mooncake_metadata):
     spec, theirs = mooncake_metadata
     with _engine(spec, f"ml-target-{os.getpid()}") as eng:
-        mem = mmap.mmap(-1, 4 << 20)
-        mem[:] = os.urandom(4 << 20)
+        mem = bytearray(os.urandom(4 << 20))
         buf = eng.register(mem)
-        ro = mmap.mmap(-1, 1 << 20)
-        ro[:] = os.urandom(1 << 20)
+        ro = bytearray(os.urandom(1 << 20))
         ro_buf = eng.register(ro, remote_write=False)
         peer = MooncakePeer(theirs, "127.0.0.1" if spec == "p2p" else f"mc-init-{os.getpid()}")
         try:
@@ -224,8 +219,7 @@ def test_mooncake_initiator_moonlet_target(mooncake_metadata):
 
 def test_mooncake_write_outside_registered_memory_is_refused_by_the_target(wire_engine):
     """A request outside registered memory (a stale or forged descriptor) meets the target's own check."""
-    mem = mmap.mmap(-1, 1 << 20)
-    mem[:] = os.urandom(1 << 20)
+    mem = bytearray(os.urandom(1 << 20))
     buf = wire_engine.register(mem)
     host, _, rest = wire_engine.descriptor().endpoints["mooncake_tcp"].rpartition(":")
     port = int(rest.split(";")[0])
