@@ -189,7 +189,7 @@ class MooncakeTcpTransport(Transport):
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self.server = MooncakeServer(ctx.registry, host, advertise, describe, on_notify, cfg.request_timeout,
-                                     cfg.max_connections)
+                                     cfg.max_connections, cfg.spin_us)
 
     def endpoint(self) -> str | None:
         return self.server.endpoint

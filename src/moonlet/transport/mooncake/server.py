@@ -5,7 +5,9 @@ engine's RPC port (moonlet's own listener, which hands over connections that
 open with a Mooncake handshake message) returns the segment descriptor, then
 requests go to the descriptor's ``tcp_data_port``, served here.  Every request
 is checked against the registered buffers and their rights and the buffer is
-pinned while bytes move, exactly as for moonlet peers; a refused request gets
+pinned while bytes move, exactly as for moonlet peers (one reactor thread
+serves every data connection, receiving into and sending from registered
+memory without copies); a refused request gets
 Mooncake's "rejected" status (protocol v2) and the connection is closed, which
 is all a v1 initiator can be told.
 
@@ -16,6 +18,8 @@ without a cluster secret (the engine refuses the combination).
 from __future__ import annotations
 
 import logging
+import os
+import select
 import socket
 import threading
 import time
@@ -23,32 +27,40 @@ from typing import Callable
 
 from ...errors import ProtocolError
 from ...memory import Buffer, Denied, MemoryRegistry
-from ..tcp.sockio import recv_exact
+from ..tcp.sockio import recv_some_into, sendmsg_some
 from . import protocol as MP
 
 log = logging.getLogger("moonlet.mooncake")
 
-_IDLE_TIMEOUT = 600.0  # a data connection with no request for this long is closed
+_IN = select.POLLIN
 
 
 class MooncakeServer:
     """Serves Mooncake peers: handshake messages handed over by the native listener, and the data port."""
 
     def __init__(self, registry: MemoryRegistry, host: str, advertise: str, describe: Callable[[], dict],
-                 on_notify: Callable[[str, str], None], request_timeout: float, max_connections: int) -> None:
-        """``describe``: the engine's native descriptor (a dict); ``on_notify(name, msg)``: queue a notification."""
+                 on_notify: Callable[[str, str], None], request_timeout: float, max_connections: int,
+                 spin_us: int = 0) -> None:
+        """``describe``: the engine's native descriptor (a dict); ``on_notify(name, msg)``: queue a notification;
+        ``spin_us``: how long the data reactor polls without sleeping after traffic (as the TCP server)."""
         self._registry = registry
         self._describe = describe
         self._on_notify = on_notify
         self._timeout = request_timeout
-        self._slots = threading.BoundedSemaphore(max_connections)
+        self._max_conns = max_connections
+        self._spin = spin_us / 1e6
         self._sock = socket.create_server((host, 0), backlog=256)
+        self._sock.setblocking(False)
         self.host = advertise
         self.port: int = self._sock.getsockname()[1]
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
+        self._conns: dict[int, _DataConn] = {}
         self._closed = False
-        threading.Thread(target=self._accept, name="moonlet-mooncake-accept", daemon=True).start()
+        self._poll = select.poll()
+        self._poll.register(self._sock.fileno(), _IN)
+        self._wake_r, self._wake_w = os.pipe()
+        self._poll.register(self._wake_r, _IN)
+        self._thread = threading.Thread(target=self._run, name="moonlet-mooncake-data", daemon=True)
+        self._thread.start()
 
     @property
     def endpoint(self) -> str:
@@ -99,82 +111,182 @@ class MooncakeServer:
         finally:
             sock.close()
 
-    # -- data port ---------------------------------------------------------------------
+    # -- data port: one reactor thread for every connection ---------------------------------
 
     def _accept(self) -> None:
-        while not self._closed:
+        while True:
             try:
                 sock, _ = self._sock.accept()
-            except OSError:
-                if self._closed:
-                    return
-                time.sleep(0.05)
-                continue
-            if not self._slots.acquire(blocking=False):
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # e.g. out of file descriptors: keep serving the others
+                log.warning("Mooncake data port: accept failed: %s", e)
+                return
+            if len(self._conns) >= self._max_conns:
                 log.warning("refusing a Mooncake data connection: at the limit (EngineConfig.max_connections)")
                 sock.close()
                 continue
+            sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._conns.add(sock)
-            threading.Thread(target=self._serve, args=(sock,), name="moonlet-mooncake-data", daemon=True).start()
+            conn = _DataConn(sock)
+            self._conns[conn.fd] = conn
+            self._poll.register(conn.fd, _IN)
 
-    def _serve(self, sock: socket.socket) -> None:
-        head = memoryview(bytearray(MP.HEADER_SIZE))
+    def _run(self) -> None:
+        poll = self._poll.poll
+        last = 0.0
+        next_sweep = 0.0
         try:
             while not self._closed:
-                sock.settimeout(_IDLE_TIMEOUT)
-                recv_exact(sock, head)
-                sock.settimeout(self._timeout)
-                if not self._one(sock, *MP.parse_header(head)):
-                    return
-        except (OSError, ConnectionError, ProtocolError) as e:
-            if not isinstance(e, ConnectionError):
-                log.info("Mooncake data connection closed: %s", e)
+                events = poll(0)
+                if not events:
+                    if time.monotonic() - last < self._spin:
+                        continue
+                    events = poll(1000)
+                now = time.monotonic()
+                if now >= next_sweep:
+                    next_sweep = now + 1.0
+                    for conn in [c for c in self._conns.values() if c.deadline and now > c.deadline]:
+                        log.warning("dropping a Mooncake data connection: a request stalled past %.0f s",
+                                    self._timeout)
+                        self._drop(conn)
+                if not events:
+                    continue
+                last = now
+                for fd, ev in events:
+                    if fd == self._wake_r:  # close() woke us
+                        continue
+                    if fd == self._sock.fileno():
+                        self._accept()
+                        continue
+                    conn = self._conns.get(fd)
+                    if conn is None:
+                        continue
+                    try:
+                        if ev & select.POLLOUT:
+                            self._flush(conn)
+                        if ev & (_IN | select.POLLERR | select.POLLHUP) and conn.fd in self._conns:
+                            self._on_readable(conn, now)
+                    except (OSError, ConnectionError, ProtocolError) as e:
+                        if not isinstance(e, ConnectionError):
+                            log.info("Mooncake data connection closed: %s", e)
+                        self._drop(conn)
         finally:
-            with self._lock:
-                self._conns.discard(sock)
-            sock.close()
-            self._slots.release()
+            for conn in list(self._conns.values()):
+                self._drop(conn)
+            self._sock.close()
+            os.close(self._wake_r)
 
-    def _one(self, sock: socket.socket, op: int, addr: int, size: int, v2: bool) -> bool:
-        """Serve one request; False when it was refused (the connection then closes)."""
+    def _on_readable(self, conn: "_DataConn", now: float) -> None:
+        """Read what has arrived: a header, or a WRITE's payload straight into registered memory."""
+        for _ in range(64):  # a fair share, then the other connections
+            if conn.out:  # a reply is still going out: the peer sends nothing meanwhile
+                return
+            if conn.view is None:
+                n = recv_some_into(conn.sock, conn.head, conn.got, MP.HEADER_SIZE)
+                if not n:
+                    return
+                conn.got += n
+                if conn.got < MP.HEADER_SIZE:
+                    continue
+                conn.got = 0
+                conn.deadline = now + self._timeout
+                self._start(conn, *MP.parse_header(conn.head))
+                if conn.fd not in self._conns:
+                    return
+                continue
+            n = recv_some_into(conn.sock, conn.view, conn.got, conn.view.nbytes)
+            if not n:
+                return
+            conn.got += n
+            if conn.got == conn.view.nbytes:
+                self._finish(conn, [MP.encode_status(True)] if conn.v2 else [])
+
+    def _start(self, conn: "_DataConn", op: int, addr: int, size: int, v2: bool) -> None:
+        """A header is in: check and pin the range, then receive the payload or send the bytes."""
+        conn.v2 = v2
         if size == 0:
-            if v2:
-                sock.sendall(MP.encode_status(True))
-            return True
+            self._finish(conn, [MP.encode_status(True)] if v2 else [])
+            return
         write = op == MP.WRITE
         (buf,), pinned = self._registry.acquire([(addr, size)], write=write)
-        try:
-            if type(buf) is not Buffer or not buf.is_host:
-                why = Denied.REASONS[buf] if type(buf) is int else "not host memory (Mooncake peers reach host " \
-                                                                  "memory only)"
-                log.warning("refused a Mooncake peer's %s of [%#x, +%d): %s", "WRITE" if write else "READ",
-                            addr, size, why)
-                if v2:
-                    sock.sendall(MP.encode_status(False))
-                return False
-            view = buf.view(addr, size)
-            if write:
-                recv_exact(sock, view)
-                if v2:
-                    sock.sendall(MP.encode_status(True))
-            else:
-                if v2:
-                    sock.sendall(MP.encode_status(True))
-                sock.sendall(view)
-            return True
-        finally:
+        if type(buf) is not Buffer or not buf.is_host:
             self._registry.release(pinned)
+            why = Denied.REASONS[buf] if type(buf) is int else "not host memory (Mooncake peers reach host memory only)"
+            log.warning("refused a Mooncake peer's %s of [%#x, +%d): %s", "WRITE" if write else "READ", addr, size,
+                        why)
+            conn.closing = True
+            self._finish(conn, [MP.encode_status(False)] if v2 else [])
+            return
+        conn.pinned = pinned
+        view = buf.view(addr, size)
+        if write:
+            conn.view, conn.got = view, 0
+        else:
+            self._finish(conn, ([MP.encode_status(True)] if v2 else []) + [view])
+
+    def _finish(self, conn: "_DataConn", reply: list) -> None:
+        """The request's bytes are in (or it was refused): send ``reply``, then unpin and take the next."""
+        conn.view = None
+        conn.got = 0
+        conn.out = reply
+        self._flush(conn)
+
+    def _flush(self, conn: "_DataConn") -> None:
+        if conn.out:
+            sendmsg_some(conn.sock, conn.out)
+        if conn.out:
+            self._watch(conn, _IN | select.POLLOUT)
+            return
+        self._registry.release(conn.pinned)
+        conn.pinned = []
+        conn.deadline = 0.0
+        if conn.closing:
+            self._drop(conn)
+            return
+        self._watch(conn, _IN)
+
+    def _watch(self, conn: "_DataConn", mask: int) -> None:
+        if conn.mask != mask:
+            conn.mask = mask
+            self._poll.modify(conn.fd, mask)
+
+    def _drop(self, conn: "_DataConn") -> None:
+        if self._conns.pop(conn.fd, None) is None:
+            return
+        try:
+            self._poll.unregister(conn.fd)
+        except (KeyError, ValueError):
+            pass
+        self._registry.release(conn.pinned)
+        conn.pinned = []
+        conn.sock.close()
 
     def close(self) -> None:
-        """Stop serving: close the data listener and every data connection."""
+        """Stop serving: close the data listener and every data connection, and join the reactor."""
         self._closed = True
-        self._sock.close()
-        with self._lock:
-            conns = list(self._conns)
-        for sock in conns:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+        self._thread.join(timeout=5)
+        os.close(self._wake_w)
+
+
+class _DataConn:
+    """One Mooncake data connection: the header being read, or the request being served."""
+
+    __slots__ = ("sock", "fd", "head", "got", "view", "v2", "out", "pinned", "closing", "deadline", "mask")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.head = memoryview(bytearray(MP.HEADER_SIZE))
+        self.got = 0
+        self.view: memoryview | None = None  # a WRITE's destination while its payload arrives
+        self.v2 = False
+        self.out: list = []  # reply buffers not yet sent
+        self.pinned: list[Buffer] = []
+        self.closing = False  # refused: close once the status frame is out
+        self.deadline = 0.0  # while a request is being served
+        self.mask = _IN

@@ -45,13 +45,10 @@ class Nic:
                 "numa": self.numa}
 
 
-def _gid_types(dev: str, port: int) -> dict[int, str]:
+def _gid_types(dev: str, port: int, indices: list[int]) -> dict[int, str]:
+    """The RoCE type of each GID in ``indices`` (a port has hundreds of entries, mostly empty: read only these)."""
     base = f"{SYSFS}/{dev}/ports/{port}/gid_attrs/types"
-    out = {}
-    for entry in os.listdir(base) if os.path.isdir(base) else []:
-        if entry.isdigit():
-            out[int(entry)] = read(f"{base}/{entry}")
-    return out
+    return {i: read(f"{base}/{i}") for i in indices}
 
 
 def pick_gid_index(gids: dict[int, bytes], types: dict[int, str], ethernet: bool) -> int | None:
@@ -98,7 +95,8 @@ def discover(devices: tuple[str, ...] = (), gid_index: int | None = None) -> tup
                         gids[i] = ctx.gid(port, i)
                     except verbs.VerbsError:
                         continue
-                index = pick_gid_index(gids, _gid_types(name, port), ethernet)
+                index = pick_gid_index(gids, _gid_types(name, port, [i for i, g in gids.items() if any(g)]),
+                                       ethernet)
                 if index is None:
                     notes.append(f"{name} port {port}: no valid GID")
                     continue
