@@ -176,6 +176,11 @@ def main() -> int:
     ap.add_argument("--use-vram", action="store_true", help="GPU memory on both sides (two GPUs, see above)")
     ap.add_argument("--peers", help="with --use-vram: where scripts/gpu-peers.sh unpacked the peer wheels")
     args = ap.parse_args()
+    try:
+        import matplotlib  # noqa: F401 - checked now, not after minutes of measuring
+    except ImportError:
+        print("compare.py draws its plot with matplotlib: pip install 'moonlet[bench]'", file=sys.stderr)
+        return 2
     args.out = args.out or f"docs/results/compare{'-gpu' if args.use_vram else ''}-{time.strftime('%Y-%m-%d')}"
     if args.use_vram:
         return main_gpu(args)
