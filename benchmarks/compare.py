@@ -35,6 +35,7 @@ baselines: torch peer copies and pinned copies in one process.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import mmap
 import os
@@ -176,9 +177,7 @@ def main() -> int:
     ap.add_argument("--use-vram", action="store_true", help="GPU memory on both sides (two GPUs, see above)")
     ap.add_argument("--peers", help="with --use-vram: where scripts/gpu-peers.sh unpacked the peer wheels")
     args = ap.parse_args()
-    try:
-        import matplotlib  # noqa: F401 - checked now, not after minutes of measuring
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of measuring
         print("compare.py draws its plot with matplotlib: pip install 'moonlet[bench]'", file=sys.stderr)
         return 2
     args.out = args.out or f"docs/results/compare{'-gpu' if args.use_vram else ''}-{time.strftime('%Y-%m-%d')}"

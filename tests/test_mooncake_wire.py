@@ -299,3 +299,23 @@ def test_mixed_cluster_through_the_mooncake_api(monkeypatch):
         assert got["rc"] == 0 and got["sha"] == sha(data[4096:4096 + 65536])
     finally:
         peer.close()
+
+
+def test_protocol_v1_both_sides(wire_engine):
+    """A peer that advertises tcp_proto_version 1 gets v1 requests (no status frames), and they land."""
+    from moonlet.segment import Segment, SegmentDescriptor
+
+    with TransferEngine(config=EngineConfig(request_timeout=10.0, mooncake_wire=True)) as eng:
+        target = bytearray(os.urandom(1 << 20))
+        tbuf = wire_engine.register(target)
+        host, port, _ = MP.split_data_endpoint(wire_engine.descriptor().endpoints["mooncake_tcp"])
+        old = {"name": "old", "protocol": "tcp", "tcp_data_host": host, "tcp_data_port": port,
+               "tcp_proto_version": 1, "buffers": [{"name": "old", "addr": tbuf.addr, "length": tbuf.length}]}
+        seg = Segment("old", SegmentDescriptor.from_json(MP.native_descriptor(old, "old")))
+        assert seg.descriptor.endpoints["mooncake_tcp"].endswith(";v1")
+        mine = bytearray(os.urandom(1 << 20))
+        buf = eng.register(mine)
+        assert eng.write(buf.addr, seg, tbuf.addr + 100, 300000).transport == "mooncake_tcp"
+        assert target[100:300100] == mine[:300000]
+        eng.read(buf.addr + 500000, seg, tbuf.addr + 600000, 65536)
+        assert mine[500000:565536] == target[600000:665536]

@@ -121,6 +121,12 @@ class _Lane:
                 raise
             if v2:
                 self._status(batch)
+            else:
+                # v1 has no acknowledgement: read back the last byte on the same connection. The peer
+                # serves a connection's requests in order, so the answer means the write has landed
+                # (and a peer that refused it has closed the connection instead).
+                self._send(batch, memoryview(MP.encode_header(MP.READ, raddr + view.nbytes - 1, 1, False)))
+                self._recv(batch, memoryview(bytearray(1)))
         else:
             if v2:
                 self._status(batch)
