@@ -18,7 +18,6 @@ without a cluster secret (the engine refuses the combination).
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
@@ -27,6 +26,7 @@ from typing import Callable
 
 from ...errors import ProtocolError
 from ...memory import Buffer, Denied, MemoryRegistry
+from ..reactor import Reactor
 from ..tcp.sockio import recv_some_into, sendmsg_some
 from . import protocol as MP
 
@@ -35,7 +35,7 @@ log = logging.getLogger("moonlet.mooncake")
 _IN = select.POLLIN
 
 
-class MooncakeServer:
+class MooncakeServer(Reactor):
     """Serves Mooncake peers: handshake messages handed over by the native listener, and the data port."""
 
     def __init__(self, registry: MemoryRegistry, host: str, advertise: str, describe: Callable[[], dict],
@@ -43,24 +43,16 @@ class MooncakeServer:
                  spin_us: int = 0) -> None:
         """``describe``: the engine's native descriptor (a dict); ``on_notify(name, msg)``: queue a notification;
         ``spin_us``: how long the data reactor polls without sleeping after traffic (as the TCP server)."""
+        super().__init__(socket.create_server((host, 0), backlog=256), spin_us, max_connections,
+                         "moonlet-mooncake-data")
         self._registry = registry
         self._describe = describe
         self._on_notify = on_notify
         self._timeout = request_timeout
-        self._max_conns = max_connections
-        self._spin = spin_us / 1e6
-        self._sock = socket.create_server((host, 0), backlog=256)
-        self._sock.setblocking(False)
         self.host = advertise
         self.port: int = self._sock.getsockname()[1]
-        self._conns: dict[int, _DataConn] = {}
-        self._closed = False
-        self._poll = select.poll()
-        self._poll.register(self._sock.fileno(), _IN)
-        self._wake_r, self._wake_w = os.pipe()
-        self._poll.register(self._wake_r, _IN)
-        self._thread = threading.Thread(target=self._run, name="moonlet-mooncake-data", daemon=True)
-        self._thread.start()
+        self._next_sweep = 0.0
+        self.start()
 
     @property
     def endpoint(self) -> str:
@@ -113,69 +105,32 @@ class MooncakeServer:
 
     # -- data port: one reactor thread for every connection ---------------------------------
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # e.g. out of file descriptors: keep serving the others
-                log.warning("Mooncake data port: accept failed: %s", e)
-                return
-            if len(self._conns) >= self._max_conns:
-                log.warning("refusing a Mooncake data connection: at the limit (EngineConfig.max_connections)")
-                sock.close()
-                continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _DataConn(sock)
-            self._conns[conn.fd] = conn
-            self._poll.register(conn.fd, _IN)
+    def _refuse(self, sock: socket.socket) -> None:
+        log.warning("refusing a Mooncake data connection: at the limit (EngineConfig.max_connections)")
 
-    def _run(self) -> None:
-        poll = self._poll.poll
-        last = 0.0
-        next_sweep = 0.0
+    def _admit(self, sock: socket.socket) -> "_DataConn":
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return _DataConn(sock)
+
+    def _tick(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + 1.0
+        for conn in [c for c in self._conns.values() if c.deadline and now > c.deadline]:
+            log.warning("dropping a Mooncake data connection: a request stalled past %.0f s", self._timeout)
+            self._drop(conn)
+
+    def _serve(self, conn: "_DataConn", ev: int) -> None:
         try:
-            while not self._closed:
-                events = poll(0)
-                if not events:
-                    if time.monotonic() - last < self._spin:
-                        continue
-                    events = poll(1000)
-                now = time.monotonic()
-                if now >= next_sweep:
-                    next_sweep = now + 1.0
-                    for conn in [c for c in self._conns.values() if c.deadline and now > c.deadline]:
-                        log.warning("dropping a Mooncake data connection: a request stalled past %.0f s",
-                                    self._timeout)
-                        self._drop(conn)
-                if not events:
-                    continue
-                last = now
-                for fd, ev in events:
-                    if fd == self._wake_r:  # close() woke us
-                        continue
-                    if fd == self._sock.fileno():
-                        self._accept()
-                        continue
-                    conn = self._conns.get(fd)
-                    if conn is None:
-                        continue
-                    try:
-                        if ev & select.POLLOUT:
-                            self._flush(conn)
-                        if ev & (_IN | select.POLLERR | select.POLLHUP) and conn.fd in self._conns:
-                            self._on_readable(conn, now)
-                    except (OSError, ConnectionError, ProtocolError) as e:
-                        if not isinstance(e, ConnectionError):
-                            log.info("Mooncake data connection closed: %s", e)
-                        self._drop(conn)
-        finally:
-            for conn in list(self._conns.values()):
-                self._drop(conn)
-            self._sock.close()
-            os.close(self._wake_r)
+            if ev & select.POLLOUT:
+                self._flush(conn)
+            if ev & (_IN | select.POLLERR | select.POLLHUP) and conn.fd in self._conns:
+                self._on_readable(conn, time.monotonic())
+        except (OSError, ConnectionError, ProtocolError) as e:
+            if not isinstance(e, ConnectionError):
+                log.info("Mooncake data connection closed: %s", e)
+            self._drop(conn)
 
     def _on_readable(self, conn: "_DataConn", now: float) -> None:
         """Read what has arrived: a header, or a WRITE's payload straight into registered memory."""
@@ -252,25 +207,11 @@ class MooncakeServer:
             self._poll.modify(conn.fd, mask)
 
     def _drop(self, conn: "_DataConn") -> None:
-        if self._conns.pop(conn.fd, None) is None:
+        if not self._forget(conn):
             return
-        try:
-            self._poll.unregister(conn.fd)
-        except (KeyError, ValueError):
-            pass
         self._registry.release(conn.pinned)
         conn.pinned = []
         conn.sock.close()
-
-    def close(self) -> None:
-        """Stop serving: close the data listener and every data connection, and join the reactor."""
-        self._closed = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-        self._thread.join(timeout=5)
-        os.close(self._wake_w)
 
 
 class _DataConn:

@@ -18,10 +18,8 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
 import select
 import socket
-import threading
 import time
 from collections import deque
 from typing import Any, Callable
@@ -32,6 +30,7 @@ from . import protocol as P
 from ... import gpu
 from ...gpu import GpuError, Stage, StagingPool
 from .. import cma
+from ..reactor import Reactor
 from .auth import TargetAuth
 from .dial import PLAIN, Security
 from .sockio import recv_some, recv_some_into, sendmsg_some
@@ -88,7 +87,7 @@ class _Conn:
         self.stage = None  # host staging of the GPU entries of the frame being received
 
 
-class TcpServer:
+class TcpServer(Reactor):
     """Listener plus the reactor thread that serves all accepted connections."""
 
     def __init__(
@@ -108,28 +107,19 @@ class TcpServer:
         """``security``: TLS on every connection, and serve only peers that prove they hold the secret.
         ``max_connections``: refuse more at once. ``auth_timeout``: drop a connection that has not
         authenticated within this many seconds."""
+        super().__init__(socket.create_server((host, port), backlog=256), spin_us, max_connections,
+                         "moonlet-tcp-server")
         self._registry = registry
         self._describe = describe
         self._identity = identity
         self._bufsize = socket_buffer
-        self._spin = spin_us / 1e6
         self._attach = attach and cma.AVAILABLE
         self._secret = security.secret
         self._tls = security.tls
-        self._max_conns = max_connections
         self._auth_timeout = auth_timeout
         self._next_sweep = 0.0
         self.refused = 0  # connections turned away at the limit
-        self._sock = socket.create_server((host, port), backlog=256)
-        self._sock.setblocking(False)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
-        self._conns: dict[int, _Conn] = {}
-        self._poll = select.poll()
-        self._poll.register(self._sock.fileno(), _IN)
-        self._wake_r, self._wake_w = os.pipe()
-        os.set_blocking(self._wake_r, False)
-        self._poll.register(self._wake_r, _IN)
-        self._closed = False
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._stage_pool: StagingPool | None = None
         #: CONNECT handlers by service name: body -> (reply body, cleanup run when the connection ends)
@@ -137,8 +127,7 @@ class TcpServer:
         #: Another protocol served on this port: connections whose first bytes it ``claims(head)`` are
         #: handed to its ``adopt(sock, head)`` (Mooncake's handshake, when the engine speaks its wire).
         self.foreign: Any = None
-        self._thread = threading.Thread(target=self._run, name="moonlet-tcp-server", daemon=True)
-        self._thread.start()
+        self.start()
 
     @property
     def connections(self) -> int:
@@ -146,66 +135,31 @@ class TcpServer:
 
     def close(self) -> None:
         """Stop serving: close the listener and every connection, and join the reactor."""
-        self._closed = True
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:
-            pass
-        self._thread.join(timeout=5)
-        os.close(self._wake_w)
+        super().close()
         if self._stage_pool is not None:
             self._stage_pool.close()
 
     # -- reactor -------------------------------------------------------------------
 
-    def _run(self) -> None:
-        poll = self._poll.poll
-        last = 0.0
+    def _tick(self, now: float) -> None:
+        if self._secret is not None and now >= self._next_sweep:  # busy or idle, stalled peers go
+            self._sweep(now)
+
+    def _serve(self, conn: _Conn, ev: int) -> None:
         try:
-            while not self._closed:
-                events = poll(0)
-                if not events:
-                    if time.monotonic() - last < self._spin:
-                        continue
-                    events = poll(1000)
-                now = time.monotonic()
-                if self._secret is not None and now >= self._next_sweep:  # busy or idle, stalled peers go
-                    self._sweep(now)
-                if not events:
-                    continue
-                last = now
-                for fd, ev in events:
-                    if fd == self._wake_r:
-                        try:
-                            os.read(self._wake_r, 64)
-                        except BlockingIOError:
-                            pass
-                        continue
-                    if fd == self._sock.fileno():
-                        self._accept()
-                        continue
-                    conn = self._conns.get(fd)
-                    if conn is None:
-                        continue
-                    try:
-                        if ev & _OUT:
-                            self._flush(conn)
-                        if ev & (_IN | _ERR):
-                            self._on_readable(conn)
-                    except ProtocolError as e:
-                        log.warning("closing connection after protocol error: %s", e)
-                        try:
-                            conn.sock.send(P.encode_error(str(e)), socket.MSG_DONTWAIT)
-                        except OSError:
-                            pass
-                        self._drop(conn)
-                    except OSError:
-                        self._drop(conn)
-        finally:
-            for conn in list(self._conns.values()):
-                self._drop(conn)
-            self._sock.close()
-            os.close(self._wake_r)
+            if ev & _OUT:
+                self._flush(conn)
+            if ev & (_IN | _ERR):
+                self._on_readable(conn)
+        except ProtocolError as e:
+            log.warning("closing connection after protocol error: %s", e)
+            try:
+                conn.sock.send(P.encode_error(str(e)), socket.MSG_DONTWAIT)
+            except OSError:
+                pass
+            self._drop(conn)
+        except OSError:
+            self._drop(conn)
 
     def _sweep(self, now: float) -> None:
         """Drop connections that have not authenticated in time (a peer without the secret, or a stalled one)."""
@@ -214,41 +168,26 @@ class TcpServer:
             log.info("dropping a connection that did not authenticate within %.1f s", self._auth_timeout)
             self._drop(conn)
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                sock, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as e:  # e.g. out of file descriptors: keep serving the others
-                log.warning("accept failed: %s", e)
-                return
-            if len(self._conns) >= self._max_conns:
-                self.refused += 1
-                if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
-                    log.warning("refused %d connection(s): at the limit of %d (EngineConfig.max_connections)",
-                                self.refused, self._max_conns)
-                try:
-                    sock.send(P.encode_error(f"too many connections (limit {self._max_conns})"), socket.MSG_DONTWAIT)
-                except OSError:
-                    pass
-                sock.close()
-                continue
-            if self._tls is not None:  # the engine side of a relay whose thread runs TLS with the peer
-                sock = self._tls.wrap_server(sock, self._auth_timeout)
-            sock.setblocking(False)
-            tune_socket(sock, self._bufsize)
-            conn = _Conn(sock, self._secret is None)
-            self._conns[conn.fd] = conn
-            self._poll.register(conn.fd, _IN)
+    def _refuse(self, sock: socket.socket) -> None:
+        self.refused += 1
+        if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+            log.warning("refused %d connection(s): at the limit of %d (EngineConfig.max_connections)",
+                        self.refused, self._max_conns)
+        try:
+            sock.send(P.encode_error(f"too many connections (limit {self._max_conns})"), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+
+    def _admit(self, sock: socket.socket) -> _Conn:
+        if self._tls is not None:  # the engine side of a relay whose thread runs TLS with the peer
+            sock = self._tls.wrap_server(sock, self._auth_timeout)
+        sock.setblocking(False)
+        tune_socket(sock, self._bufsize)
+        return _Conn(sock, self._secret is None)
 
     def _drop(self, conn: _Conn) -> None:
-        if self._conns.pop(conn.fd, None) is None:
+        if not self._forget(conn):
             return
-        try:
-            self._poll.unregister(conn.fd)
-        except (KeyError, ValueError):
-            pass
         self._registry.release(conn.pinned)
         if conn.stage is not None:
             conn.stage.release()
@@ -309,8 +248,7 @@ class TcpServer:
             conn.first = False
             head = bytes(conn.pview)
             if self.foreign is not None and head[:2] != b"LM" and self.foreign.claims(head):
-                self._conns.pop(conn.fd, None)
-                self._poll.unregister(conn.fd)
+                self._forget(conn)
                 conn.phase = 4
                 self.foreign.adopt(conn.sock, head)
                 return
