@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -122,7 +121,7 @@ class TransferEngine:
         self._notes: deque[tuple[str, str]] = deque()
         if cfg.mooncake_wire:
             host, port = split_endpoint(tcp.endpoint())
-            mc = MooncakeTcpTransport(ctx, cfg.listen_host, host, lambda: json.loads(self._descriptor_json()),
+            mc = MooncakeTcpTransport(ctx, cfg.listen_host, host, lambda: self.descriptor().to_dict(),
                                       self._queue_note)
             available["mooncake_tcp"] = mc
             wanted = (*wanted, "mooncake_tcp")

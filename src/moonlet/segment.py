@@ -60,24 +60,25 @@ class SegmentDescriptor:
     def transports(self) -> list[str]:
         return sorted(self.endpoints)
 
+    def to_dict(self) -> dict:
+        """The JSON-able form (what :meth:`to_json` writes)."""
+        return {
+            "version": DESCRIPTOR_VERSION,
+            "name": self.name,
+            "instance": self.instance,
+            "host": self.host,
+            "pid": self.pid,
+            "pidns": self.pidns,
+            "generation": self.generation,
+            "control": self.control,
+            "endpoints": self.endpoints,
+            "transports": self.transports,
+            "buffers": self.buffers,
+            **({"nics": self.nics} if self.nics else {}),
+        }
+
     def to_json(self) -> bytes:
-        return json.dumps(
-            {
-                "version": DESCRIPTOR_VERSION,
-                "name": self.name,
-                "instance": self.instance,
-                "host": self.host,
-                "pid": self.pid,
-                "pidns": self.pidns,
-                "generation": self.generation,
-                "control": self.control,
-                "endpoints": self.endpoints,
-                "transports": self.transports,
-                "buffers": self.buffers,
-                **({"nics": self.nics} if self.nics else {}),
-            },
-            separators=(",", ":"),
-        ).encode()
+        return json.dumps(self.to_dict(), separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, data: bytes | str | dict) -> "SegmentDescriptor":

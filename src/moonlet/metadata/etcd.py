@@ -92,8 +92,7 @@ class EtcdMetadata(MetadataBackend):
             self._grant_and_put(*self._published)  # the lease expired (store restarted, long outage)
 
     def fetch(self, name: str) -> bytes | None:
-        kvs = self._call("/v3/kv/range", {"key": _b64(self._key(name))}).get("kvs")
-        return base64.b64decode(kvs[0]["value"]) if kvs else None
+        return self.get_key(self._key(name))
 
     def remove(self, name: str) -> None:
         with self._lock:

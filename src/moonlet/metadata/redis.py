@@ -61,7 +61,7 @@ class RedisMetadata(MetadataBackend):
                 self._do("SET", self._client.set, self._key(name), descriptor, px=self._ttl_ms)  # it had expired
 
     def fetch(self, name: str) -> bytes | None:
-        return self._do("GET", self._client.get, self._key(name))
+        return self.get_key(self._key(name))
 
     def remove(self, name: str) -> None:
         with self._lock:
