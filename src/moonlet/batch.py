@@ -71,8 +71,10 @@ def _completed(transport: str) -> RequestStatus:
 class Batch:
     """A group of submitted requests, completed by transports as their bytes land."""
 
-    def __init__(self, requests: list[Request] | int, deadline: float) -> None:
-        """``requests``: the requests, or their count when submitted in array form."""
+    def __init__(self, requests: list[Request] | int, deadline: float,
+                 expire: Callable[["Batch"], None] | None = None) -> None:
+        """``requests``: the requests, or their count when submitted in array form. ``expire``: called
+        when a waiter finds the deadline passed, to tear down what is still moving."""
         n = requests if isinstance(requests, int) else len(requests)
         self.requests = None if isinstance(requests, int) else requests
         self._n = n
@@ -82,13 +84,15 @@ class Batch:
         self._transport = [""] * n
         self._parts = [0] * n
         self._pending = n
+        self._failed = False  # some part ended other than COMPLETED
         self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._expire: Callable[["Batch"], None] | None = None
+        # Set under _lock; a thread that must block makes _cond (on _lock) and waits on it. The
+        # common waiter drives its batch to the end itself and never needs it.
+        self._finished = n == 0
+        self._cond: threading.Condition | None = None
+        self._expire = expire
         self._drivers: list[Callable[["Batch", bool], None]] = []
         self._uniform: str | None = None  # the transport of every request, when one carries them all
-        if n == 0:
-            self._done.set()
 
     def __len__(self) -> int:
         return self._n
@@ -129,37 +133,35 @@ class Batch:
             if state is not State.COMPLETED and not self._reason[index]:
                 self._reason[index] = reason
                 self._state[index] = state  # provisional until every part has ended
+                self._failed = True
             self._parts[index] -= 1
             if self._parts[index] > 0:
                 return
             if self._state[index] is State.PENDING:
                 self._state[index] = State.COMPLETED
             self._pending -= 1
-            finished = self._pending == 0
-        if finished:
-            self._finish()
+            if self._pending == 0:
+                self._finish_locked()
 
     def parts_completed(self, indices: list[int]) -> None:
         """Record the successful end of one slice of each request in ``indices`` (one lock round)."""
-        finished = False
         with self._lock:
             parts, state = self._parts, self._state
-            if len(indices) == self._pending == self._n and not any(self._reason) and parts.count(1) == self._n:
+            if len(indices) == self._pending == self._n and not self._failed and parts.count(1) == self._n:
                 # The whole batch, one part each, nothing failed: the common case of one reply per batch.
                 self._state = [State.COMPLETED] * self._n
                 self._parts = [0] * self._n
                 self._pending = 0
-                indices = ()
-                finished = True
+                self._finish_locked()
+                return
             for index in indices:
                 parts[index] -= 1
                 if parts[index] == 0:
                     if state[index] is State.PENDING:
                         state[index] = State.COMPLETED
                     self._pending -= 1
-                    finished = self._pending == 0
-        if finished:
-            self._finish()
+                    if self._pending == 0:
+                        self._finish_locked()
 
     def fail(self, index: int, reason: str, state: State = State.FAILED) -> None:
         """End request ``index`` before any slice of it was sent."""
@@ -167,14 +169,17 @@ class Batch:
             self._parts[index] += 1
         self.part_done(index, state, reason)
 
-    def _finish(self) -> None:
-        self._done.set()
+    def _finish_locked(self) -> None:
+        """Every request has ended (called holding ``_lock``): wake blocked waiters."""
+        self._finished = True
+        if self._cond is not None:
+            self._cond.notify_all()
 
     # -- read by the user -------------------------------------------------------
 
     @property
     def done(self) -> bool:
-        return self._done.is_set()
+        return self._finished
 
     def status(self, index: int) -> RequestStatus:
         """Status of request ``index`` now."""
@@ -187,7 +192,7 @@ class Batch:
     def statuses(self) -> list[RequestStatus]:
         """Status of every request now (no progress is made)."""
         with self._lock:
-            if self._done.is_set() and not any(self._reason):  # all completed: shared status objects
+            if self._finished and not self._failed:  # all completed: shared status objects
                 if self._uniform is not None:
                     return [_completed(self._uniform)] * self._n
                 return [_COMPLETED.get(t) or _completed(t) for t in self._transport]
@@ -221,11 +226,20 @@ class Batch:
             while ran < len(self._drivers):  # a transport may hand requests to another one meanwhile
                 self._drivers[ran](self, True)
                 ran += 1
-            if self._done.wait(max(0.0, min(self.deadline - time.monotonic(), 0.1)) + 0.01):
+            if self._finished or self._block(max(0.0, min(self.deadline - time.monotonic(), 0.1)) + 0.01):
                 break
             if time.monotonic() >= self.deadline and self._expire is not None:
                 self._expire(self)
         return self.statuses()
+
+    def _block(self, timeout: float) -> bool:
+        """Sleep until the batch ends or ``timeout`` passes; whether it ended."""
+        with self._lock:
+            if not self._finished:
+                if self._cond is None:
+                    self._cond = threading.Condition(self._lock)
+                self._cond.wait(timeout)
+            return self._finished
 
     def expire_at(self, deadline: float) -> None:
         """Move the deadline earlier (never later)."""

@@ -50,6 +50,13 @@ def available_transports() -> tuple[str, ...]:
     return tuple(t for t in ALL_TRANSPORTS if usable[t])
 
 
+def _as_list(seq: Sequence[int]) -> list[int]:
+    """``seq`` as a list of Python ints (a list is used as is: it is only read during the submit)."""
+    if type(seq) is list:
+        return seq
+    return list(seq.tolist() if hasattr(seq, "tolist") else seq)
+
+
 class TransferEngine:
     """Moves bytes between this process's registered memory and other engines'.
 
@@ -399,8 +406,7 @@ class TransferEngine:
         timeout = self.config.request_timeout if timeout is None else timeout
         if not timeout > 0:
             raise ConfigError(f"timeout must be positive, got {timeout}")
-        batch = Batch(reqs, time.monotonic() + timeout)
-        batch._expire = self._expire
+        batch = Batch(reqs, time.monotonic() + timeout, self._expire)
         groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]] = {}
         routes: dict[tuple[int, int], Transport | None] = {}
         refreshed: set[str] = set()
@@ -464,36 +470,53 @@ class TransferEngine:
         Python each.  Otherwise this is :meth:`submit` of the same requests.
         """
         self._check_open()
-        la, ra, ln = (list(x.tolist() if hasattr(x, "tolist") else x) for x in (local_addrs, remote_addrs, lengths))
-        if not len(la) == len(ra) == len(ln):
-            raise ConfigError(f"local_addrs, remote_addrs and lengths differ in length: {len(la)}, {len(ra)}, "
-                              f"{len(ln)}")
+        la, ra, ln = _as_list(local_addrs), _as_list(remote_addrs), _as_list(lengths)
+        n = len(la)
+        if n != len(ra) or n != len(ln):
+            raise ConfigError(f"local_addrs, remote_addrs and lengths differ in length: {n}, {len(ra)}, {len(ln)}")
         if op is not Op.WRITE and op is not Op.READ:
             raise TransferError(f"op must be Op.READ or Op.WRITE, got {op!r}")
         seg = self._segment(segment)
-        timeout = self.config.request_timeout if timeout is None else timeout
-        fast = None
-        lo = rlo = -1
-        if la and min(ln) > 0:
-            lo, rlo = min(la), min(ra)
-        if lo >= 0 and rlo >= 0:
-            hi, rhi = max(map(add, la, ln)), max(map(add, ra, ln))
-            local = self._registry.find(lo, hi - lo)
-            remote = seg.find(rlo, rhi - rlo)
-            t = self._pick(local, seg, remote) if local is not None and remote is not None else None
-            if t is not None and timeout > 0:
-                fast = (t, local, remote)
-        if fast is None:
+        if timeout is None:
+            timeout = self.config.request_timeout
+        route = self._bulk_route(seg, la, ra, ln) if n and timeout > 0 else None
+        if route is None:
             return self.submit([Request(op, a, seg, b, n) for a, b, n in zip(la, ra, ln)], timeout)
-        t, local, remote = fast
-        batch = Batch(len(la), time.monotonic() + timeout)
-        batch._expire = self._expire
+        t, local, remote = route
+        batch = Batch(n, time.monotonic() + timeout, self._expire)
         batch.add_driver(t.drive)
         t.submit_many(seg, batch, op, la, ra, ln, local, remote)
         return batch
 
+    def _bulk_route(self, seg: Segment, la: list[int], ra: list[int],
+                    ln: list[int]) -> tuple[Transport, Buffer, dict] | None:
+        """The transport, local buffer and remote buffer that carry every request of an array submit,
+        or None when the requests span several buffers (or are malformed: :meth:`submit` says how)."""
+        if len(ln) == 1:
+            size = ln[0]
+            if size <= 0:
+                return None
+            lo, rlo, span, rspan = la[0], ra[0], size, size
+        else:
+            if min(ln) <= 0:
+                return None
+            lo, rlo = min(la), min(ra)
+            span, rspan = max(map(add, la, ln)) - lo, max(map(add, ra, ln)) - rlo
+        if lo < 0 or rlo < 0:
+            return None
+        local = self._registry.find(lo, span)
+        remote = seg.find(rlo, rspan)
+        if local is None or remote is None:
+            return None
+        t = self._pick(local, seg, remote)
+        return None if t is None else (t, local, remote)
+
     def _pick(self, local: Buffer, seg: Segment, remote: dict) -> Transport | None:
-        return next((t for t in self._transports if t.reaches(local, seg.descriptor, remote)), None)
+        descriptor = seg.descriptor
+        for t in self._transports:
+            if t.reaches(local, descriptor, remote):
+                return t
+        return None
 
     def _route(self, batch: Batch, groups: dict, routes: dict, local: Buffer, seg: Segment,
                remote: dict) -> list | bool:

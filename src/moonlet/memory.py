@@ -137,14 +137,15 @@ class Buffer:
     _view: memoryview | None = field(default=None, repr=False)
     _users: int = field(default=0, repr=False)
     _dead: bool = field(default=False, repr=False)
+    #: whether this is host memory (``cpu:N``); set from ``location``, read on every request
+    is_host: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.is_host = self.location.startswith("cpu:")
 
     @property
     def end(self) -> int:
         return self.addr + self.length
-
-    @property
-    def is_host(self) -> bool:
-        return self.location.startswith("cpu:")
 
     def view(self, addr: int, length: int) -> memoryview:
         """Memoryview of ``[addr, addr+length)``, which must lie inside this host buffer."""
@@ -224,6 +225,7 @@ class MemoryRegistry:
         self._by_start: dict[int, Buffer] = {}
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
+        self._last: Buffer | None = None  # the last buffer a lookup returned; cleared when it is removed
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -255,6 +257,8 @@ class MemoryRegistry:
             if buf is None:
                 raise RegistrationError(f"no buffer is registered at {addr:#x}")
             buf._dead = True
+            if self._last is buf:
+                self._last = None
             i = bisect.bisect_left(self._starts, addr)
             del self._starts[i]
             del self._by_start[addr]
@@ -269,14 +273,23 @@ class MemoryRegistry:
         return buf
 
     def _find_locked(self, addr: int, length: int) -> Buffer | None:
+        last = self._last  # lookups mostly hit the buffer the previous one did
+        if last is not None and last.addr <= addr and addr + length <= last.addr + last.length:
+            return last
         i = bisect.bisect_right(self._starts, addr) - 1
         if i < 0:
             return None
         buf = self._by_start[self._starts[i]]
-        return buf if addr + length <= buf.end else None
+        if addr + length > buf.addr + buf.length:
+            return None
+        self._last = buf
+        return buf
 
     def find(self, addr: int, length: int) -> Buffer | None:
         """The buffer holding all of ``[addr, addr+length)``, or None."""
+        last = self._last  # without the lock: remove() marks a buffer dead before it forgets it
+        if last is not None and last.addr <= addr and addr + length <= last.addr + last.length and not last._dead:
+            return last
         with self._lock:
             return self._find_locked(addr, length)
 
@@ -297,7 +310,7 @@ class MemoryRegistry:
         """
         out: list[Buffer | int] = []
         pinned: dict[int, Buffer] = {}
-        last: Buffer | None = None  # ranges of one frame mostly share a buffer: try it before a bisect
+        last: Buffer | None = None  # ranges of one frame mostly share a buffer: try it before a lookup
         with self._lock:
             for addr, length in ranges:
                 if length <= 0 or addr < 0 or addr + length > _ADDR_LIMIT:
@@ -324,6 +337,9 @@ class MemoryRegistry:
         if not pinned:
             return
         with self._lock:
+            dying = False
             for buf in pinned:
                 buf._users -= 1
-            self._idle.notify_all()
+                dying = dying or buf._dead
+            if dying:  # remove() may be waiting for this buffer's last user
+                self._idle.notify_all()

@@ -150,15 +150,22 @@ class Segment:
                           key=lambda b: b["addr"])
             self._starts = [b["addr"] for b in bufs]
             self._bufs = bufs
+            self._last: dict | None = None  # the last buffer find() returned
 
     def find(self, addr: int, length: int) -> dict | None:
         """The cached remote buffer holding ``[addr, addr+length)``, or None."""
+        b = self._last  # requests mostly hit the buffer the previous one did
+        if b is not None and b["addr"] <= addr and addr + length <= b["_end"]:
+            return b
         with self._lock:
             i = bisect.bisect_right(self._starts, addr) - 1
             if i < 0:
                 return None
             b = self._bufs[i]
-            return b if addr + length <= b["_end"] else None
+            if addr + length > b["_end"]:
+                return None
+            self._last = b
+            return b
 
     @property
     def buffers(self) -> list[dict]:

@@ -26,6 +26,14 @@ _WATCHDOG_PERIOD = 0.05
 _STAGE_BYTES = 256 << 20  # pinned staging for local GPU memory sent or received over TCP
 
 
+def _flat(addrs: list[int], lengths: list[int]) -> list[int]:
+    """``[addrs[0], lengths[0], addrs[1], ...]``: a WRITE/READ frame's table."""
+    table = [0] * (2 * len(addrs))
+    table[0::2] = addrs
+    table[1::2] = lengths
+    return table
+
+
 class TcpTransport(Transport):
     """Listener for peers' requests plus pooled, pipelined connections to peers."""
 
@@ -186,12 +194,17 @@ class TcpTransport(Transport):
         view = local.view
         views = [view(a, n) for a, n in zip(local_addrs, lengths)]
         max_bytes, max_entries = cfg.frame_bytes, cfg.frame_entries
+        count = len(lengths)
+        total = sum(lengths)
+        if total <= max_bytes and count <= max_entries:  # the usual case: the whole batch is one frame
+            peer.send(OutFrame(kind, _flat(remote_addrs, lengths), views, range(count), batch, total))
+            return
         start = nbytes = 0
         for i, n in enumerate(lengths):
             nbytes += n
-            if nbytes >= max_bytes or i + 1 - start >= max_entries or i + 1 == len(lengths):
-                table = [x for pair in zip(remote_addrs[start:i + 1], lengths[start:i + 1]) for x in pair]
-                peer.send(OutFrame(kind, table, views[start:i + 1], list(range(start, i + 1)), batch, nbytes))
+            if nbytes >= max_bytes or i + 1 - start >= max_entries or i + 1 == count:
+                peer.send(OutFrame(kind, _flat(remote_addrs[start:i + 1], lengths[start:i + 1]), views[start:i + 1],
+                                   range(start, i + 1), batch, nbytes))
                 start, nbytes = i + 1, 0
 
     def drive(self, batch: Batch, block: bool) -> None:

@@ -26,7 +26,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, SegmentError
@@ -58,7 +58,8 @@ class OutFrame:
 
     __slots__ = ("kind", "req_id", "table", "views", "refs", "batch", "nbytes", "attempts", "stage", "staged_at")
 
-    def __init__(self, kind: int, table: list[int], views: list, refs: list, batch: Batch, nbytes: int) -> None:
+    def __init__(self, kind: int, table: list[int], views: list, refs: Sequence[int], batch: Batch,
+                 nbytes: int) -> None:
         self.kind = kind
         self.req_id = next(_req_ids)
         self.table = table  # flat [remote addr, length, ...], one pair per entry
@@ -180,7 +181,7 @@ class Lane:
                 continue
             self._got = 0
             if self._phase == 0:
-                p = self._prefix = P.parse_prefix(self._pview[: P.PREFIX_SIZE])
+                p = self._prefix = P.parse_prefix(self._pre)
                 if p.kind == P.ERROR:
                     body = bytearray(p.payload_len - 1)
                     recv_exact(sock, memoryview(body))
@@ -188,14 +189,16 @@ class Lane:
                     raise ProtocolError(f"peer reported a protocol error: {text}")
                 if p.kind != P.RESP:
                     raise ProtocolError(f"expected RESP from peer, got {P.KINDS[p.kind]}")
-                self._table = bytearray(p.count)
-                self._table[0] = self._pre[P.PREFIX_SIZE]
                 if p.count > 1:
+                    self._table = bytearray(p.count)
+                    self._table[0] = self._pre[P.PREFIX_SIZE]
                     self._got, self._phase = 1, 1
                     continue
-            p = self._prefix
-            assert p is not None
-            statuses = P.parse_statuses(p, self._table)
+                statuses = P.parse_statuses(p, self._pview[P.PREFIX_SIZE:])
+            else:
+                p = self._prefix
+                assert p is not None
+                statuses = P.parse_statuses(p, self._table)
             frame = self.inflight.pop(p.req_id, None)
             if frame is None:
                 raise ProtocolError(f"RESP for unknown request id {p.req_id}")
@@ -203,8 +206,12 @@ class Lane:
             if len(statuses) != len(frame.refs):
                 raise ProtocolError(f"RESP has {len(statuses)} statuses for {len(frame.refs)} entries")
             if frame.kind == P.READ:
-                views = [v for v, s in zip(frame.views, statuses) if not s]
-                if sum(v.nbytes for v in views) != p.payload_len:
+                if any(statuses):  # only the entries served carry bytes
+                    views = [v for v, s in zip(frame.views, statuses) if not s]
+                    size = sum(v.nbytes for v in views)
+                else:  # a copy: receiving consumes the list, and a retry needs the frame's own
+                    views, size = list(frame.views), frame.nbytes
+                if size != p.payload_len:
                     raise ProtocolError("READ reply carries a payload of the wrong size")
                 if views:
                     self._views, self._phase = views, 2
@@ -270,7 +277,8 @@ class Progress:
                     finally:
                         self._cv.acquire()
                         self._driving = False
-                        self._cv.notify()
+                        if self._waiters > 1:  # hand the driver role on
+                            self._cv.notify()
                     if not block:
                         return
             finally:

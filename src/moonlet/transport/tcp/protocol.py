@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import Union
+from typing import NamedTuple, Union
 
 from ...errors import ProtocolError
 from ...memory import Denied
@@ -72,9 +72,8 @@ MIN_TARGET_TAIL = ENTRY_SIZE  # bytes after the prefix of HELLO / GET_DESC / WRI
 MIN_INITIATOR_TAIL = 1  # bytes after the prefix of HELLO / DESC / RESP / ERROR frames
 
 
-@dataclass(frozen=True)
-class Prefix:
-    """The fixed part of a frame."""
+class Prefix(NamedTuple):
+    """The fixed part of a frame (a tuple: it is built once per frame on the hot path)."""
 
     kind: int
     count: int
@@ -84,50 +83,51 @@ class Prefix:
     @property
     def table_size(self) -> int:
         """Bytes of the table that follows the prefix."""
-        if self.kind in (WRITE, READ):
-            return self.count * ENTRY_SIZE
-        if self.kind in (PULL, PUSH):
-            return self.count * ATTACH_ENTRY_SIZE
-        if self.kind == RESP:
-            return self.count
-        return 0
+        return self.count * _ROW_SIZE.get(self.kind, 0)
+
+
+_ROW_SIZE = {WRITE: ENTRY_SIZE, READ: ENTRY_SIZE, PULL: ATTACH_ENTRY_SIZE, PUSH: ATTACH_ENTRY_SIZE, RESP: 1}
+_COUNTED = frozenset(_ROW_SIZE)  # kinds whose count is their number of entries; 0 for the others
+# Bounds on payload_len per kind (absent: MAX_PAYLOAD, and no floor).
+_PAYLOAD_CAP = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, AUTH: 64,
+                DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL, READ: 0, PULL: 0, PUSH: 0}
+_PAYLOAD_FLOOR = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL,
+                  AUTH: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}
 
 
 def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
-    """Decode and validate a 24-byte prefix."""
-    magic, version, kind, count, req_id, payload_len = PREFIX.unpack(data)
+    """Decode and validate the 24-byte prefix at the start of ``data``."""
+    magic, version, kind, count, req_id, payload_len = PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {magic:#06x}, expected {MAGIC:#06x}: not a moonlet peer")
     if version != VERSION:
         raise ProtocolError(f"unsupported protocol version {version}, this side speaks {VERSION}")
     if kind not in KINDS:
         raise ProtocolError(f"unknown frame kind {kind}")
-    if kind in REQUESTS or kind == RESP:
+    if kind in _COUNTED:
         if not 1 <= count <= MAX_ENTRIES:
             raise ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
     elif count:
         raise ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
-    limit = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, AUTH: 64, DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL,
-             READ: 0, PULL: 0, PUSH: 0}
-    cap = limit.get(kind, MAX_PAYLOAD)
-    if payload_len > cap:
-        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at most {cap}")
-    floor = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL, AUTH: MIN_TARGET_TAIL,
-             ERROR: 1, DESC: 1}.get(kind, 0)
-    if payload_len < floor:
-        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at least {floor}")
+    if payload_len > _PAYLOAD_CAP.get(kind, MAX_PAYLOAD):
+        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; "
+                            f"at most {_PAYLOAD_CAP.get(kind, MAX_PAYLOAD)}")
+    if payload_len < _PAYLOAD_FLOOR.get(kind, 0):
+        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; "
+                            f"at least {_PAYLOAD_FLOOR[kind]}")
     return Prefix(kind, count, req_id, payload_len)
 
 
 def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list[tuple]:
     """Decode the table of a WRITE/READ frame ((addr, length) pairs) or of a PULL/PUSH frame
     ((addr, length, initiator addr) triples) and check it against the prefix."""
-    entries = list(struct.iter_unpack("<QQ" if prefix.kind in (WRITE, READ) else "<QQQ", table))
-    if prefix.kind == WRITE:
-        total = sum(length for _, length in entries)
-        if total != prefix.payload_len:
-            raise ProtocolError(f"WRITE entries add up to {total} bytes but the frame carries {prefix.payload_len}")
-    if entries and min(entry[1] for entry in entries) == 0:
+    kind = prefix.kind
+    entries = list(struct.iter_unpack("<QQ" if kind == WRITE or kind == READ else "<QQQ", table))
+    lengths = [e[1] for e in entries]
+    if kind == WRITE and sum(lengths) != prefix.payload_len:
+        raise ProtocolError(f"WRITE entries add up to {sum(lengths)} bytes but the frame carries "
+                            f"{prefix.payload_len}")
+    if entries and min(lengths) == 0:
         raise ProtocolError("entry of length 0")
     return entries
 
@@ -152,11 +152,11 @@ def encode_request(kind: int, req_id: int, entries: list[tuple[int, int]]) -> by
 def encode_request_flat(kind: int, req_id: int, table: list[int], payload_len: int | None = None) -> bytes:
     """:func:`encode_request` from a flat table, ``[addr, len, ...]`` (or ``[addr, len, src, ...]`` for
     PULL/PUSH): the hot path's form."""
-    width = 2 if kind in (WRITE, READ) else 3
+    width = 2 if kind == WRITE or kind == READ else 3
     if payload_len is None:
         payload_len = sum(table[1::2]) if kind == WRITE else 0
-    return PREFIX.pack(MAGIC, VERSION, kind, len(table) // width, req_id, payload_len) + struct.pack(
-        f"<{len(table)}Q", *table)
+    return struct.pack(f"<HBBIQQ{len(table)}Q", MAGIC, VERSION, kind, len(table) // width, req_id, payload_len,
+                       *table)
 
 
 def encode_response(req_id: int, statuses: bytes, payload_len: int) -> bytes:

@@ -42,6 +42,7 @@ _STAGE_BYTES = 128 << 20  # pinned staging for GPU buffers served over TCP
 _OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this many bytes
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn
 _HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
+_NONE: tuple = ()  # no views, nothing pinned
 _IN, _OUT, _ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -81,8 +82,8 @@ class _Conn:
         self.got = 0
         self.prefix: P.Prefix | None = None
         self.buf: bytearray | None = None
-        self.views: list[memoryview] = []
-        self.pinned: list[Buffer] = []
+        self.views: list[memoryview] = _NONE  # type: ignore[assignment]
+        self.pinned: list[Buffer] = _NONE  # type: ignore[assignment]
         self.statuses = b""
         self.stage = None  # host staging of the GPU entries of the frame being received
 
@@ -191,7 +192,7 @@ class TcpServer(Reactor):
         self._registry.release(conn.pinned)
         if conn.stage is not None:
             conn.stage.release()
-        for _, pinned, stage in conn.out:
+        for _, pinned, stage, _ in conn.out:
             self._registry.release(pinned)
             if stage is not None:
                 stage.release()
@@ -252,7 +253,7 @@ class TcpServer(Reactor):
                 conn.phase = 4
                 self.foreign.adopt(conn.sock, head)
                 return
-        p = conn.prefix = P.parse_prefix(conn.pview[: P.PREFIX_SIZE])
+        p = conn.prefix = P.parse_prefix(conn.pre)
         if not conn.authed and p.kind != P.AUTH:
             raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
                                 "secret (set the same MOONLET_SECRET or EngineConfig.secret_file on both sides)")
@@ -262,16 +263,17 @@ class TcpServer(Reactor):
             size = p.payload_len
         else:
             raise ProtocolError(f"a target does not accept {P.KINDS[p.kind]} frames")
-        conn.buf = bytearray(size)
-        conn.buf[: P.MIN_TARGET_TAIL] = conn.pview[P.PREFIX_SIZE:]
-        conn.got = P.MIN_TARGET_TAIL
         conn.phase = 1 if p.kind in P.REQUESTS else 3
-        if size == P.MIN_TARGET_TAIL:
-            conn.got = 0
+        if size == P.MIN_TARGET_TAIL:  # one entry, or a short body: all here already
+            conn.buf = conn.pre[P.PREFIX_SIZE:]
             if conn.phase == 1:
                 self._on_table(conn)
             else:
                 self._on_control(conn)
+            return
+        conn.buf = bytearray(size)
+        conn.buf[: P.MIN_TARGET_TAIL] = conn.pview[P.PREFIX_SIZE:]
+        conn.got = P.MIN_TARGET_TAIL
 
     def _on_control(self, conn: _Conn) -> None:
         p = conn.prefix
@@ -288,7 +290,8 @@ class TcpServer(Reactor):
             conn._reset()
             if conn.auth is None:
                 conn.auth = TargetAuth(self._secret)
-                self._queue(conn, [conn.auth.challenge(body)], [])
+                challenge = conn.auth.challenge(body)
+                self._queue(conn, [challenge], len(challenge))
             else:
                 conn.auth.verify(body)
                 conn.authed = True
@@ -304,7 +307,7 @@ class TcpServer(Reactor):
         else:
             reply = P.encode_control(P.DESC, self._describe(), p.req_id)
         conn._reset()
-        self._queue(conn, [reply], [])
+        self._queue(conn, [reply], len(reply))
 
     def _attachable(self, conn: _Conn, hello: dict) -> int:
         """The initiator's pid if this target may copy straight between its memory and ours, else 0.
@@ -324,10 +327,11 @@ class TcpServer(Reactor):
         entries = P.parse_entries(p, conn.buf)
         if p.kind in (P.PULL, P.PUSH):
             conn._reset()
-            self._queue(conn, [P.encode_response(p.req_id, self._attach_copy(conn, p.kind, entries), 0)], [])
+            head = P.encode_response(p.req_id, self._attach_copy(conn, p.kind, entries), 0)
+            self._queue(conn, [head], len(head))
             return
         write = p.kind == P.WRITE
-        resolved, pinned = self._registry.acquire(entries, write=write)
+        resolved, pinned = self._registry.acquire(entries, write)
         statuses = bytearray(len(entries))
         views: list[memoryview] = []
         gpu_ranges: list[tuple[int, int, int]] = []
@@ -357,9 +361,10 @@ class TcpServer(Reactor):
             except GpuError as e:
                 stage.release()
                 raise ProtocolError(f"GPU staging failed on the target: {e}") from None
-        total = sum(v.nbytes for v in views)
+        total = sum(v.nbytes for v in views) if len(views) > 1 else views[0].nbytes if views else 0
         conn._reset()
-        self._queue(conn, [P.encode_response(p.req_id, bytes(statuses), total), *views], pinned, stage)
+        head = P.encode_response(p.req_id, bytes(statuses), total)
+        self._queue(conn, [head, *views], len(head) + total, pinned, stage)
 
     def _staging(self) -> "StagingPool | None":
         """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
@@ -409,10 +414,9 @@ class TcpServer(Reactor):
             finally:
                 stage.release()
         self._registry.release(conn.pinned)
-        conn.pinned = []
         reply = P.encode_response(p.req_id, conn.statuses, 0)
         conn._reset()
-        self._queue(conn, [reply], [])
+        self._queue(conn, [reply], len(reply))
 
     def _drain_views(self, length: int) -> list[memoryview]:
         """Scratch views that swallow ``length`` bytes of a refused WRITE entry."""
@@ -425,16 +429,26 @@ class TcpServer(Reactor):
 
     # -- output --------------------------------------------------------------------
 
-    def _queue(self, conn: _Conn, bufs: list, pinned: list[Buffer], stage: "Stage | None" = None) -> None:
-        conn.out.append([bufs, pinned, stage])
-        conn.out_bytes += sum(len(b) if not isinstance(b, memoryview) else b.nbytes for b in bufs)
-        self._flush(conn)
+    def _queue(self, conn: _Conn, bufs: list, nbytes: int, pinned: "list[Buffer] | tuple" = _NONE,
+               stage: "Stage | None" = None) -> None:
+        """Send ``bufs`` (``nbytes`` in all) after what is queued; keep ``pinned`` and ``stage`` until sent."""
+        if not conn.out:  # the usual case: the socket takes the whole reply at once
+            nbytes -= sendmsg_some(conn.sock, bufs, nbytes)
+            if not bufs:
+                self._registry.release(pinned)
+                if stage is not None:
+                    stage.release()
+                return
+        conn.out.append([bufs, pinned, stage, nbytes])
+        conn.out_bytes += nbytes
+        self._set_mask(conn)
 
     def _flush(self, conn: _Conn) -> None:
         """Send queued replies until the socket would block; unpin buffers whose bytes are out."""
         while conn.out:
             entry = conn.out[0]
-            sent = sendmsg_some(conn.sock, entry[0])
+            sent = sendmsg_some(conn.sock, entry[0], entry[3])
+            entry[3] -= sent
             conn.out_bytes -= sent
             if entry[0]:
                 break

@@ -42,17 +42,25 @@ def send_all(sock: socket.socket, bufs: list, total: int = -1) -> None:
         _consume(bufs, sock.sendmsg(bufs[:_MAX_IOV]))
 
 
-def sendmsg_some(sock: socket.socket, bufs: list) -> int:
-    """Send what the socket takes now without blocking; return the byte count."""
-    total = 0
+def sendmsg_some(sock: socket.socket, bufs: list, total: int = -1) -> int:
+    """Send what the socket takes now without blocking; return the byte count.
+
+    ``total`` (the byte count of ``bufs``, if known) skips the bookkeeping when
+    the first call sends everything.
+    """
+    sent = 0
     while bufs:
         try:
-            n = sock.sendmsg(bufs[:_MAX_IOV], [], socket.MSG_DONTWAIT)
+            n = sock.sendmsg(bufs[:_MAX_IOV] if len(bufs) > _MAX_IOV else bufs, [], socket.MSG_DONTWAIT)
         except BlockingIOError:
             break
+        if n == total:
+            bufs.clear()
+            return n
         _consume(bufs, n)
-        total += n
-    return total
+        sent += n
+        total = -1
+    return sent
 
 
 def recv_exact(sock: socket.socket, view: memoryview) -> None:
@@ -74,6 +82,9 @@ def recv_some(sock: socket.socket, views: list[memoryview]) -> int:
     try:
         if len(views) == 1:
             n = sock.recv_into(views[0], 0, socket.MSG_DONTWAIT)
+            if n == views[0].nbytes:  # the usual case when the bytes are already here
+                views.clear()
+                return n
         else:
             n = sock.recvmsg_into(views[:_MAX_IOV], 0, socket.MSG_DONTWAIT)[0]
     except BlockingIOError:
