@@ -13,7 +13,7 @@ import enum
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Generator, NamedTuple
+from typing import Callable, Generator, NamedTuple, Sequence
 
 from .errors import TransferError
 
@@ -75,43 +75,59 @@ class Batch:
                  expire: Callable[["Batch"], None] | None = None) -> None:
         """``requests``: the requests, or their count when submitted in array form. ``expire``: called
         when a waiter finds the deadline passed, to tear down what is still moving."""
-        n = requests if isinstance(requests, int) else len(requests)
-        self.requests = None if isinstance(requests, int) else requests
-        self._n = n
+        if type(requests) is int:
+            n, self.requests = requests, None
+        else:
+            n, self.requests = len(requests), requests  # type: ignore[arg-type]
+        self._n = self._pending = n
         self.deadline = deadline
-        self._state = [State.PENDING] * n
-        self._reason = [""] * n
-        self._transport = [""] * n
-        self._parts = [0] * n
-        self._pending = n
-        self._failed = False  # some part ended other than COMPLETED
+        self._expire = expire
         self._lock = threading.Lock()
         # Set under _lock; a thread that must block makes _cond (on _lock) and waits on it. The
         # common waiter drives its batch to the end itself and never needs it.
         self._finished = n == 0
         self._cond: threading.Condition | None = None
-        self._expire = expire
+        self._failed = False  # some part ended other than COMPLETED
         self._drivers: list[Callable[["Batch", bool], None]] = []
         self._uniform: str | None = None  # the transport of every request, when one carries them all
+        # Per request: state, first failure reason, transport, parts still moving. Made on first
+        # need (_lists): a batch carried whole by one transport, one part a request, and completed in
+        # one go (an array submit answered by one reply) never needs them.
+        self._state: list[State] = None  # type: ignore[assignment]
+        self._reason: list[str] = None  # type: ignore[assignment]
+        self._transport: list[str] = None  # type: ignore[assignment]
+        self._parts: list[int] = None  # type: ignore[assignment]
 
     def __len__(self) -> int:
         return self._n
+
+    def _lists(self) -> None:
+        """Make the per-request lists (holding ``_lock``). Before, either nothing is announced or every
+        request has one part on ``_uniform``, all still moving (a uniform batch ends all at once)."""
+        if self._parts is None:
+            n, uniform = self._n, self._uniform
+            self._state = [State.PENDING] * n
+            self._reason = [""] * n
+            self._transport = [uniform or ""] * n
+            self._parts = [1 if uniform is not None else 0] * n
 
     # -- filled in by the engine and transports ---------------------------------
 
     def add_parts(self, counts: list[tuple[int, int]], transport: str) -> None:
         """Announce that each request ``index`` of ``(index, count)`` travels as ``count`` slices over ``transport``."""
         with self._lock:
+            self._lists()
             parts, names = self._parts, self._transport
             for index, count in counts:
                 parts[index] += count
                 names[index] = transport
 
     def add_parts_all(self, transport: str) -> None:
-        """Announce that every request travels as one part over ``transport`` (array submits)."""
+        """Announce that every request travels as one part over ``transport`` (array submits, before
+        anything else is announced)."""
         with self._lock:
-            self._parts = [1] * self._n
-            self._transport = [transport] * self._n
+            if self._parts is not None:
+                raise RuntimeError("add_parts_all on a batch that already has parts announced")
             self._uniform = transport
 
     def add_driver(self, drive: Callable[["Batch", bool], None]) -> None:
@@ -123,6 +139,7 @@ class Batch:
     def set_transport(self, indices: list[int], transport: str) -> None:
         """Record that requests ``indices`` moved to another transport (a fallback)."""
         with self._lock:
+            self._lists()
             self._uniform = None
             for index in indices:
                 self._transport[index] = transport
@@ -130,6 +147,7 @@ class Batch:
     def part_done(self, index: int, state: State = State.COMPLETED, reason: str = "") -> None:
         """Record the end of one slice of request ``index``; the first failure wins."""
         with self._lock:
+            self._lists()
             if state is not State.COMPLETED and not self._reason[index]:
                 self._reason[index] = reason
                 self._state[index] = state  # provisional until every part has ended
@@ -143,17 +161,16 @@ class Batch:
             if self._pending == 0:
                 self._finish_locked()
 
-    def parts_completed(self, indices: list[int]) -> None:
+    def parts_completed(self, indices: Sequence[int]) -> None:
         """Record the successful end of one slice of each request in ``indices`` (one lock round)."""
         with self._lock:
-            parts, state = self._parts, self._state
-            if len(indices) == self._pending == self._n and not self._failed and parts.count(1) == self._n:
-                # The whole batch, one part each, nothing failed: the common case of one reply per batch.
-                self._state = [State.COMPLETED] * self._n
-                self._parts = [0] * self._n
+            if self._parts is None and len(indices) == self._pending == self._n:
+                # A uniform batch, every request in this one reply: the common case of submit_many.
                 self._pending = 0
                 self._finish_locked()
                 return
+            self._lists()
+            parts, state = self._parts, self._state
             for index in indices:
                 parts[index] -= 1
                 if parts[index] == 0:
@@ -166,6 +183,7 @@ class Batch:
     def fail(self, index: int, reason: str, state: State = State.FAILED) -> None:
         """End request ``index`` before any slice of it was sent."""
         with self._lock:
+            self._lists()
             self._parts[index] += 1
         self.part_done(index, state, reason)
 
@@ -184,6 +202,12 @@ class Batch:
     def status(self, index: int) -> RequestStatus:
         """Status of request ``index`` now."""
         with self._lock:
+            if self._parts is None:  # uniform: all moving or all completed
+                if not 0 <= index < self._n and not -self._n <= index < 0:
+                    raise IndexError(f"batch has {self._n} requests, no request {index}")
+                if self._finished:
+                    return _completed(self._uniform or "")
+                return RequestStatus(State.PENDING, "", self._uniform or "")
             state = self._state[index]
             if self._parts[index] > 0 and state is not State.PENDING:
                 state = State.PENDING  # a failed slice, but others still moving
@@ -192,6 +216,10 @@ class Batch:
     def statuses(self) -> list[RequestStatus]:
         """Status of every request now (no progress is made)."""
         with self._lock:
+            if self._parts is None:  # uniform: all moving or all completed
+                if self._finished:
+                    return [_completed(self._uniform or "")] * self._n
+                return [RequestStatus(State.PENDING, "", self._uniform or "")] * self._n
             if self._finished and not self._failed:  # all completed: shared status objects
                 if self._uniform is not None:
                     return [_completed(self._uniform)] * self._n

@@ -51,9 +51,7 @@ def available_transports() -> tuple[str, ...]:
 
 
 def _as_list(seq: Sequence[int]) -> list[int]:
-    """``seq`` as a list of Python ints (a list is used as is: it is only read during the submit)."""
-    if type(seq) is list:
-        return seq
+    """``seq`` (a numpy array, a tuple...) as a list of Python ints."""
     return list(seq.tolist() if hasattr(seq, "tolist") else seq)
 
 
@@ -469,8 +467,11 @@ class TransferEngine:
         the transport gets whole arrays, so many small blocks cost little
         Python each.  Otherwise this is :meth:`submit` of the same requests.
         """
-        self._check_open()
-        la, ra, ln = _as_list(local_addrs), _as_list(remote_addrs), _as_list(lengths)
+        if self._closed:
+            raise MoonletError("engine is closed")
+        la = local_addrs if type(local_addrs) is list else _as_list(local_addrs)
+        ra = remote_addrs if type(remote_addrs) is list else _as_list(remote_addrs)
+        ln = lengths if type(lengths) is list else _as_list(lengths)
         n = len(la)
         if n != len(ra) or n != len(ln):
             raise ConfigError(f"local_addrs, remote_addrs and lengths differ in length: {n}, {len(ra)}, {len(ln)}")

@@ -84,6 +84,9 @@ class TcpTransport(Transport):
         """The connection pool to ``segment`` (shared with the same-host transport)."""
         d = segment.descriptor
         key = (segment.name, d.endpoints["tcp"])
+        peer = self._peers.get(key)  # the usual case, without the lock: a live pool for this instance
+        if peer is not None and not peer.closed and peer.instance == d.instance:
+            return peer
         with self._lock:
             peer = self._peers.get(key)
             if peer is None or peer.closed:

@@ -168,6 +168,8 @@ class Lane:
                     return
                 if not self._views:
                     self._finish()
+                    if not self.inflight:  # no reply is due: skip the read that would find nothing
+                        return
                 continue
             if self._phase == 0:
                 view, need = self._pview, _HEAD
@@ -219,6 +221,8 @@ class Lane:
             elif p.payload_len:
                 raise ProtocolError("WRITE reply carries a payload")
             self._finish()
+            if not self.inflight:
+                return
 
     def _finish(self) -> None:
         frame, self._cur = self._cur, None
@@ -233,9 +237,9 @@ class Progress:
 
     def __init__(self, spin_us: int) -> None:
         self._spin = spin_us / 1e6
-        self._cv = threading.Condition()
-        self._driving = False
-        self._waiters = 0
+        self._role = threading.Lock()  # held by the thread driving replies
+        self._cv = threading.Condition()  # guards the lane set; waiters who do not drive sleep on it
+        self._sleepers = 0
         self._lanes: set[Lane] = set()
         self._version = 0
         self._poll_version = -1
@@ -261,42 +265,42 @@ class Progress:
 
     def wait(self, batch: Batch, block: bool = True) -> None:
         """Drive replies until ``batch`` is done or past its deadline (once, without blocking, if not ``block``)."""
-        with self._cv:
-            self._waiters += 1
-            try:
-                while not batch.done and time.monotonic() < batch.deadline + _GRACE:
-                    if self._driving:
-                        if not block:
-                            return
-                        self._cv.wait(0.05)
-                        continue
-                    self._driving = True
-                    self._cv.release()
+        end = batch.deadline + _GRACE
+        while not batch.done:
+            if self._role.acquire(False):  # nobody drives: this thread does
+                try:
+                    self._drive(batch, block)
+                finally:
+                    self._hand_over()
+            elif not block:
+                return
+            else:  # another thread drives (and completes our frames too): sleep until it leaves or we are done
+                with self._cv:
+                    self._sleepers += 1
                     try:
-                        self._drive(batch, block)
+                        if self._role.locked() and not batch.done:
+                            self._cv.wait(0.05)
                     finally:
-                        self._cv.acquire()
-                        self._driving = False
-                        if self._waiters > 1:  # hand the driver role on
-                            self._cv.notify()
-                    if not block:
-                        return
-            finally:
-                self._waiters -= 1
+                        self._sleepers -= 1
+            if not block or time.monotonic() >= end:
+                return
+
+    def _hand_over(self) -> None:
+        """Give up the driver role; wake a sleeping waiter to take it (released first, so none is missed)."""
+        self._role.release()
+        if self._sleepers:
+            with self._cv:
+                self._cv.notify()
 
     def try_tick(self) -> None:
         """Run deadline checks if no thread is driving (the watchdog's entry point)."""
-        with self._cv:
-            if self._driving:
-                return
-            self._driving = True
+        if not self._role.acquire(False):
+            return
         try:
             self._reap()
             self.on_tick(time.monotonic())
         finally:
-            with self._cv:
-                self._driving = False
-                self._cv.notify()
+            self._hand_over()
 
     def _reap(self) -> dict[int, Lane]:
         """Drop aborted lanes (closing their sockets) and return the live ones by fd."""
@@ -326,7 +330,9 @@ class Progress:
         last = time.monotonic()
         next_check = last + _CHECK_PERIOD
         while not batch.done:
-            poller, lanes = self._poller()
+            if self._version != self._poll_version:
+                self._poller()
+            poller, lanes = self._poll_cache
             events = poller.poll(0)
             now = time.monotonic()
             if not events:
@@ -354,7 +360,7 @@ class Progress:
                 lane = lanes.get(fd)
                 if lane is not None and not lane.aborted:
                     lane.on_readable()
-            if self._waiters > 1:
+            if self._sleepers:  # their batches may be done now
                 with self._cv:
                     self._cv.notify_all()
 
@@ -419,6 +425,15 @@ class Peer:
 
     def _pick(self) -> Lane:
         """The least loaded live lane, opening missing lanes first."""
+        best = None
+        for lane in self._lanes:  # the usual case, without the lock: every lane is up
+            if lane is None or lane.aborted:
+                break
+            if best is None or lane.load < best.load:
+                best = lane
+        else:
+            if not self.closed:
+                return best  # type: ignore[return-value]
         with self._lock:
             if self.closed:
                 raise ConnectionError(f"connection to {self.name} closed by the local engine")

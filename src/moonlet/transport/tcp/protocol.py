@@ -87,35 +87,42 @@ class Prefix(NamedTuple):
 
 
 _ROW_SIZE = {WRITE: ENTRY_SIZE, READ: ENTRY_SIZE, PULL: ATTACH_ENTRY_SIZE, PUSH: ATTACH_ENTRY_SIZE, RESP: 1}
-_COUNTED = frozenset(_ROW_SIZE)  # kinds whose count is their number of entries; 0 for the others
-# Bounds on payload_len per kind (absent: MAX_PAYLOAD, and no floor).
-_PAYLOAD_CAP = {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, AUTH: 64,
-                DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL, READ: 0, PULL: 0, PUSH: 0}
-_PAYLOAD_FLOOR = {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL,
-                  AUTH: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}
+# Per kind: whether count is its number of entries (1..MAX_ENTRIES; else it must be 0), and the
+# bounds on payload_len.
+_BOUNDS = {kind: (kind in _ROW_SIZE,
+                  {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL,
+                   AUTH: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}.get(kind, 0),
+                  {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, AUTH: 64,
+                   DESC: MAX_DESC_BODY, GET_DESC: MIN_TARGET_TAIL, READ: 0, PULL: 0, PUSH: 0}.get(kind, MAX_PAYLOAD))
+           for kind in KINDS}
 
 
 def parse_prefix(data: bytes | bytearray | memoryview) -> Prefix:
     """Decode and validate the 24-byte prefix at the start of ``data``."""
     magic, version, kind, count, req_id, payload_len = PREFIX.unpack_from(data)
+    if magic == MAGIC and version == VERSION and kind in _BOUNDS:
+        counted, floor, cap = _BOUNDS[kind]
+        if (1 <= count <= MAX_ENTRIES if counted else not count) and floor <= payload_len <= cap:
+            return Prefix(kind, count, req_id, payload_len)
+    raise _prefix_error(magic, version, kind, count, payload_len)
+
+
+def _prefix_error(magic: int, version: int, kind: int, count: int, payload_len: int) -> ProtocolError:
+    """What is wrong with a prefix that :func:`parse_prefix` refused."""
     if magic != MAGIC:
-        raise ProtocolError(f"bad magic {magic:#06x}, expected {MAGIC:#06x}: not a moonlet peer")
+        return ProtocolError(f"bad magic {magic:#06x}, expected {MAGIC:#06x}: not a moonlet peer")
     if version != VERSION:
-        raise ProtocolError(f"unsupported protocol version {version}, this side speaks {VERSION}")
+        return ProtocolError(f"unsupported protocol version {version}, this side speaks {VERSION}")
     if kind not in KINDS:
-        raise ProtocolError(f"unknown frame kind {kind}")
-    if kind in _COUNTED:
-        if not 1 <= count <= MAX_ENTRIES:
-            raise ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
-    elif count:
-        raise ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
-    if payload_len > _PAYLOAD_CAP.get(kind, MAX_PAYLOAD):
-        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; "
-                            f"at most {_PAYLOAD_CAP.get(kind, MAX_PAYLOAD)}")
-    if payload_len < _PAYLOAD_FLOOR.get(kind, 0):
-        raise ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; "
-                            f"at least {_PAYLOAD_FLOOR[kind]}")
-    return Prefix(kind, count, req_id, payload_len)
+        return ProtocolError(f"unknown frame kind {kind}")
+    counted, floor, cap = _BOUNDS[kind]
+    if counted and not 1 <= count <= MAX_ENTRIES:
+        return ProtocolError(f"{KINDS[kind]} frame with {count} entries; allowed 1..{MAX_ENTRIES}")
+    if not counted and count:
+        return ProtocolError(f"{KINDS[kind]} frame must have count 0, got {count}")
+    if payload_len > cap:
+        return ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at most {cap}")
+    return ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at least {floor}")
 
 
 def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list[tuple]:
@@ -155,8 +162,14 @@ def encode_request_flat(kind: int, req_id: int, table: list[int], payload_len: i
     width = 2 if kind == WRITE or kind == READ else 3
     if payload_len is None:
         payload_len = sum(table[1::2]) if kind == WRITE else 0
-    return struct.pack(f"<HBBIQQ{len(table)}Q", MAGIC, VERSION, kind, len(table) // width, req_id, payload_len,
-                       *table)
+    words = len(table)
+    layout = _REQUEST_LAYOUTS.get(words)
+    if layout is None:
+        layout = _REQUEST_LAYOUTS[words] = struct.Struct(f"<HBBIQQ{words}Q")
+    return layout.pack(MAGIC, VERSION, kind, words // width, req_id, payload_len, *table)
+
+
+_REQUEST_LAYOUTS: dict[int, struct.Struct] = {}  # prefix + table of N words, by N
 
 
 def encode_response(req_id: int, statuses: bytes, payload_len: int) -> bytes:

@@ -413,10 +413,13 @@ class TcpServer(Reactor):
                 raise ProtocolError(f"GPU staging failed on the target: {e}") from None
             finally:
                 stage.release()
-        self._registry.release(conn.pinned)
+        pinned = conn.pinned
         reply = P.encode_response(p.req_id, conn.statuses, 0)
         conn._reset()
-        self._queue(conn, [reply], len(reply))
+        try:
+            self._queue(conn, [reply], len(reply))  # the initiator waits for this; unpinning can follow
+        finally:
+            self._registry.release(pinned)
 
     def _drain_views(self, length: int) -> list[memoryview]:
         """Scratch views that swallow ``length`` bytes of a refused WRITE entry."""
