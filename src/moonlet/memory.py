@@ -309,7 +309,7 @@ class MemoryRegistry:
         distinct buffers pinned, to hand to :meth:`release`.
         """
         out: list[Buffer | int] = []
-        pinned: dict[int, Buffer] = {}
+        pinned: list[Buffer] = []
         last: Buffer | None = None  # ranges of one frame mostly share a buffer: try it before a lookup
         with self._lock:
             for addr, length in ranges:
@@ -327,10 +327,10 @@ class MemoryRegistry:
                 else:
                     out.append(buf)
                     last = buf
-                    if id(buf) not in pinned:
-                        pinned[id(buf)] = buf
+                    if buf not in pinned:  # identity: buffers compare by identity
+                        pinned.append(buf)
                         buf._users += 1
-        return out, list(pinned.values())
+        return out, pinned
 
     def release(self, pinned: list[Buffer]) -> None:
         """Unpin buffers returned by :meth:`acquire`."""

@@ -43,6 +43,7 @@ _OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this man
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn
 _HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
 _NONE: tuple = ()  # no views, nothing pinned
+_CONTROL = frozenset((P.HELLO, P.GET_DESC, P.CONNECT, P.AUTH))  # control frames a target answers
 _IN, _OUT, _ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -254,16 +255,18 @@ class TcpServer(Reactor):
                 self.foreign.adopt(conn.sock, head)
                 return
         p = conn.prefix = P.parse_prefix(conn.pre)
-        if not conn.authed and p.kind != P.AUTH:
+        kind = p.kind
+        if not conn.authed and kind != P.AUTH:
             raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
                                 "secret (set the same MOONLET_SECRET or EngineConfig.secret_file on both sides)")
-        if p.kind in P.REQUESTS:
-            size = p.table_size
-        elif p.kind in (P.HELLO, P.GET_DESC, P.CONNECT, P.AUTH):
+        if kind in P.REQUESTS:
+            size = p.count * P.ROW_SIZE[kind]
+            conn.phase = 1
+        elif kind in _CONTROL:
             size = p.payload_len
+            conn.phase = 3
         else:
-            raise ProtocolError(f"a target does not accept {P.KINDS[p.kind]} frames")
-        conn.phase = 1 if p.kind in P.REQUESTS else 3
+            raise ProtocolError(f"a target does not accept {P.KINDS[kind]} frames")
         if size == P.MIN_TARGET_TAIL:  # one entry, or a short body: all here already
             conn.buf = conn.pre[P.PREFIX_SIZE:]
             if conn.phase == 1:
@@ -325,35 +328,42 @@ class TcpServer(Reactor):
         p = conn.prefix
         assert p is not None and conn.buf is not None
         entries = P.parse_entries(p, conn.buf)
-        if p.kind in (P.PULL, P.PUSH):
+        kind = p.kind
+        if kind == P.PULL or kind == P.PUSH:
             conn._reset()
-            head = P.encode_response(p.req_id, self._attach_copy(conn, p.kind, entries), 0)
+            head = P.encode_response(p.req_id, self._attach_copy(conn, kind, entries), 0)
             self._queue(conn, [head], len(head))
             return
-        write = p.kind == P.WRITE
+        write = kind == P.WRITE
         resolved, pinned = self._registry.acquire(entries, write)
-        statuses = bytearray(len(entries))
+        refused: bytearray | None = None  # a status per entry, made at the first refusal
         views: list[memoryview] = []
         gpu_ranges: list[tuple[int, int, int]] = []
         gpu_slots: list[int] = []  # where each GPU entry's views go in ``views``
-        for i, ((addr, length), buf) in enumerate(zip(entries, resolved)):
-            if type(buf) is Buffer and buf.is_host:
-                views.append(buf.view(addr, length))
-            elif type(buf) is Buffer and self._staging() is not None:
-                gpu_slots.append(len(views))
-                views.append(memoryview(b""))  # replaced by a staging view below
-                gpu_ranges.append((addr, length, int(buf.location.split(":")[1])))
-            else:
-                statuses[i] = buf if type(buf) is int else Denied.NOT_HOST_MEMORY
-                if write:
-                    views.extend(self._drain_views(length))
+        for i, (addr, length) in enumerate(entries):
+            buf = resolved[i]
+            if type(buf) is Buffer:
+                if buf.is_host:
+                    views.append(buf.view(addr, length))
+                    continue
+                if self._staging() is not None:
+                    gpu_slots.append(len(views))
+                    views.append(memoryview(b""))  # replaced by a staging view below
+                    gpu_ranges.append((addr, length, int(buf.location.split(":")[1])))
+                    continue
+            if refused is None:
+                refused = bytearray(len(entries))
+            refused[i] = buf if type(buf) is int else Denied.NOT_HOST_MEMORY
+            if write:
+                views.extend(self._drain_views(length))
+        statuses = bytes(refused) if refused is not None else bytes(len(entries))
         stage = None
         if gpu_ranges:
             stage = self._staging().take(gpu_ranges)  # type: ignore[union-attr]
             for slot, v in zip(gpu_slots, stage.views()):
                 views[slot] = v
         if write:
-            conn.views, conn.pinned, conn.statuses, conn.stage, conn.phase = views, pinned, bytes(statuses), stage, 2
+            conn.views, conn.pinned, conn.statuses, conn.stage, conn.phase = views, pinned, statuses, stage, 2
             return
         if stage is not None:
             try:
@@ -363,7 +373,7 @@ class TcpServer(Reactor):
                 raise ProtocolError(f"GPU staging failed on the target: {e}") from None
         total = sum(v.nbytes for v in views) if len(views) > 1 else views[0].nbytes if views else 0
         conn._reset()
-        head = P.encode_response(p.req_id, bytes(statuses), total)
+        head = P.encode_response(p.req_id, statuses, total)
         self._queue(conn, [head, *views], len(head) + total, pinned, stage)
 
     def _staging(self) -> "StagingPool | None":
