@@ -87,3 +87,42 @@ def test_request_round_trip(entries, req_id):
         assert (p.kind, p.count, p.req_id) == (kind, len(entries), req_id)
         assert P.parse_entries(p, data[P.PREFIX_SIZE:]) == entries
         assert p.payload_len == (sum(n for _, n in entries) if kind == P.WRITE else 0)
+
+
+def _single_by_general_parsers(head: bytes):
+    """What parse_prefix + parse_entries make of a 40-byte head, as parse_single would report it."""
+    try:
+        p = P.parse_prefix(head)
+        if p.kind not in (P.WRITE, P.READ) or p.count != 1:
+            return None
+        ((addr, length),) = P.parse_entries(p, head[P.PREFIX_SIZE:])
+    except ProtocolError:
+        return None
+    return p.kind, p.req_id, addr, length
+
+
+_U64 = st.integers(0, 2**64 - 1)
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([P.MAGIC, 0x4C4D, 0]), st.sampled_from([P.VERSION, 0, 2]),
+       st.sampled_from(sorted(P.KINDS) + [0, 99]), st.sampled_from([1, 0, 2, 4096]), _U64,
+       st.one_of(st.just(None), st.just(0), st.just(P.MAX_PAYLOAD + 1), _U64), _U64,
+       st.one_of(st.just(0), st.integers(1, 2**20), st.just(P.MAX_PAYLOAD), st.just(P.MAX_PAYLOAD + 1), _U64))
+def test_single_entry_fast_parse_agrees_with_the_general_parsers(magic, version, kind, count, req_id, payload,
+                                                                   addr, length):
+    payload_len = length if payload is None else payload  # None: the consistent WRITE value
+    head = struct.pack("<HBBIQQQQ", magic, version, kind, count, req_id, payload_len, addr, length)
+    assert P.parse_single(head) == _single_by_general_parsers(head)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=40, max_size=40))
+def test_single_entry_fast_parse_agrees_on_random_bytes(head):
+    assert P.parse_single(head) == _single_by_general_parsers(head)
+
+
+def test_single_entry_fast_parse_takes_encoded_one_entry_requests():
+    assert P.parse_single(P.encode_request(P.WRITE, 7, [(0x1000, 5)])) == (P.WRITE, 7, 0x1000, 5)
+    assert P.parse_single(P.encode_request(P.READ, 8, [(0x2000, 9)])) == (P.READ, 8, 0x2000, 9)
+    assert P.parse_single(P.encode_request(P.WRITE, 9, [(0x1000, 5), (0x3000, 1)])[:40]) is None

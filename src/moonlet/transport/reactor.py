@@ -105,6 +105,7 @@ class Reactor:
 
     def _run(self) -> None:
         poll = self._poll.poll
+        listener = self._sock.fileno()
         last = 0.0
         try:
             while not self._closed:
@@ -113,24 +114,21 @@ class Reactor:
                     if time.monotonic() - last < self._spin:
                         continue
                     events = poll(1000)
-                now = time.monotonic()
-                self._tick(now)
-                if not events:
-                    continue
-                last = now
                 for fd, ev in events:
-                    if fd == self._wake_r:
+                    conn = self._conns.get(fd)
+                    if conn is not None:
+                        self._serve(conn, ev)
+                    elif fd == self._wake_r:
                         try:
                             os.read(self._wake_r, 64)
                         except BlockingIOError:
                             pass
-                        continue
-                    if fd == self._sock.fileno():
+                    elif fd == listener:
                         self._accept()
-                        continue
-                    conn = self._conns.get(fd)
-                    if conn is not None:
-                        self._serve(conn, ev)
+                now = time.monotonic()
+                self._tick(now)  # after serving: timeouts are not on any request's path
+                if events:
+                    last = now
         finally:
             for conn in list(self._conns.values()):
                 self._drop(conn)

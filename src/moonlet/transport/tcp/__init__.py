@@ -28,6 +28,8 @@ _STAGE_BYTES = 256 << 20  # pinned staging for local GPU memory sent or received
 
 def _flat(addrs: list[int], lengths: list[int]) -> list[int]:
     """``[addrs[0], lengths[0], addrs[1], ...]``: a WRITE/READ frame's table."""
+    if len(addrs) == 1:
+        return [addrs[0], lengths[0]]
     table = [0] * (2 * len(addrs))
     table[0::2] = addrs
     table[1::2] = lengths

@@ -126,6 +126,24 @@ def _prefix_error(magic: int, version: int, kind: int, count: int, payload_len: 
     return ProtocolError(f"{KINDS[kind]} frame announces {payload_len} payload bytes; at least {floor}")
 
 
+_SINGLE = struct.Struct("<HBBIQQQQ")  # a prefix and one (addr, length) entry: MIN_TARGET_TAIL after it
+
+
+def parse_single(data: bytes | bytearray | memoryview) -> tuple[int, int, int, int] | None:
+    """``(kind, req_id, addr, length)`` if the first 40 bytes of ``data`` are a whole one-entry WRITE or
+    READ frame head that :func:`parse_prefix` and :func:`parse_entries` would accept; None for anything
+    else (those decide, and explain a refusal).
+
+    A target reads that much with every prefix, and a lone small request is the latency-bound case:
+    this is its one-call path. The tests check it agrees with the two general functions.
+    """
+    magic, version, kind, count, req_id, payload_len, addr, length = _SINGLE.unpack_from(data)
+    if magic == MAGIC and version == VERSION and count == 1 and length and (
+            payload_len == length <= MAX_PAYLOAD if kind == WRITE else kind == READ and not payload_len):
+        return kind, req_id, addr, length
+    return None
+
+
 def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list[tuple]:
     """Decode the table of a WRITE/READ frame ((addr, length) pairs) or of a PULL/PUSH frame
     ((addr, length, initiator addr) triples) and check it against the prefix."""

@@ -43,6 +43,7 @@ _OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this man
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn
 _HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
 _NONE: tuple = ()  # no views, nothing pinned
+_SERVED = bytes(1)  # the status table of a one-entry frame served in full
 _CONTROL = frozenset((P.HELLO, P.GET_DESC, P.CONNECT, P.AUTH))  # control frames a target answers
 _IN, _OUT, _ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -59,8 +60,8 @@ def tune_socket(sock: socket.socket, bufsize: int | None) -> None:
 class _Conn:
     """Per-connection parse state and output queue."""
 
-    __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "buf", "views", "pinned", "statuses",
-                 "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born", "first")
+    __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "req_id", "buf", "views", "pinned",
+                 "statuses", "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born", "first")
 
     def __init__(self, sock: socket.socket, authed: bool) -> None:
         self.sock = sock
@@ -68,6 +69,7 @@ class _Conn:
         self.authed = authed  # True once the peer proved it holds the cluster secret (or none is set)
         self.born = time.monotonic()
         self.first = True  # no frame read yet
+        self.req_id = 0  # of the request being served
         self.fd = sock.fileno()
         self.pre = bytearray(_HEAD)
         self.pview = memoryview(self.pre)
@@ -254,7 +256,12 @@ class TcpServer(Reactor):
                 conn.phase = 4
                 self.foreign.adopt(conn.sock, head)
                 return
+        if conn.authed:
+            one = P.parse_single(conn.pre)
+            if one is not None and self._on_single(conn, *one):
+                return
         p = conn.prefix = P.parse_prefix(conn.pre)
+        conn.req_id = p.req_id
         kind = p.kind
         if not conn.authed and kind != P.AUTH:
             raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
@@ -277,6 +284,23 @@ class TcpServer(Reactor):
         conn.buf = bytearray(size)
         conn.buf[: P.MIN_TARGET_TAIL] = conn.pview[P.PREFIX_SIZE:]
         conn.got = P.MIN_TARGET_TAIL
+
+    def _on_single(self, conn: _Conn, kind: int, req_id: int, addr: int, length: int) -> bool:
+        """Serve a lone WRITE or READ of host memory, the latency-bound case, in few steps; False leaves
+        it to the general path (a refusal or GPU memory, which it explains or stages)."""
+        write = kind == P.WRITE
+        (buf,), pinned = self._registry.acquire(((addr, length),), write)
+        if type(buf) is not Buffer or not buf.is_host:
+            self._registry.release(pinned)
+            return False
+        conn.req_id = req_id
+        view = buf.view(addr, length)
+        if write:
+            conn.views, conn.pinned, conn.statuses, conn.phase = [view], pinned, _SERVED, 2
+            return True
+        head = P.encode_response(req_id, _SERVED, length)
+        self._queue(conn, [head, view], len(head) + length, pinned)
+        return True
 
     def _on_control(self, conn: _Conn) -> None:
         p = conn.prefix
@@ -413,8 +437,6 @@ class TcpServer(Reactor):
         return bytes(statuses)
 
     def _write_done(self, conn: _Conn) -> None:
-        p = conn.prefix
-        assert p is not None
         if conn.stage is not None:
             stage, conn.stage = conn.stage, None
             try:
@@ -424,7 +446,7 @@ class TcpServer(Reactor):
             finally:
                 stage.release()
         pinned = conn.pinned
-        reply = P.encode_response(p.req_id, conn.statuses, 0)
+        reply = P.encode_response(conn.req_id, conn.statuses, 0)
         conn._reset()
         try:
             self._queue(conn, [reply], len(reply))  # the initiator waits for this; unpinning can follow
