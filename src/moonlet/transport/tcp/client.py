@@ -98,11 +98,14 @@ class Lane:
 
     def send(self, frame: OutFrame) -> bool:
         """Send ``frame`` now (blocking until the kernel took it); False if the lane is dead."""
-        head = P.encode_request_flat(frame.kind, frame.req_id, frame.table,
-                                     frame.nbytes if frame.kind == P.WRITE else 0)
+        write = frame.kind == P.WRITE
+        head = P.encode_request_flat(frame.kind, frame.req_id, frame.table, frame.nbytes if write else 0)
+        # A large WRITE sends its head on its own first: the target parses and checks it while this
+        # side's kernel is still copying the payload, instead of after.
+        split = write and frame.nbytes >= P.SPLIT_HEAD
         bufs = [head]
         total = len(head)
-        if frame.kind == P.WRITE:
+        if write and not split:
             bufs.extend(frame.views)
             total += frame.nbytes
         with self.send_lock:
@@ -112,6 +115,8 @@ class Lane:
             self.load += frame.nbytes
             try:
                 send_all(self.sock, bufs, total)
+                if split:
+                    send_all(self.sock, list(frame.views), frame.nbytes)
             except OSError as e:
                 err = e
             else:

@@ -299,7 +299,11 @@ class TcpServer(Reactor):
             conn.views, conn.pinned, conn.statuses, conn.phase = [view], pinned, _SERVED, 2
             return True
         head = P.encode_response(req_id, _SERVED, length)
-        self._queue(conn, [head, view], len(head) + length, pinned)
+        if length >= P.SPLIT_HEAD:  # see P.SPLIT_HEAD
+            self._queue(conn, [head], len(head))
+            self._queue(conn, [view], length, pinned)
+        else:
+            self._queue(conn, [head, view], len(head) + length, pinned)
         return True
 
     def _on_control(self, conn: _Conn) -> None:
@@ -398,7 +402,11 @@ class TcpServer(Reactor):
         total = sum(v.nbytes for v in views) if len(views) > 1 else views[0].nbytes if views else 0
         conn._reset()
         head = P.encode_response(p.req_id, statuses, total)
-        self._queue(conn, [head, *views], len(head) + total, pinned, stage)
+        if total >= P.SPLIT_HEAD:  # see P.SPLIT_HEAD
+            self._queue(conn, [head], len(head))
+            self._queue(conn, views, total, pinned, stage)
+        else:
+            self._queue(conn, [head, *views], len(head) + total, pinned, stage)
 
     def _staging(self) -> "StagingPool | None":
         """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
