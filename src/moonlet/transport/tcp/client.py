@@ -35,7 +35,7 @@ from ...memory import Denied
 from . import protocol as P
 from .dial import PLAIN, Security, dial, read_control
 from .server import tune_socket
-from .sockio import recv_exact, recv_some, recv_some_into, send_all
+from .sockio import recv_exact, recv_some, recv_some_into, send_all, wake_later
 
 log = logging.getLogger("moonlet.tcp")
 
@@ -95,6 +95,7 @@ class Lane:
         self._cur: OutFrame | None = None
         self._statuses = b""
         self._views: list[memoryview] = []
+        self._lowat = 0  # SO_RCVLOWAT in force while a large READ payload arrives
 
     def send(self, frame: OutFrame) -> bool:
         """Send ``frame`` now (blocking until the kernel took it); False if the lane is dead."""
@@ -171,10 +172,14 @@ class Lane:
             if self._phase == 2:
                 if not recv_some(sock, self._views):
                     return
-                if not self._views:
-                    self._finish()
-                    if not self.inflight:  # no reply is due: skip the read that would find nothing
-                        return
+                if self._views:
+                    self._lowat = wake_later(sock, self._views, self._lowat)
+                    continue
+                if self._lowat:
+                    self._lowat = wake_later(sock, self._views, self._lowat)
+                self._finish()
+                if not self.inflight:  # no reply is due: skip the read that would find nothing
+                    return
                 continue
             if self._phase == 0:
                 view, need = self._pview, _HEAD

@@ -33,7 +33,7 @@ from .. import cma
 from ..reactor import Reactor
 from .auth import TargetAuth
 from .dial import PLAIN, Security
-from .sockio import recv_some, recv_some_into, sendmsg_some
+from .sockio import recv_some, recv_some_into, sendmsg_some, wake_later
 
 log = logging.getLogger("moonlet.tcp")
 
@@ -61,7 +61,7 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "req_id", "buf", "views", "pinned",
-                 "statuses", "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born", "first")
+                 "statuses", "lowat", "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born", "first")
 
     def __init__(self, sock: socket.socket, authed: bool) -> None:
         self.sock = sock
@@ -70,6 +70,7 @@ class _Conn:
         self.born = time.monotonic()
         self.first = True  # no frame read yet
         self.req_id = 0  # of the request being served
+        self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives (see sockio.wake_later)
         self.fd = sock.fileno()
         self.pre = bytearray(_HEAD)
         self.pview = memoryview(self.pre)
@@ -223,7 +224,11 @@ class TcpServer(Reactor):
                     break
                 budget -= n
                 if not conn.views:
+                    if conn.lowat:
+                        conn.lowat = wake_later(sock, conn.views, conn.lowat)
                     self._write_done(conn)
+                else:
+                    conn.lowat = wake_later(sock, conn.views, conn.lowat)
                 continue
             if conn.phase == 0:
                 target, need = conn.pview, _HEAD

@@ -11,6 +11,10 @@ import socket
 
 # Linux caps one sendmsg/recvmsg at 1024 iovecs; stay well below.
 _MAX_IOV = 512
+# While at least this much of a payload is still to come, poll reports the socket readable only once
+# this much has arrived (SO_RCVLOWAT): fewer, larger receives. 1 MiB x 32 WRITE on loopback: about
+# +10 % (3.31-3.50 -> 3.84-3.87 GB/s, 128 KiB and 512 KiB were in between).
+LOWAT = 256 * 1024
 
 
 def _consume(bufs: list, n: int) -> None:
@@ -107,3 +111,23 @@ def recv_some_into(sock: socket.socket, view: memoryview, got: int, need: int) -
     if n == 0:
         raise ConnectionError("peer closed the connection")
     return n
+
+
+def wake_later(sock: socket.socket, views: list[memoryview], lowat: int) -> int:
+    """Set the socket's receive low-water mark for the payload still due into ``views``; return it.
+
+    ``lowat`` is the mark now in force (0: the default). While :data:`LOWAT` bytes or more are due,
+    poll wakes only when that many have arrived; as the rest shrinks below the mark it is lowered to
+    what is due (never above it, or the last bytes would not wake anyone), and back to the default
+    when nothing is due.
+    """
+    due = sum(v.nbytes for v in views) if views else 0
+    if due >= LOWAT:
+        want = LOWAT
+    elif lowat:
+        want = due
+    else:
+        return 0
+    if want != lowat:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want or 1)
+    return want
