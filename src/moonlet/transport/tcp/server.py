@@ -61,7 +61,8 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "req_id", "buf", "views", "pinned",
-                 "statuses", "lowat", "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed", "born", "first")
+                 "statuses", "lowat", "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed",
+                 "born", "first")
 
     def __init__(self, sock: socket.socket, authed: bool) -> None:
         self.sock = sock
@@ -303,12 +304,7 @@ class TcpServer(Reactor):
         if write:
             conn.views, conn.pinned, conn.statuses, conn.phase = [view], pinned, _SERVED, 2
             return True
-        head = P.encode_response(req_id, _SERVED, length)
-        if length >= P.SPLIT_HEAD:  # see P.SPLIT_HEAD
-            self._queue(conn, [head], len(head))
-            self._queue(conn, [view], length, pinned)
-        else:
-            self._queue(conn, [head, view], len(head) + length, pinned)
+        self._send_payload(conn, P.encode_response(req_id, _SERVED, length), [view], length, pinned)
         return True
 
     def _on_control(self, conn: _Conn) -> None:
@@ -404,14 +400,9 @@ class TcpServer(Reactor):
             except GpuError as e:
                 stage.release()
                 raise ProtocolError(f"GPU staging failed on the target: {e}") from None
-        total = sum(v.nbytes for v in views) if len(views) > 1 else views[0].nbytes if views else 0
+        total = sum(v.nbytes for v in views)
         conn._reset()
-        head = P.encode_response(p.req_id, statuses, total)
-        if total >= P.SPLIT_HEAD:  # see P.SPLIT_HEAD
-            self._queue(conn, [head], len(head))
-            self._queue(conn, views, total, pinned, stage)
-        else:
-            self._queue(conn, [head, *views], len(head) + total, pinned, stage)
+        self._send_payload(conn, P.encode_response(p.req_id, statuses, total), views, total, pinned, stage)
 
     def _staging(self) -> "StagingPool | None":
         """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
@@ -490,6 +481,16 @@ class TcpServer(Reactor):
         conn.out.append([bufs, pinned, stage, nbytes])
         conn.out_bytes += nbytes
         self._set_mask(conn)
+
+    def _send_payload(self, conn: _Conn, head: bytes, views: list, nbytes: int, pinned: "list[Buffer] | tuple",
+                      stage: "Stage | None" = None) -> None:
+        """Queue a READ reply: ``head``, then ``views`` (``nbytes``), in a second call when it is large
+        (see :data:`protocol.SPLIT_HEAD`)."""
+        if nbytes >= P.SPLIT_HEAD:
+            self._queue(conn, [head], len(head))
+            self._queue(conn, views, nbytes, pinned, stage)
+        else:
+            self._queue(conn, [head, *views], len(head) + nbytes, pinned, stage)
 
     def _flush(self, conn: _Conn) -> None:
         """Send queued replies until the socket would block; unpin buffers whose bytes are out."""
