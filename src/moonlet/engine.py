@@ -467,8 +467,7 @@ class TransferEngine:
         the transport gets whole arrays, so many small blocks cost little
         Python each.  Otherwise this is :meth:`submit` of the same requests.
         """
-        if self._closed:
-            raise MoonletError("engine is closed")
+        self._check_open()
         la = local_addrs if type(local_addrs) is list else _as_list(local_addrs)
         ra = remote_addrs if type(remote_addrs) is list else _as_list(remote_addrs)
         ln = lengths if type(lengths) is list else _as_list(lengths)

@@ -332,6 +332,15 @@ class MemoryRegistry:
                         buf._users += 1
         return out, pinned
 
+    def pin_host(self, addr: int, length: int, write: bool) -> "Buffer | int":
+        """:meth:`acquire` of one range that must be host memory: its buffer, pinned (hand ``[buf]`` to
+        :meth:`release`), or the :class:`Denied` code saying why not."""
+        (buf,), pinned = self.acquire(((addr, length),), write)
+        if type(buf) is Buffer and buf.is_host:
+            return buf
+        self.release(pinned)
+        return buf if type(buf) is int else Denied.NOT_HOST_MEMORY
+
     def release(self, pinned: list[Buffer]) -> None:
         """Unpin buffers returned by :meth:`acquire`."""
         if not pinned:

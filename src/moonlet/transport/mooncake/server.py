@@ -164,16 +164,16 @@ class MooncakeServer(Reactor):
             self._finish(conn, [MP.encode_status(True)] if v2 else [])
             return
         write = op == MP.WRITE
-        (buf,), pinned = self._registry.acquire([(addr, size)], write=write)
-        if type(buf) is not Buffer or not buf.is_host:
-            self._registry.release(pinned)
-            why = Denied.REASONS[buf] if type(buf) is int else "not host memory (Mooncake peers reach host memory only)"
+        buf = self._registry.pin_host(addr, size, write)
+        if type(buf) is int:
+            why = ("not host memory (Mooncake peers reach host memory only)" if buf == Denied.NOT_HOST_MEMORY
+                   else Denied.REASONS[buf])
             log.warning("refused a Mooncake peer's %s of [%#x, +%d): %s", "WRITE" if write else "READ", addr, size,
                         why)
             conn.closing = True
             self._finish(conn, [MP.encode_status(False)] if v2 else [])
             return
-        conn.pinned = pinned
+        conn.pinned = [buf]
         view = buf.view(addr, size)
         if write:
             conn.view, conn.got = view, 0

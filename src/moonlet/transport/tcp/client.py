@@ -172,11 +172,10 @@ class Lane:
             if self._phase == 2:
                 if not recv_some(sock, self._views):
                     return
+                if self._views or self._lowat:
+                    self._lowat = wake_later(sock, self._views, self._lowat)
                 if self._views:
-                    self._lowat = wake_later(sock, self._views, self._lowat)
                     continue
-                if self._lowat:
-                    self._lowat = wake_later(sock, self._views, self._lowat)
                 self._finish()
                 if not self.inflight:  # no reply is due: skip the read that would find nothing
                     return
@@ -323,25 +322,23 @@ class Progress:
             lane.sock.close()
         return live
 
-    def _poller(self) -> tuple[select.poll, dict[int, Lane]]:
-        """The poll set over live lanes (and the wake-up pipe), rebuilt only when lanes changed."""
+    def _rebuild_poll_set(self) -> None:
+        """The poll set over live lanes (and the wake-up pipe), for the lane set of version ``_version``."""
         version = self._version
-        if version != self._poll_version:
-            lanes = self._reap()
-            poller = select.poll()
-            poller.register(self._wake_r, select.POLLIN)
-            for fd in lanes:
-                poller.register(fd, select.POLLIN)
-            self._poll_cache = (poller, lanes)
-            self._poll_version = version
-        return self._poll_cache
+        lanes = self._reap()
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        for fd in lanes:
+            poller.register(fd, select.POLLIN)
+        self._poll_cache = (poller, lanes)
+        self._poll_version = version
 
     def _drive(self, batch: Batch, block: bool) -> None:
         last = time.monotonic()
         next_check = last + _CHECK_PERIOD
         while not batch.done:
-            if self._version != self._poll_version:
-                self._poller()
+            if self._version != self._poll_version:  # lanes came or went
+                self._rebuild_poll_set()
             poller, lanes = self._poll_cache
             events = poller.poll(0)
             now = time.monotonic()

@@ -224,12 +224,10 @@ class TcpServer(Reactor):
                 if not n:
                     break
                 budget -= n
-                if not conn.views:
-                    if conn.lowat:
-                        conn.lowat = wake_later(sock, conn.views, conn.lowat)
-                    self._write_done(conn)
-                else:
+                if conn.views or conn.lowat:
                     conn.lowat = wake_later(sock, conn.views, conn.lowat)
+                if not conn.views:
+                    self._write_done(conn)
                 continue
             if conn.phase == 0:
                 target, need = conn.pview, _HEAD
@@ -294,17 +292,15 @@ class TcpServer(Reactor):
     def _on_single(self, conn: _Conn, kind: int, req_id: int, addr: int, length: int) -> bool:
         """Serve a lone WRITE or READ of host memory, the latency-bound case, in few steps; False leaves
         it to the general path (a refusal or GPU memory, which it explains or stages)."""
-        write = kind == P.WRITE
-        (buf,), pinned = self._registry.acquire(((addr, length),), write)
-        if type(buf) is not Buffer or not buf.is_host:
-            self._registry.release(pinned)
+        buf = self._registry.pin_host(addr, length, kind == P.WRITE)
+        if type(buf) is int:
             return False
         conn.req_id = req_id
         view = buf.view(addr, length)
-        if write:
-            conn.views, conn.pinned, conn.statuses, conn.phase = [view], pinned, _SERVED, 2
+        if kind == P.WRITE:
+            conn.views, conn.pinned, conn.statuses, conn.phase = [view], [buf], _SERVED, 2
             return True
-        self._send_payload(conn, P.encode_response(req_id, _SERVED, length), [view], length, pinned)
+        self._send_payload(conn, P.encode_response(req_id, _SERVED, length), [view], length, [buf])
         return True
 
     def _on_control(self, conn: _Conn) -> None:
