@@ -18,6 +18,7 @@ from typing import Callable
 
 from ..errors import MetadataError, ProtocolError, SegmentError
 from ..transport.mooncake import protocol as MP
+from ..transport.tcp import protocol as P
 from ..transport.tcp.dial import split_endpoint
 from .base import MetadataBackend
 
@@ -39,7 +40,7 @@ def exchange(endpoint: str, kind: int, body: dict, timeout: float) -> tuple[int,
         first = True
         while True:
             data = sock.recv(65536)
-            if first and data[:2] == b"LM":
+            if first and data.startswith(P.MAGIC_BYTES):
                 return None
             if not data:
                 raise ConnectionError("the peer closed the connection before answering")

@@ -51,6 +51,7 @@ from ...errors import ProtocolError
 from ...memory import Denied
 
 MAGIC = 0x4D4C  # "ML"
+MAGIC_BYTES = struct.pack("<H", MAGIC)  # how every moonlet frame starts on the wire
 VERSION = 1
 
 HELLO, GET_DESC, DESC, WRITE, READ, RESP, ERROR, PULL, PUSH, CONNECT, AUTH = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11

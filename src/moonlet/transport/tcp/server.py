@@ -255,7 +255,7 @@ class TcpServer(Reactor):
         if conn.first:
             conn.first = False
             head = bytes(conn.pview)
-            if self.foreign is not None and head[:2] != b"LM" and self.foreign.claims(head):
+            if self.foreign is not None and not head.startswith(P.MAGIC_BYTES) and self.foreign.claims(head):
                 self._forget(conn)
                 conn.phase = 4
                 self.foreign.adopt(conn.sock, head)
