@@ -122,6 +122,41 @@ def test_single_entry_fast_parse_agrees_on_random_bytes(head):
     assert P.parse_single(head) == _single_by_general_parsers(head)
 
 
+def _single_reply_by_general_parsers(head: bytes):
+    """What parse_prefix + parse_statuses make of a 25-byte RESP head, as parse_single_reply would report it."""
+    try:
+        p = P.parse_prefix(head)
+        if p.kind != P.RESP or p.count != 1:
+            return None
+        (status,) = P.parse_statuses(p, head[P.PREFIX_SIZE:])
+    except ProtocolError:
+        return None
+    return p.req_id, status, p.payload_len
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.sampled_from([P.MAGIC, 0x4C4D, 0]), st.sampled_from([P.VERSION, 0, 2]),
+       st.sampled_from(sorted(P.KINDS) + [0, 99]), st.sampled_from([1, 0, 2, 4096]), _U64,
+       st.one_of(st.just(0), st.integers(1, 2**20), st.just(P.MAX_PAYLOAD), st.just(P.MAX_PAYLOAD + 1), _U64),
+       st.one_of(st.sampled_from([0, P.MAX_STATUS, P.MAX_STATUS + 1, 255]), st.integers(0, 255)))
+def test_one_status_fast_parse_agrees_with_the_general_parsers(magic, version, kind, count, req_id, payload_len,
+                                                               status):
+    head = struct.pack("<HBBIQQB", magic, version, kind, count, req_id, payload_len, status)
+    assert P.parse_single_reply(head) == _single_reply_by_general_parsers(head)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(min_size=25, max_size=25))
+def test_one_status_fast_parse_agrees_on_random_bytes(head):
+    assert P.parse_single_reply(head) == _single_reply_by_general_parsers(head)
+
+
+def test_one_status_fast_parse_takes_encoded_replies():
+    assert P.parse_single_reply(P.encode_response(7, bytes(1), 0)) == (7, 0, 0)
+    assert P.parse_single_reply(P.encode_response(8, bytes([P.MAX_STATUS]), 4096)) == (8, P.MAX_STATUS, 4096)
+    assert P.parse_single_reply(P.encode_response(9, bytes(2), 0)) is None
+
+
 def test_single_entry_fast_parse_takes_encoded_one_entry_requests():
     assert P.parse_single(P.encode_request(P.WRITE, 7, [(0x1000, 5)])) == (P.WRITE, 7, 0x1000, 5)
     assert P.parse_single(P.encode_request(P.READ, 8, [(0x2000, 9)])) == (P.READ, 8, 0x2000, 9)

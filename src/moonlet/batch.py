@@ -71,10 +71,24 @@ def _completed(transport: str) -> RequestStatus:
 class Batch:
     """A group of submitted requests, completed by transports as their bytes land."""
 
+    # Defaults read until first set, so a batch costs few stores to make (one is made per submit).
+    _cond: threading.Condition | None = None  # made by the first thread that must block (_block)
+    _failed = False  # some part ended other than COMPLETED
+    _uniform: str | None = None  # the transport of every request, when one carries them all
+    # Per request: state, first failure reason, transport, parts still moving. Made on first need
+    # (_lists): a batch carried whole by one transport, one part a request, and completed in one go
+    # (an array submit answered by one reply) never needs them.
+    _state: list[State] = None  # type: ignore[assignment]
+    _reason: list[str] = None  # type: ignore[assignment]
+    _transport: list[str] = None  # type: ignore[assignment]
+    _parts: list[int] = None  # type: ignore[assignment]
+
     def __init__(self, requests: list[Request] | int, deadline: float,
-                 expire: Callable[["Batch"], None] | None = None) -> None:
+                 expire: Callable[["Batch"], None] | None = None,
+                 driver: Callable[["Batch", bool], None] | None = None) -> None:
         """``requests``: the requests, or their count when submitted in array form. ``expire``: called
-        when a waiter finds the deadline passed, to tear down what is still moving."""
+        when a waiter finds the deadline passed, to tear down what is still moving. ``driver``: the first
+        of :meth:`add_driver`, when the submitter knows it already."""
         if type(requests) is int:
             n, self.requests = requests, None
         else:
@@ -83,20 +97,11 @@ class Batch:
         self.deadline = deadline
         self._expire = expire
         self._lock = threading.Lock()
-        # Set under _lock; a thread that must block makes _cond (on _lock) and waits on it. The
-        # common waiter drives its batch to the end itself and never needs it.
-        self._finished = n == 0
-        self._cond: threading.Condition | None = None
-        self._failed = False  # some part ended other than COMPLETED
-        self._drivers: list[Callable[["Batch", bool], None]] = []
-        self._uniform: str | None = None  # the transport of every request, when one carries them all
-        # Per request: state, first failure reason, transport, parts still moving. Made on first
-        # need (_lists): a batch carried whole by one transport, one part a request, and completed in
-        # one go (an array submit answered by one reply) never needs them.
-        self._state: list[State] = None  # type: ignore[assignment]
-        self._reason: list[str] = None  # type: ignore[assignment]
-        self._transport: list[str] = None  # type: ignore[assignment]
-        self._parts: list[int] = None  # type: ignore[assignment]
+        #: whether every request has ended (read-only to users). Set under _lock; a thread that must
+        #: block waits on _cond. The common waiter drives its batch to the end itself and never blocks.
+        #: A plain attribute: drivers test it on every turn of their loop.
+        self.done = n == 0
+        self._drivers: list[Callable[["Batch", bool], None]] = [driver] if driver is not None else []
 
     def __len__(self) -> int:
         return self._n
@@ -124,11 +129,10 @@ class Batch:
 
     def add_parts_all(self, transport: str) -> None:
         """Announce that every request travels as one part over ``transport`` (array submits, before
-        anything else is announced)."""
-        with self._lock:
-            if self._parts is not None:
-                raise RuntimeError("add_parts_all on a batch that already has parts announced")
-            self._uniform = transport
+        anything else is announced, and so before any other thread can see the batch: no lock)."""
+        if self._parts is not None:
+            raise RuntimeError("add_parts_all on a batch that already has parts announced")
+        self._uniform = transport
 
     def add_driver(self, drive: Callable[["Batch", bool], None]) -> None:
         """Have waiters call ``drive`` to make progress (once per transport; :meth:`wait` also runs drivers
@@ -167,7 +171,9 @@ class Batch:
             if self._parts is None and len(indices) == self._pending == self._n:
                 # A uniform batch, every request in this one reply: the common case of submit_many.
                 self._pending = 0
-                self._finish_locked()
+                self.done = True
+                if self._cond is not None:
+                    self._cond.notify_all()
                 return
             self._lists()
             parts, state = self._parts, self._state
@@ -189,15 +195,11 @@ class Batch:
 
     def _finish_locked(self) -> None:
         """Every request has ended (called holding ``_lock``): wake blocked waiters."""
-        self._finished = True
+        self.done = True
         if self._cond is not None:
             self._cond.notify_all()
 
     # -- read by the user -------------------------------------------------------
-
-    @property
-    def done(self) -> bool:
-        return self._finished
 
     def status(self, index: int) -> RequestStatus:
         """Status of request ``index`` now."""
@@ -205,7 +207,7 @@ class Batch:
             if self._parts is None:  # uniform: all moving or all completed
                 if not 0 <= index < self._n and not -self._n <= index < 0:
                     raise IndexError(f"batch has {self._n} requests, no request {index}")
-                if self._finished:
+                if self.done:
                     return _completed(self._uniform or "")
                 return RequestStatus(State.PENDING, "", self._uniform or "")
             state = self._state[index]
@@ -215,12 +217,14 @@ class Batch:
 
     def statuses(self) -> list[RequestStatus]:
         """Status of every request now (no progress is made)."""
+        if self.done and self._parts is None:  # uniform and all completed: final, no lock needed
+            return [_completed(self._uniform or "")] * self._n
         with self._lock:
             if self._parts is None:  # uniform: all moving or all completed
-                if self._finished:
+                if self.done:
                     return [_completed(self._uniform or "")] * self._n
                 return [RequestStatus(State.PENDING, "", self._uniform or "")] * self._n
-            if self._finished and not self._failed:  # all completed: shared status objects
+            if self.done and not self._failed:  # all completed: shared status objects
                 if self._uniform is not None:
                     return [_completed(self._uniform)] * self._n
                 return [_COMPLETED.get(t) or _completed(t) for t in self._transport]
@@ -254,7 +258,7 @@ class Batch:
             while ran < len(self._drivers):  # a transport may hand requests to another one meanwhile
                 self._drivers[ran](self, True)
                 ran += 1
-            if self._finished or self._block(max(0.0, min(self.deadline - time.monotonic(), 0.1)) + 0.01):
+            if self.done or self._block(max(0.0, min(self.deadline - time.monotonic(), 0.1)) + 0.01):
                 break
             if time.monotonic() >= self.deadline and self._expire is not None:
                 self._expire(self)
@@ -263,11 +267,11 @@ class Batch:
     def _block(self, timeout: float) -> bool:
         """Sleep until the batch ends or ``timeout`` passes; whether it ended."""
         with self._lock:
-            if not self._finished:
+            if not self.done:
                 if self._cond is None:
                     self._cond = threading.Condition(self._lock)
                 self._cond.wait(timeout)
-            return self._finished
+            return self.done
 
     def expire_at(self, deadline: float) -> None:
         """Move the deadline earlier (never later)."""

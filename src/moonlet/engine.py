@@ -50,6 +50,9 @@ def available_transports() -> tuple[str, ...]:
     return tuple(t for t in ALL_TRANSPORTS if usable[t])
 
 
+_READ, _WRITE = Op.READ, Op.WRITE  # module globals: the array submit tests them per call
+
+
 def _as_list(seq: Sequence[int]) -> list[int]:
     """``seq`` (a numpy array, a tuple...) as a list of Python ints."""
     return list(seq.tolist() if hasattr(seq, "tolist") else seq)
@@ -467,14 +470,15 @@ class TransferEngine:
         the transport gets whole arrays, so many small blocks cost little
         Python each.  Otherwise this is :meth:`submit` of the same requests.
         """
-        self._check_open()
+        if self._closed:
+            self._check_open()
         la = local_addrs if type(local_addrs) is list else _as_list(local_addrs)
         ra = remote_addrs if type(remote_addrs) is list else _as_list(remote_addrs)
         ln = lengths if type(lengths) is list else _as_list(lengths)
         n = len(la)
         if n != len(ra) or n != len(ln):
             raise ConfigError(f"local_addrs, remote_addrs and lengths differ in length: {n}, {len(ra)}, {len(ln)}")
-        if op is not Op.WRITE and op is not Op.READ:
+        if op is not _WRITE and op is not _READ:
             raise TransferError(f"op must be Op.READ or Op.WRITE, got {op!r}")
         seg = self._segment(segment)
         if timeout is None:
@@ -483,8 +487,7 @@ class TransferEngine:
         if route is None:
             return self.submit([Request(op, a, seg, b, n) for a, b, n in zip(la, ra, ln)], timeout)
         t, local, remote = route
-        batch = Batch(n, time.monotonic() + timeout, self._expire)
-        batch.add_driver(t.drive)
+        batch = Batch(n, time.monotonic() + timeout, self._expire, t.drive)
         t.submit_many(seg, batch, op, la, ra, ln, local, remote)
         return batch
 

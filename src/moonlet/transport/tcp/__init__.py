@@ -190,17 +190,20 @@ class TcpTransport(Transport):
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
         cfg = self._cfg
-        if max(lengths) > cfg.slice_size or not local.is_host:  # slicing and GPU staging: the general path
+        count = len(lengths)
+        if count == 1:  # a lone request, the latency-bound case: no per-entry passes
+            total = biggest = lengths[0]
+        else:
+            total, biggest = sum(lengths), max(lengths)
+        if biggest > cfg.slice_size or not local.is_host:  # slicing and GPU staging: the general path
             super().submit_many(segment, batch, op, local_addrs, remote_addrs, lengths, local, remote)
             return
         peer = self.peer(segment)
         kind = P.WRITE if op else P.READ
         batch.add_parts_all(self.name)
         view = local.view
-        views = [view(a, n) for a, n in zip(local_addrs, lengths)]
+        views = [view(local_addrs[0], total)] if count == 1 else [view(a, n) for a, n in zip(local_addrs, lengths)]
         max_bytes, max_entries = cfg.frame_bytes, cfg.frame_entries
-        count = len(lengths)
-        total = sum(lengths)
         if total <= max_bytes and count <= max_entries:  # the usual case: the whole batch is one frame
             peer.send(OutFrame(kind, _flat(remote_addrs, lengths), views, range(count), batch, total))
             return

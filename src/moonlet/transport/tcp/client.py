@@ -191,28 +191,34 @@ class Lane:
             if self._got < need:
                 continue
             self._got = 0
-            if self._phase == 0:
-                p = self._prefix = P.parse_prefix(self._pre)
-                if p.kind == P.ERROR:
-                    body = bytearray(p.payload_len - 1)
-                    recv_exact(sock, memoryview(body))
-                    text = (self._pre[P.PREFIX_SIZE:] + body).decode(errors="replace")
-                    raise ProtocolError(f"peer reported a protocol error: {text}")
-                if p.kind != P.RESP:
-                    raise ProtocolError(f"expected RESP from peer, got {P.KINDS[p.kind]}")
-                if p.count > 1:
-                    self._table = bytearray(p.count)
-                    self._table[0] = self._pre[P.PREFIX_SIZE]
-                    self._got, self._phase = 1, 1
-                    continue
-                statuses = P.parse_statuses(p, self._pview[P.PREFIX_SIZE:])
+            one = P.parse_single_reply(self._pre) if self._phase == 0 else None
+            if one is not None:  # the reply to a lone request, whole in what was read
+                req_id, status, payload = one
+                statuses = P.STATUS_BYTES[status]
             else:
-                p = self._prefix
-                assert p is not None
-                statuses = P.parse_statuses(p, self._table)
-            frame = self.inflight.pop(p.req_id, None)
+                if self._phase == 0:
+                    p = self._prefix = P.parse_prefix(self._pre)
+                    if p.kind == P.ERROR:
+                        body = bytearray(p.payload_len - 1)
+                        recv_exact(sock, memoryview(body))
+                        text = (self._pre[P.PREFIX_SIZE:] + body).decode(errors="replace")
+                        raise ProtocolError(f"peer reported a protocol error: {text}")
+                    if p.kind != P.RESP:
+                        raise ProtocolError(f"expected RESP from peer, got {P.KINDS[p.kind]}")
+                    if p.count > 1:
+                        self._table = bytearray(p.count)
+                        self._table[0] = self._pre[P.PREFIX_SIZE]
+                        self._got, self._phase = 1, 1
+                        continue
+                    statuses = P.parse_statuses(p, self._pview[P.PREFIX_SIZE:])
+                else:
+                    p = self._prefix
+                    assert p is not None
+                    statuses = P.parse_statuses(p, self._table)
+                req_id, payload = p.req_id, p.payload_len
+            frame = self.inflight.pop(req_id, None)
             if frame is None:
-                raise ProtocolError(f"RESP for unknown request id {p.req_id}")
+                raise ProtocolError(f"RESP for unknown request id {req_id}")
             self._cur, self._statuses = frame, statuses
             if len(statuses) != len(frame.refs):
                 raise ProtocolError(f"RESP has {len(statuses)} statuses for {len(frame.refs)} entries")
@@ -222,12 +228,12 @@ class Lane:
                     size = sum(v.nbytes for v in views)
                 else:  # a copy: receiving consumes the list, and a retry needs the frame's own
                     views, size = list(frame.views), frame.nbytes
-                if size != p.payload_len:
+                if size != payload:
                     raise ProtocolError("READ reply carries a payload of the wrong size")
                 if views:
                     self._views, self._phase = views, 2
                     continue
-            elif p.payload_len:
+            elif payload:
                 raise ProtocolError("WRITE reply carries a payload")
             self._finish()
             if not self.inflight:
@@ -238,7 +244,10 @@ class Lane:
         self._phase = 0
         assert frame is not None
         self.load -= frame.nbytes
-        self.peer.complete(frame, self._statuses)
+        if frame.stage is None and not any(self._statuses):  # the usual case: all served, nothing staged
+            frame.batch.parts_completed(frame.refs)
+        else:
+            self.peer.complete(frame, self._statuses)
 
 
 class Progress:

@@ -149,6 +149,25 @@ def parse_single(data: bytes | bytearray | memoryview) -> tuple[int, int, int, i
     return None
 
 
+_SINGLE_REPLY = struct.Struct("<HBBIQQB")  # a prefix and one status byte: MIN_INITIATOR_TAIL after it
+STATUS_BYTES = [bytes((code,)) for code in range(256)]  # one-status tables, made once
+
+
+def parse_single_reply(data: bytes | bytearray | memoryview) -> tuple[int, int, int] | None:
+    """``(req_id, status, payload_len)`` if the first 25 bytes of ``data`` are the head of a one-entry
+    RESP frame that :func:`parse_prefix` and :func:`parse_statuses` would accept; None for anything
+    else (those decide, and explain a refusal).
+
+    An initiator reads that much with every prefix: this is the reply to a lone request in one call.
+    The tests check it agrees with the two general functions.
+    """
+    magic, version, kind, count, req_id, payload_len, status = _SINGLE_REPLY.unpack_from(data)
+    if magic == MAGIC and version == VERSION and kind == RESP and count == 1 and status <= MAX_STATUS \
+            and payload_len <= MAX_PAYLOAD:
+        return req_id, status, payload_len
+    return None
+
+
 def parse_entries(prefix: Prefix, table: bytes | bytearray | memoryview) -> list[tuple]:
     """Decode the table of a WRITE/READ frame ((addr, length) pairs) or of a PULL/PUSH frame
     ((addr, length, initiator addr) triples) and check it against the prefix."""
