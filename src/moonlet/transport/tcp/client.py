@@ -99,16 +99,15 @@ class Lane:
 
     def send(self, frame: OutFrame) -> bool:
         """Send ``frame`` now (blocking until the kernel took it); False if the lane is dead."""
-        write = frame.kind == P.WRITE
-        head = P.encode_request_flat(frame.kind, frame.req_id, frame.table, frame.nbytes if write else 0)
-        # A large WRITE sends its head on its own first: the target parses and checks it while this
-        # side's kernel is still copying the payload, instead of after.
-        split = write and frame.nbytes >= P.SPLIT_HEAD
-        bufs = [head]
-        total = len(head)
-        if write and not split:
-            bufs.extend(frame.views)
-            total += frame.nbytes
+        # Head and payload in one call. (Sending a large payload in a second call, so that the target
+        # parses the head while this side's kernel copies, measured slower once both sides' Python got
+        # lean: 64 KiB x 1 WRITE p50 31.2-32.4 vs 30.1-30.8 us.)
+        if frame.kind == P.WRITE:
+            bufs = [P.encode_request_flat(P.WRITE, frame.req_id, frame.table, frame.nbytes), *frame.views]
+            total = len(bufs[0]) + frame.nbytes
+        else:
+            bufs = [P.encode_request_flat(frame.kind, frame.req_id, frame.table, 0)]
+            total = len(bufs[0])
         with self.send_lock:
             if self.aborted:
                 return False
@@ -116,8 +115,6 @@ class Lane:
             self.load += frame.nbytes
             try:
                 send_all(self.sock, bufs, total)
-                if split:
-                    send_all(self.sock, list(frame.views), frame.nbytes)
             except OSError as e:
                 err = e
             else:

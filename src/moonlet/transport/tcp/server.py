@@ -480,13 +480,10 @@ class TcpServer(Reactor):
 
     def _send_payload(self, conn: _Conn, head: bytes, views: list, nbytes: int, pinned: "list[Buffer] | tuple",
                       stage: "Stage | None" = None) -> None:
-        """Queue a READ reply: ``head``, then ``views`` (``nbytes``), in a second call when it is large
-        (see :data:`protocol.SPLIT_HEAD`)."""
-        if nbytes >= P.SPLIT_HEAD:
-            self._queue(conn, [head], len(head))
-            self._queue(conn, views, nbytes, pinned, stage)
-        else:
-            self._queue(conn, [head, *views], len(head) + nbytes, pinned, stage)
+        """Queue a READ reply: ``head`` and ``views`` (``nbytes``) in one call. (A second call for a large
+        payload, so the initiator parses the head while this side's kernel copies, measured slower:
+        64 KiB x 1 READ p50 34.0-34.4 vs 29.7-30.6 us.)"""
+        self._queue(conn, [head, *views], len(head) + nbytes, pinned, stage)
 
     def _flush(self, conn: _Conn) -> None:
         """Send queued replies until the socket would block; unpin buffers whose bytes are out."""
