@@ -12,9 +12,10 @@ import socket
 # Linux caps one sendmsg/recvmsg at 1024 iovecs; stay well below.
 _MAX_IOV = 512
 # While at least this much of a payload is still to come, poll reports the socket readable only once
-# this much has arrived (SO_RCVLOWAT): fewer, larger receives. 1 MiB x 32 WRITE on loopback: about
-# +10 % (3.31-3.50 -> 3.84-3.87 GB/s, 128 KiB and 512 KiB were in between).
-LOWAT = 256 * 1024
+# this much has arrived (SO_RCVLOWAT): fewer, larger receives. 1 MiB x 32 on loopback, 2 lanes, three
+# interleaved runs each (2026-12-02): WRITE 5.15-5.66 GB/s at 128 KiB, 4.58-4.71 at 256 KiB; READ
+# 5.86-6.10 vs 5.24-5.66; 64 KiB (4.7 / 4.2) and 512 KiB (5.2 / 4.8) lower, 192 KiB in between.
+LOWAT = 128 * 1024
 
 
 def _consume(bufs: list, n: int) -> None:
