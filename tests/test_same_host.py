@@ -64,6 +64,71 @@ def test_refused_attach_falls_back_to_tcp(peer_factory, caplog):
         libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
 
 
+def test_refused_attach_falls_back_to_tcp_for_array_submits(peer_factory):
+    target = peer_factory("--no-ptrace")
+    libc = ctypes.CDLL(None)
+    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
+    try:
+        with TransferEngine() as eng:
+            mem = bytearray(os.urandom(65536))
+            buf = eng.register(mem)
+            seg = eng.open_segment(target.name)
+            lone = eng.submit_many(Op.WRITE, seg, [buf.addr + 5], [target.addr + 7], [1000]).wait()
+            assert lone[0].ok and lone[0].transport == "tcp"
+            assert target.digest(target.addr + 7, 1000) == sha(mem[5:1005])
+            many = eng.submit_many(Op.WRITE, seg, [buf.addr + i * 4096 for i in range(16)],
+                                   [target.addr + i * 4096 for i in range(16)], [4096] * 16).wait()
+            assert all(s.ok for s in many) and target.digest(target.addr, 65536) == sha(mem)
+    finally:
+        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+
+
+def _attached_socket(peer) -> socket.socket:
+    """A raw connection to ``peer`` that proved it is this process: the target may copy our memory."""
+    host, port = peer.name.rsplit(":", 1)
+    with TransferEngine() as eng:
+        ident = eng._identity()
+    s = socket.create_connection((host, int(port)), timeout=5)
+    s.sendall(P.encode_hello(peer.name, pid=os.getpid(), host=ident["host"], pidns=ident["pidns"]))
+    hdr = s.recv(P.PREFIX_SIZE, socket.MSG_WAITALL)
+    s.recv(P.parse_prefix(hdr).payload_len, socket.MSG_WAITALL)
+    return s
+
+
+def _one_entry(s: socket.socket, kind: int, req_id: int, remote: int, length: int, mine: int) -> int:
+    """Send a one-entry PULL/PUSH frame; the status the target answers."""
+    s.sendall(P.encode_request_flat(kind, req_id, [remote, length, mine]))
+    reply = s.recv(P.PREFIX_SIZE + 1, socket.MSG_WAITALL)
+    assert P.parse_single_reply(reply) is not None and P.parse_prefix(reply).req_id == req_id
+    return reply[P.PREFIX_SIZE]
+
+
+def test_lone_attached_requests_are_checked_by_the_target(peer_factory):
+    """The target's one-entry PULL/PUSH path copies what it may and refuses the rest, touching nothing."""
+    rw, ro = peer_factory(), peer_factory("--read-only")
+    data = bytearray(os.urandom(8192))
+    mine = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
+    with _attached_socket(rw) as s:
+        assert _one_entry(s, P.PULL, 1, rw.addr + 3, 5000, mine) == 0
+        assert rw.digest(rw.addr + 3, 5000) == sha(data[:5000])
+        back = bytearray(5000)
+        assert _one_entry(s, P.PUSH, 2, rw.addr + 3, 5000, ctypes.addressof((ctypes.c_char * 5000).from_buffer(back))) == 0
+        assert back == data[:5000]
+        before = rw.digest(rw.addr + rw.size - 100, 100)
+        assert _one_entry(s, P.PULL, 3, rw.addr + rw.size - 100, 200, mine) == Denied.NOT_REGISTERED
+        assert rw.digest(rw.addr + rw.size - 100, 100) == before
+        # An initiator address that is not mapped: the copy fails and says so; the connection goes on.
+        assert _one_entry(s, P.PULL, 4, rw.addr, 4096, 0x10) == Denied.INITIATOR_FAULT
+        assert _one_entry(s, P.PULL, 5, rw.addr + 3, 16, mine + 100) == 0
+        assert rw.digest(rw.addr + 3, 16) == sha(data[100:116])
+    with _attached_socket(ro) as s:
+        before = ro.digest(ro.addr, 4096)
+        assert _one_entry(s, P.PULL, 6, ro.addr, 4096, mine) == Denied.NO_PERMISSION
+        assert ro.digest(ro.addr, 4096) == before
+        assert _one_entry(s, P.PUSH, 7, ro.addr, 4096, mine) == 0  # reading it is allowed
+        assert sha(data[:4096]) == before
+
+
 def test_forged_pid_is_not_attached(peer):
     """A client claiming someone else's pid must not make the target copy that process's memory."""
     victim = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)

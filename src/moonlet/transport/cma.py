@@ -56,19 +56,30 @@ def copy(pid: int, local: list[int], remote: list[int], into_local: bool) -> Non
     fn = _readv if into_local else _writev
     if fn is None:
         raise OSError(errno.ENOSYS, "process_vm_readv/writev are not available on this platform")
+    if len(local) == 2 and len(remote) == 2:  # one range, a lone request: no slicing or format building
+        if local[1] != remote[1]:
+            raise ValueError("local and remote ranges differ in shape")
+        _check(fn(pid, _PAIR.pack(*local), 1, _PAIR.pack(*remote), 1, 0), local[1])
+        return
     if local[1::2] != remote[1::2]:
         raise ValueError("local and remote ranges differ in shape")
     step = 2 * _IOV_MAX
     for i in range(0, len(local), step):
         lchunk, rchunk = local[i:i + step], remote[i:i + step]
-        want = sum(lchunk[1::2])
-        done = fn(pid, struct.pack(f"<{len(lchunk)}Q", *lchunk), len(lchunk) // 2,
-                  struct.pack(f"<{len(rchunk)}Q", *rchunk), len(rchunk) // 2, 0)
-        if done < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
-        if done != want:
-            raise OSError(errno.EFAULT, f"partial copy: {done} of {want} bytes")
+        _check(fn(pid, struct.pack(f"<{len(lchunk)}Q", *lchunk), len(lchunk) // 2,
+                  struct.pack(f"<{len(rchunk)}Q", *rchunk), len(rchunk) // 2, 0), sum(lchunk[1::2]))
+
+
+_PAIR = struct.Struct("<QQ")  # one iovec
+
+
+def _check(done: int, want: int) -> None:
+    """Raise OSError unless a process_vm_readv/writev call that returned ``done`` moved ``want`` bytes."""
+    if done < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    if done != want:
+        raise OSError(errno.EFAULT, f"partial copy: {done} of {want} bytes")
 
 
 def probe() -> tuple[bool, str]:

@@ -97,7 +97,10 @@ class SameHostTransport(Transport):
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
         peer = segment.descriptor
         mapped = self._mapping(peer, remote) if "memfd" in remote else None
-        if mapped is None or not (remote["remote_write"] if op else remote["remote_read"]):
+        if mapped is None:
+            self._attach_many(segment, batch, op, local_addrs, remote_addrs, lengths, local)
+            return
+        if not (remote["remote_write"] if op else remote["remote_read"]):
             super().submit_many(segment, batch, op, local_addrs, remote_addrs, lengths, local, remote)
             return
         batch.add_parts_all(self.name)
@@ -116,6 +119,32 @@ class SameHostTransport(Transport):
         for index in everyone:
             batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{base:#x}, +{remote['length']}) "
                                                  f"during the transfer")
+
+    def _attach_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
+                     remote_addrs: list[int], lengths: list[int], local: Buffer) -> None:
+        """The array form of the attached path: PULL (WRITE) or PUSH (READ) frames built straight from
+        the arrays, as few as the frame limits allow."""
+        peer = self._tcp.peer(segment)
+        kind = P.PULL if op else P.PUSH
+        batch.add_parts_all(self.name)
+        view = local.view
+        count = len(lengths)
+        if count == 1:  # a lone request, the latency-bound case
+            n = lengths[0]
+            peer.send(OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(1),
+                               batch, n))
+            return
+        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
+        start = nbytes = 0
+        for i, n in enumerate(lengths):
+            nbytes += n
+            if nbytes >= max_bytes or i + 1 - start >= max_entries or i + 1 == count:
+                table = [0] * (3 * (i + 1 - start))
+                table[0::3], table[1::3], table[2::3] = remote_addrs[start:i + 1], lengths[start:i + 1], \
+                    local_addrs[start:i + 1]
+                views = [view(a, m) for a, m in zip(local_addrs[start:i + 1], lengths[start:i + 1])]  # for a TCP fallback
+                peer.send(OutFrame(kind, table, views, range(start, i + 1), batch, nbytes))
+                start, nbytes = i + 1, 0
 
     def _copy_mapped(self, peer: SegmentDescriptor, batch: Batch, item: WorkItem) -> bool:
         """Serve ``item`` by memcpy through a mapping of the peer's buffer; False if it has none."""

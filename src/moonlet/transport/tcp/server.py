@@ -20,6 +20,7 @@ import json
 import logging
 import select
 import socket
+import struct
 import time
 from collections import deque
 from typing import Any, Callable
@@ -44,6 +45,7 @@ _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a t
 _HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
 _NONE: tuple = ()  # no views, nothing pinned
 _SERVED = bytes(1)  # the status table of a one-entry frame served in full
+_ATTACH_ENTRY = struct.Struct("<QQQ")  # one PULL/PUSH table entry: addr, length, initiator addr
 _CONTROL = frozenset((P.HELLO, P.GET_DESC, P.CONNECT, P.AUTH))  # control frames a target answers
 _IN, _OUT, _ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP | select.POLLNVAL
 
@@ -352,13 +354,20 @@ class TcpServer(Reactor):
     def _on_table(self, conn: _Conn) -> None:
         p = conn.prefix
         assert p is not None and conn.buf is not None
-        entries = P.parse_entries(p, conn.buf)
         kind = p.kind
         if kind == P.PULL or kind == P.PUSH:
+            if p.count == 1:  # a lone same-host request, the latency-bound case: no entry list
+                addr, length, peer_addr = _ATTACH_ENTRY.unpack(conn.buf)
+                if not length:
+                    raise ProtocolError("entry of length 0")
+                statuses = self._attach_one(conn, kind == P.PULL, addr, length, peer_addr)
+            else:
+                statuses = self._attach_copy(conn, kind, P.parse_entries(p, conn.buf))
             conn._reset()
-            head = P.encode_response(p.req_id, self._attach_copy(conn, kind, entries), 0)
+            head = P.encode_response(p.req_id, statuses, 0)
             self._queue(conn, [head], len(head))
             return
+        entries = P.parse_entries(p, conn.buf)
         write = kind == P.WRITE
         resolved, pinned = self._registry.acquire(entries, write)
         refused: bytearray | None = None  # a status per entry, made at the first refusal
@@ -406,6 +415,29 @@ class TcpServer(Reactor):
             self._stage_pool = StagingPool(_STAGE_BYTES)
         return self._stage_pool
 
+    def _attach_one(self, conn: _Conn, pull: bool, addr: int, length: int, peer_addr: int) -> bytes:
+        """:meth:`_attach_copy` of one entry, without its lists: the status table."""
+        if not conn.attach_pid:
+            return P.STATUS_BYTES[Denied.ATTACH_REFUSED]
+        buf = self._registry.pin_host(addr, length, pull)
+        if type(buf) is int:
+            return P.STATUS_BYTES[buf]
+        try:
+            cma.copy(conn.attach_pid, [addr, length], [peer_addr, length], into_local=pull)
+        except OSError as e:
+            return P.STATUS_BYTES[self._attach_failed(conn, e)]
+        finally:
+            self._registry.release([buf])
+        return _SERVED
+
+    @staticmethod
+    def _attach_failed(conn: _Conn, error: OSError) -> int:
+        """The status for entries whose cross-memory copy raised ``error``."""
+        log.info("cross-memory copy with pid %d failed: %s", conn.attach_pid, error)
+        if error.errno in (errno.EPERM, errno.ESRCH, errno.ENOSYS):
+            return Denied.ATTACH_REFUSED
+        return Denied.INITIATOR_FAULT
+
     def _attach_copy(self, conn: _Conn, kind: int, entries: list[tuple]) -> bytes:
         """Serve a PULL (peer WRITE) or PUSH (peer READ) with one cross-memory copy; return the statuses."""
         statuses = bytearray(len(entries))
@@ -427,9 +459,7 @@ class TcpServer(Reactor):
                 try:
                     cma.copy(conn.attach_pid, ours, theirs, into_local=kind == P.PULL)
                 except OSError as e:
-                    code = Denied.ATTACH_REFUSED if e.errno in (errno.EPERM, errno.ESRCH, errno.ENOSYS) \
-                        else Denied.INITIATOR_FAULT
-                    log.info("cross-memory copy with pid %d failed: %s", conn.attach_pid, e)
+                    code = self._attach_failed(conn, e)
                     for i in moved:
                         statuses[i] = code
         finally:
