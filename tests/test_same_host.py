@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import json
@@ -42,45 +43,43 @@ def test_auto_picks_shm_for_a_same_host_peer(peer):
             assert dst[i * 4096:i * 4096 + 100] == mem[i * 100:(i + 1) * 100]
 
 
-def test_refused_attach_falls_back_to_tcp(peer_factory, caplog):
+@contextlib.contextmanager
+def refusing_target(peer_factory):
+    """A target that may not attach to this process (not dumpable), an engine, 64 KiB of random bytes
+    registered, and the target's segment: ``(target, engine, mem, buf, seg)``."""
     target = peer_factory("--no-ptrace")  # cannot attach to a non-dumpable process
     libc = ctypes.CDLL(None)
     libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
     try:
         with TransferEngine() as eng:
             mem = bytearray(os.urandom(65536))
-            buf = eng.register(mem)
-            seg = eng.open_segment(target.name)
-            first = eng.submit([Request(Op.WRITE, buf.addr + i * 4096, seg, target.addr + i * 4096, 4096)
-                                for i in range(16)]).wait()
-            assert all(s.ok and s.transport == "tcp" for s in first)
-            assert target.digest(target.addr, 65536) == sha(mem)
-            assert "refused" in caplog.text and "using TCP" in caplog.text
-            # Later requests go straight to TCP, and reads work too.
-            copy = bytearray(65536)
-            st = eng.read(eng.register(copy).addr, seg, target.addr, 65536)
-            assert st.transport == "tcp" and copy == mem
+            yield target, eng, mem, eng.register(mem), eng.open_segment(target.name)
     finally:
         libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
 
 
-def test_refused_attach_falls_back_to_tcp_for_array_submits(peer_factory):
-    target = peer_factory("--no-ptrace")
-    libc = ctypes.CDLL(None)
-    libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
-    try:
-        with TransferEngine() as eng:
-            mem = bytearray(os.urandom(65536))
-            buf = eng.register(mem)
-            seg = eng.open_segment(target.name)
-            lone = eng.submit_many(Op.WRITE, seg, [buf.addr + 5], [target.addr + 7], [1000]).wait()
-            assert lone[0].ok and lone[0].transport == "tcp"
-            assert target.digest(target.addr + 7, 1000) == sha(mem[5:1005])
-            many = eng.submit_many(Op.WRITE, seg, [buf.addr + i * 4096 for i in range(16)],
-                                   [target.addr + i * 4096 for i in range(16)], [4096] * 16).wait()
-            assert all(s.ok for s in many) and target.digest(target.addr, 65536) == sha(mem)
-    finally:
-        libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0)
+def test_refused_attach_falls_back_to_tcp(peer_factory, caplog):
+    with refusing_target(peer_factory) as (target, eng, mem, buf, seg):
+        first = eng.submit([Request(Op.WRITE, buf.addr + i * 4096, seg, target.addr + i * 4096, 4096)
+                            for i in range(16)]).wait()
+        assert all(s.ok and s.transport == "tcp" for s in first)
+        assert target.digest(target.addr, 65536) == sha(mem)
+        assert "refused" in caplog.text and "using TCP" in caplog.text
+        # Later requests go straight to TCP, and reads work too.
+        copy = bytearray(65536)
+        st = eng.read(eng.register(copy).addr, seg, target.addr, 65536)
+        assert st.transport == "tcp" and copy == mem
+
+
+@pytest.mark.parametrize("count", [1, 16])
+def test_refused_attach_falls_back_to_tcp_for_array_submits(peer_factory, count):
+    with refusing_target(peer_factory) as (target, eng, mem, buf, seg):
+        size = 65536 // count - 5
+        statuses = eng.submit_many(Op.WRITE, seg, [buf.addr + 5 + i * 4096 for i in range(count)],
+                                   [target.addr + 7 + i * 4096 for i in range(count)], [size] * count).wait()
+        assert all(s.ok and s.transport == "tcp" for s in statuses)
+        for i in range(count):
+            assert target.digest(target.addr + 7 + i * 4096, size) == sha(mem[5 + i * 4096:5 + i * 4096 + size])
 
 
 def _attached_socket(peer) -> socket.socket:
