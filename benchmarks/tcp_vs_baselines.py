@@ -7,9 +7,10 @@ Every engine runs as two processes (target and initiator).  The run is made of
 streams once, so that a shared machine's drift over the minutes of a run
 touches both sides of a ratio alike.  The median over the rounds is reported,
 with the ratio to the baseline named in the issue (the plain socket stream for
-1 MiB rows, Mooncake for the others) and the ratio within each round.  Mooncake runs from its own virtualenv (``.bench/mooncake``, created on
-first use with ``mooncake-transfer-engine-non-cuda``; it needs Debian's
-``libibverbs1`` even for TCP; see ``_peers.py``).  A peer that cannot run gets a row saying why.
+1 MiB rows, Mooncake for the others) and the ratio within each round.  Mooncake
+runs from its own virtualenv (``.bench/mooncake``, created on first use with
+``mooncake-transfer-engine-non-cuda``; it needs Debian's ``libibverbs1`` even
+for TCP; see ``_peers.py``).  A peer that cannot run gets a row saying why.
 """
 
 from __future__ import annotations

@@ -111,7 +111,8 @@ def test_lone_attached_requests_are_checked_by_the_target(peer_factory):
         assert _one_entry(s, P.PULL, 1, rw.addr + 3, 5000, mine) == 0
         assert rw.digest(rw.addr + 3, 5000) == sha(data[:5000])
         back = bytearray(5000)
-        assert _one_entry(s, P.PUSH, 2, rw.addr + 3, 5000, ctypes.addressof((ctypes.c_char * 5000).from_buffer(back))) == 0
+        back_addr = ctypes.addressof((ctypes.c_char * len(back)).from_buffer(back))
+        assert _one_entry(s, P.PUSH, 2, rw.addr + 3, 5000, back_addr) == 0
         assert back == data[:5000]
         before = rw.digest(rw.addr + rw.size - 100, 100)
         assert _one_entry(s, P.PULL, 3, rw.addr + rw.size - 100, 200, mine) == Denied.NOT_REGISTERED

@@ -142,7 +142,8 @@ class SameHostTransport(Transport):
                 table = [0] * (3 * (i + 1 - start))
                 table[0::3], table[1::3], table[2::3] = remote_addrs[start:i + 1], lengths[start:i + 1], \
                     local_addrs[start:i + 1]
-                views = [view(a, m) for a, m in zip(local_addrs[start:i + 1], lengths[start:i + 1])]  # for a TCP fallback
+                # The views are kept for a TCP fallback, should the target refuse to attach.
+                views = [view(a, m) for a, m in zip(local_addrs[start:i + 1], lengths[start:i + 1])]
                 peer.send(OutFrame(kind, table, views, range(start, i + 1), batch, nbytes))
                 start, nbytes = i + 1, 0
 
