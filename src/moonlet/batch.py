@@ -251,6 +251,8 @@ class Batch:
         moving then end TIMEOUT (their connections are torn down so no late
         byte lands). Without it, the deadline given at submit applies.
         """
+        if self.done:  # ended already (a copy made at submit, or a quick reply): no driver to run
+            return self.statuses()
         if timeout is not None:
             self.expire_at(time.monotonic() + timeout)
         ran = 0

@@ -111,7 +111,7 @@ class SameHostTransport(Transport):
         else:
             for a, b, n in zip(local_addrs, remote_addrs, lengths):
                 view(a, n)[:] = data[b - base:b - base + n]
-        everyone = list(range(len(lengths)))
+        everyone = range(len(lengths))
         if mapped.alive():
             batch.parts_completed(everyone)
             return
