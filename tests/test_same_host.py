@@ -71,15 +71,16 @@ def test_refused_attach_falls_back_to_tcp(peer_factory, caplog):
         assert st.transport == "tcp" and copy == mem
 
 
-@pytest.mark.parametrize("count", [1, 16])
-def test_refused_attach_falls_back_to_tcp_for_array_submits(peer_factory, count):
+@pytest.mark.parametrize("count,gap", [(1, 5), (16, 5), (16, 0)])
+def test_refused_attach_falls_back_to_tcp_for_array_submits(peer_factory, count, gap):
+    """A lone request, a batch, and a batch of adjacent requests (which travels as one range)."""
     with refusing_target(peer_factory) as (target, eng, mem, buf, seg):
-        size = 65536 // count - 5
-        statuses = eng.submit_many(Op.WRITE, seg, [buf.addr + 5 + i * 4096 for i in range(count)],
+        size = 65536 // count - gap
+        statuses = eng.submit_many(Op.WRITE, seg, [buf.addr + gap + i * 4096 for i in range(count)],
                                    [target.addr + 7 + i * 4096 for i in range(count)], [size] * count).wait()
-        assert all(s.ok and s.transport == "tcp" for s in statuses)
+        assert len(statuses) == count and all(s.ok and s.transport == "tcp" for s in statuses)
         for i in range(count):
-            assert target.digest(target.addr + 7 + i * 4096, size) == sha(mem[5 + i * 4096:5 + i * 4096 + size])
+            assert target.digest(target.addr + 7 + i * 4096, size) == sha(mem[gap + i * 4096:gap + i * 4096 + size])
 
 
 def _attached_socket(peer) -> socket.socket:

@@ -60,3 +60,38 @@ def test_bad_arrays(engine, peer):
     with pytest.raises(Exception, match="length must be positive"):
         engine.submit_many(Op.READ, peer.name, [buf.addr], [peer.addr], [0])
     assert len(engine.submit_many(Op.READ, peer.name, [], [], []).wait()) == 0
+
+
+@pytest.mark.parametrize("transport,target_memory", [("tcp", "register"), ("shm", "register"), ("shm", "allocate")])
+def test_adjacent_requests_move_as_one_range(peer, transport, target_memory):
+    """A batch whose requests follow one another on both sides travels as one range; every request
+    still gets its status, and the bytes are the same as request by request."""
+    with TransferEngine(transports=(transport,)) as eng:
+        mem = bytearray(os.urandom(1 << 20))
+        buf = eng.register(mem)
+        remote = peer.addr if target_memory == "register" else peer.call(f"allocate {1 << 20}")["addr"]
+        seg = eng.open_segment(peer.name)
+        lengths = [4096, 100, 7, 65536, 3000] * 6
+        las = [buf.addr + 11 + sum(lengths[:i]) for i in range(len(lengths))]
+        ras = [remote + 5 + sum(lengths[:i]) for i in range(len(lengths))]
+        total = sum(lengths)
+        statuses = eng.submit_many(Op.WRITE, seg, las, ras, lengths).wait()
+        assert len(statuses) == len(lengths) and all(s.ok and s.transport == transport for s in statuses)
+        assert peer.digest(remote + 5, total) == sha(mem[11:11 + total])
+        back = [a + (512 << 10) for a in las]
+        statuses = eng.submit_many(Op.READ, seg, back, ras, lengths).wait()
+        assert len(statuses) == len(lengths) and all(s.ok for s in statuses)
+        assert mem[11 + (512 << 10):11 + (512 << 10) + total] == mem[11:11 + total]
+
+
+def test_adjacent_requests_refused_together_each_with_its_reason(peer_factory):
+    ro = peer_factory("--read-only")
+    with TransferEngine(transports=("tcp",)) as eng:
+        buf = eng.register(bytearray(os.urandom(65536)))
+        seg = eng.open_segment(ro.name)
+        before = ro.digest(ro.addr, 65536)
+        statuses = eng.submit_many(Op.WRITE, seg, [buf.addr + i * 4096 for i in range(16)],
+                                   [ro.addr + i * 4096 for i in range(16)], [4096] * 16).wait()
+        assert len(statuses) == 16
+        assert all(s.state is State.FAILED and "does not allow" in s.reason for s in statuses)
+        assert ro.digest(ro.addr, 65536) == before

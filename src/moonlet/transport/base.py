@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from operator import add
 
 from ..batch import Batch, Request
 from ..config import EngineConfig
@@ -21,6 +22,13 @@ from .tcp.dial import PLAIN, Security
 #: the registered local buffer holding its local range, the peer's buffer entry holding its
 #: remote range). A plain tuple: it is made per request.
 WorkItem = tuple[int, Request, Buffer, dict]
+
+
+def contiguous(local_addrs: list[int], remote_addrs: list[int], lengths: list[int]) -> bool:
+    """Whether each request starts where the one before it ended, on both sides (pages of one KV-cache
+    block, a tensor cut in pieces): such a batch moves as one range. Stops at the first gap."""
+    ends = list(map(add, local_addrs[:-1], lengths[:-1]))
+    return local_addrs[1:] == ends and remote_addrs[1:] == list(map(add, remote_addrs[:-1], lengths[:-1]))
 
 
 @dataclass

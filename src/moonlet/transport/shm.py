@@ -32,7 +32,7 @@ from typing import Iterable
 from ..batch import Batch, State
 from ..memory import Buffer, Denied, SharedMemory
 from ..segment import Segment, SegmentDescriptor
-from .base import Transport, WorkItem
+from .base import Transport, WorkItem, contiguous
 from .tcp import TcpTransport
 from .tcp import protocol as P
 from .tcp.client import OutFrame, Peer
@@ -105,13 +105,15 @@ class SameHostTransport(Transport):
             return
         batch.add_parts_all(self.name)
         data, view, base = mapped.data, local.view, remote["addr"]
+        everyone = range(len(lengths))
+        if len(lengths) > 1 and contiguous(local_addrs, remote_addrs, lengths):  # one range: one copy
+            local_addrs, remote_addrs, lengths = local_addrs[:1], remote_addrs[:1], [sum(lengths)]
         if op:
             for a, b, n in zip(local_addrs, remote_addrs, lengths):
                 data[b - base:b - base + n] = view(a, n)
         else:
             for a, b, n in zip(local_addrs, remote_addrs, lengths):
                 view(a, n)[:] = data[b - base:b - base + n]
-        everyone = range(len(lengths))
         if mapped.alive():
             batch.parts_completed(everyone)
             return
@@ -129,12 +131,13 @@ class SameHostTransport(Transport):
         batch.add_parts_all(self.name)
         view = local.view
         count = len(lengths)
-        if count == 1:  # a lone request, the latency-bound case
-            n = lengths[0]
-            peer.send(OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(1),
-                               batch, n))
-            return
         max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
+        if count == 1 or (count <= max_entries and contiguous(local_addrs, remote_addrs, lengths)
+                          and sum(lengths) <= max_bytes):  # one range (a lone request, or adjacent ones): one entry
+            n = sum(lengths)
+            peer.send(OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(count),
+                               batch, n, None if count == 1 else [count]))
+            return
         start = nbytes = 0
         for i, n in enumerate(lengths):
             nbytes += n

@@ -17,7 +17,7 @@ from ...batch import Batch, State
 from ...gpu import GpuError, StagingPool
 from ...memory import Buffer
 from ...segment import Segment, SegmentDescriptor
-from ..base import HostContext, Transport, WorkItem
+from ..base import HostContext, Transport, WorkItem, contiguous
 from . import protocol as P
 from .client import OutFrame, Peer, Progress
 from .server import TcpServer
@@ -202,11 +202,16 @@ class TcpTransport(Transport):
         kind = P.WRITE if op else P.READ
         batch.add_parts_all(self.name)
         view = local.view
-        views = [view(local_addrs[0], total)] if count == 1 else [view(a, n) for a, n in zip(local_addrs, lengths)]
         max_bytes, max_entries = cfg.frame_bytes, cfg.frame_entries
         if total <= max_bytes and count <= max_entries:  # the usual case: the whole batch is one frame
-            peer.send(OutFrame(kind, _flat(remote_addrs, lengths), views, range(count), batch, total))
+            if count == 1 or contiguous(local_addrs, remote_addrs, lengths):  # one range: one entry
+                peer.send(OutFrame(kind, [remote_addrs[0], total], [view(local_addrs[0], total)], range(count),
+                                   batch, total, None if count == 1 else [count]))
+                return
+            peer.send(OutFrame(kind, _flat(remote_addrs, lengths), [view(a, n) for a, n in zip(local_addrs, lengths)],
+                               range(count), batch, total))
             return
+        views = [view(a, n) for a, n in zip(local_addrs, lengths)]
         start = nbytes = 0
         for i, n in enumerate(lengths):
             nbytes += n

@@ -56,15 +56,19 @@ def fetch_descriptor(endpoint: str, timeout: float, security: Security = PLAIN) 
 class OutFrame:
     """One WRITE or READ frame: several requests (or slices) bound for one peer."""
 
-    __slots__ = ("kind", "req_id", "table", "views", "refs", "batch", "nbytes", "attempts", "stage", "staged_at")
+    __slots__ = ("kind", "req_id", "table", "views", "refs", "spans", "batch", "nbytes", "attempts", "stage",
+                 "staged_at")
 
     def __init__(self, kind: int, table: list[int], views: list, refs: Sequence[int], batch: Batch,
-                 nbytes: int) -> None:
+                 nbytes: int, spans: list[int] | None = None) -> None:
+        """``refs``: the batch indices of the requests carried, in entry order. ``spans``: how many of
+        them each entry carries, when entries merge adjacent requests (None: one each)."""
         self.kind = kind
         self.req_id = next(_req_ids)
         self.table = table  # flat [remote addr, length, ...], one pair per entry
         self.views = views
         self.refs = refs
+        self.spans = spans
         self.batch = batch
         self.nbytes = nbytes
         self.attempts = 1
@@ -217,8 +221,9 @@ class Lane:
             if frame is None:
                 raise ProtocolError(f"RESP for unknown request id {req_id}")
             self._cur, self._statuses = frame, statuses
-            if len(statuses) != len(frame.refs):
-                raise ProtocolError(f"RESP has {len(statuses)} statuses for {len(frame.refs)} entries")
+            entries = len(frame.refs) if frame.spans is None else len(frame.spans)
+            if len(statuses) != entries:
+                raise ProtocolError(f"RESP has {len(statuses)} statuses for {entries} entries")
             if frame.kind == P.READ:
                 if any(statuses):  # only the entries served carry bytes
                     views = [v for v, s in zip(frame.views, statuses) if not s]
@@ -490,29 +495,36 @@ class Peer:
         table = frame.table
         width = 2 if frame.kind in (P.WRITE, P.READ) else 3
         refused = []
-        for k, (idx, st) in enumerate(zip(frame.refs, statuses)):
+        refs = iter(frame.refs)
+        for k, st in enumerate(statuses):
             addr, length = table[width * k], table[width * k + 1]
+            mine = [next(refs) for _ in range(1 if frame.spans is None else frame.spans[k])]  # entry k's requests
             if st == Denied.ATTACH_REFUSED:
-                refused.append(k)
-            elif st:
-                batch.part_done(idx, State.FAILED,
-                                f"{self.name} refused [{addr:#x}, +{length}): {Denied.REASONS[st]}")
-            else:
-                batch.part_done(idx)
+                refused.append((k, mine))
+                continue
+            for idx in mine:
+                if st:
+                    batch.part_done(idx, State.FAILED,
+                                    f"{self.name} refused [{addr:#x}, +{length}): {Denied.REASONS[st]}")
+                else:
+                    batch.part_done(idx)
         if refused:
             self._fall_back(frame, refused)
 
-    def _fall_back(self, frame: OutFrame, entries: list[int]) -> None:
-        """The target may not copy our memory directly: carry these entries of a PULL/PUSH frame over TCP."""
+    def _fall_back(self, frame: OutFrame, entries: list[tuple[int, list[int]]]) -> None:
+        """The target may not copy our memory directly: carry these entries of a PULL/PUSH frame (each with
+        the batch indices of its requests) over TCP."""
         self.on_refused(self)
         table = frame.table
         flat: list[int] = []
-        for k in entries:
+        refs: list[int] = []
+        for k, mine in entries:
             flat += (table[3 * k], table[3 * k + 1])
-        refs = [frame.refs[k] for k in entries]
+            refs += mine
         frame.batch.set_transport(refs, "tcp")
-        self.send(OutFrame(P.WRITE if frame.kind == P.PULL else P.READ, flat, [frame.views[k] for k in entries],
-                           refs, frame.batch, sum(flat[1::2])))
+        self.send(OutFrame(P.WRITE if frame.kind == P.PULL else P.READ, flat, [frame.views[k] for k, _ in entries],
+                           refs, frame.batch, sum(flat[1::2]),
+                           None if frame.spans is None else [len(mine) for _, mine in entries]))
 
     def fail_frame(self, frame: OutFrame, reason: str) -> None:
         """A frame's lane died: retry it once on another lane unless its deadline passed."""
