@@ -26,7 +26,9 @@ WorkItem = tuple[int, Request, Buffer, dict]
 
 def contiguous(local_addrs: list[int], remote_addrs: list[int], lengths: list[int]) -> bool:
     """Whether each request starts where the one before it ended, on both sides (pages of one KV-cache
-    block, a tensor cut in pieces): such a batch moves as one range. Stops at the first gap."""
+    block, a tensor cut in pieces): such a batch moves as one range. A scattered batch costs one test."""
+    if local_addrs[1] != local_addrs[0] + lengths[0] or remote_addrs[1] != remote_addrs[0] + lengths[0]:
+        return False
     ends = list(map(add, local_addrs[:-1], lengths[:-1]))
     return local_addrs[1:] == ends and remote_addrs[1:] == list(map(add, remote_addrs[:-1], lengths[:-1]))
 
