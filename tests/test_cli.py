@@ -30,6 +30,11 @@ def test_bench_single_row_and_bad_flags():
             "--buffer-size", "16M", "--verify")
     assert r.returncode == 0, r.stderr
     assert "16 KiB" in r.stdout and "verified" in r.stdout
+    for protocol in ("tcp", "shm"):  # back-to-back blocks travel as one range; the bytes still check out
+        r = run("bench", "--op", "write", "--block-size", "4K", "--batch-size", "32", "--duration", "0.2",
+                "--buffer-size", "16M", "--adjacent", "--verify", "--protocol", protocol)
+        assert r.returncode == 0, r.stderr
+        assert "verified" in r.stdout and protocol in r.stdout
     r = run("bench", "--block-size", "lots")
     assert r.returncode == 2 and "not a size" in r.stderr
     r = run("bench", "--mode", "initiator")

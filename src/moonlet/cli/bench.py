@@ -76,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "and this initiator can use a Mooncake target")
     p.add_argument("--lanes", type=int, default=EngineConfig.lanes, help="connections per peer")
     p.add_argument("--sweep", action="store_true", help="block sizes 4K..16M x batch sizes 1..128")
+    p.add_argument("--adjacent", action="store_true",
+                   help="blocks of a batch back to back on both sides (default: scattered, a gap after each)")
     p.add_argument("--verify", action="store_true", help="check the bytes of every row")
     p.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
 
@@ -153,9 +155,9 @@ def _percentile(sorted_vals: list[float], q: float) -> float:
 
 
 def run_row(eng: TransferEngine, seg, local, remote, op: str, block: int, batch: int, threads: int,
-            duration: float, verify: bool) -> Row:
+            duration: float, verify: bool, adjacent: bool = False) -> Row:
     """Run one table row: ``threads`` threads each submitting ``batch`` requests of ``block`` bytes."""
-    stride = block * 2  # scattered: never adjacent, so nothing can merge them
+    stride = block if adjacent else block * 2  # scattered: never adjacent, so nothing can merge them
     per_thread = stride * batch
     if per_thread * threads > min(local.length, remote["length"]):
         raise MoonletError(f"buffer too small for {threads} x {batch} x {human(block)}; raise --buffer-size")
@@ -258,7 +260,8 @@ def run_initiator(args: argparse.Namespace, target: str) -> int:
               f"{len(rows_spec)} row(s)", file=sys.stderr)
         for i, (op, block, batch) in enumerate(rows_spec, 1):
             print(f"  [{i}/{len(rows_spec)}] {op} {human(block)} x {batch} ...", file=sys.stderr, flush=True)
-            rows.append(run_row(eng, seg, local, remote, op, block, batch, args.threads, args.duration, args.verify))
+            rows.append(run_row(eng, seg, local, remote, op, block, batch, args.threads, args.duration, args.verify,
+                                args.adjacent))
         print_table(rows)
         if args.json:
             with open(args.json, "w") as f:
