@@ -38,8 +38,8 @@ def main():
     target = sys.argv[3]
     rows = json.loads(sys.argv[4])
     remote = eng.get_first_buffer_address(target)
-    for op, block, batch, threads, duration in rows:
-        stride = block * 2
+    for op, block, batch, threads, duration, *adjacent in rows:
+        stride = block if adjacent and adjacent[0] else block * 2  # scattered unless asked for adjacent blocks
         fn = eng.batch_transfer_sync_write if op == "write" else eng.batch_transfer_sync_read
         lists = []
         for t in range(threads):

@@ -38,8 +38,8 @@ def main():
     remote = int(sys.argv[4])
     remote_dev = 0 if ordinal is None else int(os.environ["MOONLET_PEER_VRAM"].split(",")[1])
     rows = json.loads(sys.argv[5])
-    for op, block, batch, threads, duration in rows:
-        stride = block * 2
+    for op, block, batch, threads, duration, *adjacent in rows:
+        stride = block if adjacent and adjacent[0] else block * 2  # scattered unless asked for adjacent blocks
         handles = []
         for t in range(threads):
             base = t * stride * batch

@@ -60,8 +60,10 @@ BUFFER = 1 * GiB  # 16 MiB x 32 blocks at a 32 MiB stride
 CONFIGS = [(op, block, batch) for op in OPS for batch in BATCHES for block in BLOCKS]
 
 
-def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float, vram: int | None = None) -> dict:
-    """Rows of moonlet over ``protocol``; ``vram``: the target's GPU (the initiator uses GPU 0), None for host memory."""
+def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float, vram: int | None = None,
+                   adjacent: bool = False) -> dict:
+    """Rows of moonlet over ``protocol``; ``vram``: the target's GPU (the initiator uses GPU 0), None for host memory;
+    ``adjacent``: the blocks of a batch back to back instead of scattered."""
     cmd = [sys.executable, "-m", "moonlet.cli.main", "bench", "--mode", "target", "--protocol", protocol,
            "--buffer-size", str(BUFFER)] + (["--shared"] if shared else []) \
         + (["--use-vram", "--gpu", str(vram)] if vram is not None else [])
@@ -83,7 +85,7 @@ def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float, vram
             for op, block, batch in CONFIGS:
                 print(f"  {label}: {op} {human(block)} x {batch}", file=sys.stderr, flush=True)
                 try:
-                    r = run_row(eng, seg, local, seg.buffers[0], op, block, batch, 1, seconds, False)
+                    r = run_row(eng, seg, local, seg.buffers[0], op, block, batch, 1, seconds, False, adjacent)
                     out[(op, block, batch)] = {"gbps": r.gbps, "req_per_s": r.req_per_s, "p50_us": r.p50_us,
                                                "p99_us": r.p99_us}
                 except Exception as e:  # noqa: BLE001 - reported in the row
@@ -94,13 +96,14 @@ def moonlet_engine(label: str, protocol: str, shared: bool, seconds: float, vram
     return out
 
 
-def peer_engine(name: str, label: str, seconds: float, env: dict | None = None, python: str | None = None) -> dict:
+def peer_engine(name: str, label: str, seconds: float, env: dict | None = None, python: str | None = None,
+                adjacent: bool = False) -> dict:
     """Rows of a peer engine, from its virtualenv (installed on demand) or from ``python`` with ``env``."""
     print(f"  {label}: installing / checking", file=sys.stderr, flush=True)
     py, why = (python, "") if python else peer_python(name)
     if py is None:
         return {c: {"error": why} for c in CONFIGS}
-    spec = [[op, block, batch, 1, seconds] for op, block, batch in CONFIGS]
+    spec = [[op, block, batch, 1, seconds, adjacent] for op, block, batch in CONFIGS]
     print(f"  {label}: {len(spec)} rows", file=sys.stderr, flush=True)
     results, why = peer_rows(name, py, spec, BUFFER, env)
     out = {}
@@ -176,7 +179,12 @@ def main() -> int:
     ap.add_argument("--skip", nargs="*", default=[], help="engines to leave out: mooncake, nixl")
     ap.add_argument("--use-vram", action="store_true", help="GPU memory on both sides (two GPUs, see above)")
     ap.add_argument("--peers", help="with --use-vram: where scripts/gpu-peers.sh unpacked the peer wheels")
+    ap.add_argument("--adjacent", action="store_true",
+                    help="the blocks of a batch back to back on both sides, for every engine (the memcpy baseline "
+                         "stays scattered)")
     args = ap.parse_args()
+    if args.adjacent and args.use_vram:
+        ap.error("--adjacent runs host memory only")
     if importlib.util.find_spec("matplotlib") is None:  # checked now, not after minutes of measuring
         print("compare.py draws its plot with matplotlib: pip install 'moonlet[bench]'", file=sys.stderr)
         return 2
@@ -189,19 +197,23 @@ def main() -> int:
     results["memcpy (numpy, 1 thread)"] = memcpy_rows(args.duration)
     baselines = {"socket stream 1 MiB": socket_stream(max(args.duration, 1.0)), "iperf3": iperf3(args.duration)}
     print(f"  [{time.perf_counter() - t_start:.0f} s]", file=sys.stderr)
-    results["moonlet tcp"] = moonlet_engine("moonlet tcp", "tcp", False, args.duration)
-    results["moonlet shm"] = moonlet_engine("moonlet shm", "shm", False, args.duration)
-    results["moonlet shm (allocate)"] = moonlet_engine("moonlet shm (allocate)", "shm", True, args.duration)
-    results["moonlet rdma"] = moonlet_engine("moonlet rdma", "rdma", False, args.duration)  # a row saying why not, here
+    adj = args.adjacent
+    results["moonlet tcp"] = moonlet_engine("moonlet tcp", "tcp", False, args.duration, adjacent=adj)
+    results["moonlet shm"] = moonlet_engine("moonlet shm", "shm", False, args.duration, adjacent=adj)
+    results["moonlet shm (allocate)"] = moonlet_engine("moonlet shm (allocate)", "shm", True, args.duration,
+                                                       adjacent=adj)
+    results["moonlet rdma"] = moonlet_engine("moonlet rdma", "rdma", False, args.duration,
+                                             adjacent=adj)  # a row saying why not, here
     print(f"  [{time.perf_counter() - t_start:.0f} s]", file=sys.stderr)
     if "mooncake" not in args.skip:
-        results["Mooncake tcp"] = peer_engine("mooncake", "Mooncake tcp", args.duration)
+        results["Mooncake tcp"] = peer_engine("mooncake", "Mooncake tcp", args.duration, adjacent=adj)
     print(f"  [{time.perf_counter() - t_start:.0f} s]", file=sys.stderr)
     if "nixl" not in args.skip:
-        results["NIXL UCX tcp"] = peer_engine("nixl", "NIXL UCX tcp", args.duration, {"UCX_TLS": "tcp"})
+        results["NIXL UCX tcp"] = peer_engine("nixl", "NIXL UCX tcp", args.duration, {"UCX_TLS": "tcp"}, adjacent=adj)
         print(f"  [{time.perf_counter() - t_start:.0f} s]", file=sys.stderr)
-        results["NIXL UCX (same host)"] = peer_engine("nixl", "NIXL UCX (same host)", args.duration)
-    return report(args, results, baselines, time.perf_counter() - t_start, "python benchmarks/compare.py")
+        results["NIXL UCX (same host)"] = peer_engine("nixl", "NIXL UCX (same host)", args.duration, adjacent=adj)
+    return report(args, results, baselines, time.perf_counter() - t_start,
+                  "python benchmarks/compare.py" + (" --adjacent" if adj else ""))
 
 
 def main_gpu(args: argparse.Namespace) -> int:
@@ -247,7 +259,9 @@ def report(args: argparse.Namespace, results: dict, baselines: dict, elapsed: fl
     first_moonlet = next(e for e in results if e.startswith("moonlet"))
     lines = [f"# moonlet vs. peer engines, {time.strftime('%Y-%m-%d %H:%M')}", "",
              f"Machine: {platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, Python "
-             f"{platform.python_version()}. Two processes, scattered blocks, {args.duration:g} s per row, one run "
+             f"{platform.python_version()}. Two processes, "
+             f"{'adjacent blocks (memcpy: scattered)' if args.adjacent else 'scattered blocks'}, "
+             f"{args.duration:g} s per row, one run "
              f"of each (whole suite {elapsed:.0f} s). Command: `{command}`.", "",
              "Baselines: " + ", ".join(f"{k} {v:.2f} GB/s" if v else f"{k}: not installed"
                                        for k, v in baselines.items()) + ".", "",
