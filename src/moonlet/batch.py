@@ -171,9 +171,7 @@ class Batch:
             if self._parts is None and len(indices) == self._pending == self._n:
                 # A uniform batch, every request in this one reply: the common case of submit_many.
                 self._pending = 0
-                self.done = True
-                if self._cond is not None:
-                    self._cond.notify_all()
+                self._finish_locked()
                 return
             self._lists()
             parts, state = self._parts, self._state

@@ -35,7 +35,7 @@ from ..segment import Segment, SegmentDescriptor
 from .base import Transport, WorkItem, contiguous
 from .tcp import TcpTransport
 from .tcp import protocol as P
-from .tcp.client import OutFrame, Peer
+from .tcp.client import OutFrame, Peer, frame_bounds
 
 log = logging.getLogger("moonlet.shm")
 
@@ -138,17 +138,12 @@ class SameHostTransport(Transport):
             peer.send(OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(count),
                                batch, n, None if count == 1 else [count]))
             return
-        start = nbytes = 0
-        for i, n in enumerate(lengths):
-            nbytes += n
-            if nbytes >= max_bytes or i + 1 - start >= max_entries or i + 1 == count:
-                table = [0] * (3 * (i + 1 - start))
-                table[0::3], table[1::3], table[2::3] = remote_addrs[start:i + 1], lengths[start:i + 1], \
-                    local_addrs[start:i + 1]
-                # The views are kept for a TCP fallback, should the target refuse to attach.
-                views = [view(a, m) for a, m in zip(local_addrs[start:i + 1], lengths[start:i + 1])]
-                peer.send(OutFrame(kind, table, views, range(start, i + 1), batch, nbytes))
-                start, nbytes = i + 1, 0
+        for start, end, nbytes in frame_bounds(lengths, max_bytes, max_entries):
+            table = [0] * (3 * (end - start))
+            table[0::3], table[1::3], table[2::3] = remote_addrs[start:end], lengths[start:end], local_addrs[start:end]
+            # The views are kept for a TCP fallback, should the target refuse to attach.
+            views = [view(a, m) for a, m in zip(local_addrs[start:end], lengths[start:end])]
+            peer.send(OutFrame(kind, table, views, range(start, end), batch, nbytes))
 
     def _copy_mapped(self, peer: SegmentDescriptor, batch: Batch, item: WorkItem) -> bool:
         """Serve ``item`` by memcpy through a mapping of the peer's buffer; False if it has none."""

@@ -19,7 +19,7 @@ from ...memory import Buffer
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem, contiguous
 from . import protocol as P
-from .client import OutFrame, Peer, Progress
+from .client import OutFrame, Peer, Progress, frame_bounds
 from .server import TcpServer
 
 _WATCHDOG_PERIOD = 0.05
@@ -212,13 +212,9 @@ class TcpTransport(Transport):
                                range(count), batch, total))
             return
         views = [view(a, n) for a, n in zip(local_addrs, lengths)]
-        start = nbytes = 0
-        for i, n in enumerate(lengths):
-            nbytes += n
-            if nbytes >= max_bytes or i + 1 - start >= max_entries or i + 1 == count:
-                peer.send(OutFrame(kind, _flat(remote_addrs[start:i + 1], lengths[start:i + 1]), views[start:i + 1],
-                                   range(start, i + 1), batch, nbytes))
-                start, nbytes = i + 1, 0
+        for start, end, nbytes in frame_bounds(lengths, max_bytes, max_entries):
+            peer.send(OutFrame(kind, _flat(remote_addrs[start:end], lengths[start:end]), views[start:end],
+                               range(start, end), batch, nbytes))
 
     def drive(self, batch: Batch, block: bool) -> None:
         self.progress.wait(batch, block)
