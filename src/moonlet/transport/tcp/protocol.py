@@ -84,14 +84,14 @@ class Prefix(NamedTuple):
     @property
     def table_size(self) -> int:
         """Bytes of the table that follows the prefix."""
-        return self.count * ROW_SIZE.get(self.kind, 0)
+        return self.count * _ROW_SIZE.get(self.kind, 0)
 
 
-#: bytes per table entry, by kind (kinds absent here have no table)
-ROW_SIZE = {WRITE: ENTRY_SIZE, READ: ENTRY_SIZE, PULL: ATTACH_ENTRY_SIZE, PUSH: ATTACH_ENTRY_SIZE, RESP: 1}
+# Bytes per table entry, by kind (kinds absent here have no table).
+_ROW_SIZE = {WRITE: ENTRY_SIZE, READ: ENTRY_SIZE, PULL: ATTACH_ENTRY_SIZE, PUSH: ATTACH_ENTRY_SIZE, RESP: 1}
 # Per kind: whether count is its number of entries (1..MAX_ENTRIES; else it must be 0), and the
 # bounds on payload_len.
-_BOUNDS = {kind: (kind in ROW_SIZE,
+_BOUNDS = {kind: (kind in _ROW_SIZE,
                   {HELLO: MIN_TARGET_TAIL, GET_DESC: MIN_TARGET_TAIL, CONNECT: MIN_TARGET_TAIL,
                    AUTH: MIN_TARGET_TAIL, ERROR: 1, DESC: 1}.get(kind, 0),
                   {HELLO: MAX_CONTROL_BODY, ERROR: MAX_CONTROL_BODY, CONNECT: MAX_CONTROL_BODY, AUTH: 64,

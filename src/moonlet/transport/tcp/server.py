@@ -271,7 +271,7 @@ class TcpServer(Reactor):
             raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
                                 "secret (set the same MOONLET_SECRET or EngineConfig.secret_file on both sides)")
         if kind in P.REQUESTS:
-            size = p.count * P.ROW_SIZE[kind]
+            size = p.table_size
             conn.phase = 1
         elif kind in _CONTROL:
             size = p.payload_len
