@@ -3,7 +3,8 @@
 Prints one JSON line when ready: {"name", "addr", "size", "pid"}.  Then reads
 commands, one per line, answering each with one JSON line:
   register SIZE     -> {"addr": A}   register another random-filled buffer
-  allocate SIZE [ro] -> {"addr": A}  engine.allocate() a shareable random-filled buffer
+  allocate SIZE [ro] [noread] -> {"addr": A}  engine.allocate() a shareable random-filled buffer
+                                  (ro: remote_write=False, noread: remote_read=False)
   unregister ADDR   -> {"ok": true}
   digest ADDR LEN   -> {"sha256": H} hash of local (host or GPU) memory, to check bytes independently
   exit              -> closes the engine
@@ -95,7 +96,7 @@ def main() -> None:
         if cmd == "register":
             print(json.dumps({"addr": new_buffer(int(rest[0]))}), flush=True)
         elif cmd == "allocate":
-            buf = eng.allocate(int(rest[0]), remote_write=rest[1:] != ["ro"])
+            buf = eng.allocate(int(rest[0]), remote_write="ro" not in rest[1:], remote_read="noread" not in rest[1:])
             view_at(buf.addr, buf.length)[:] = os.urandom(buf.length)
             print(json.dumps({"addr": buf.addr}), flush=True)
         elif cmd == "unregister":

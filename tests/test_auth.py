@@ -95,7 +95,7 @@ def test_a_recorded_proof_cannot_be_replayed():
         buf, m = memory(target)
         secret = Secret(SECRET.encode())
         with _connect(target) as s:  # an honest session, recorded
-            auth = InitiatorAuth(secret)
+            auth = InitiatorAuth(secret, target.name)
             opening = auth.start()
             s.sendall(opening)
             proof = auth.finish(_read_control(s, P.AUTH, "auth"))
@@ -132,6 +132,10 @@ def test_silent_connections_are_dropped_after_the_auth_deadline():
 def test_connection_limit():
     with engine(SECRET, max_connections=3) as target:
         held = [_connect(target) for _ in range(3)]
+        for s in held:  # authenticated: a newcomer displaces only connections that are not
+            auth = InitiatorAuth(Secret(SECRET.encode()), target.name)
+            s.sendall(auth.start())
+            s.sendall(auth.finish(_read_control(s, P.AUTH, "auth")))
         time.sleep(0.2)
         with _connect(target) as extra:
             with pytest.raises(Exception, match="too many connections"):
@@ -155,11 +159,12 @@ def test_secret_sources(tmp_path, monkeypatch):
     f = tmp_path / "secret"
     f.write_text(SECRET + "\n")
     monkeypatch.setenv("MOONLET_SECRET", OTHER)
-    a, b = TargetAuth(load_secret(None, str(f))), InitiatorAuth(Secret(SECRET.encode()))
+    me = {"endpoint": "10.0.0.1:7000", "name": "t"}
+    a, b = TargetAuth(load_secret(None, str(f)), me), InitiatorAuth(Secret(SECRET.encode()), me["endpoint"])
     a.verify(b.finish(a.challenge(b.start()[P.PREFIX_SIZE:])[P.PREFIX_SIZE:])[P.PREFIX_SIZE:])
-    env = TargetAuth(load_secret(None, None))  # from $MOONLET_SECRET: OTHER
+    env = TargetAuth(load_secret(None, None), me)  # from $MOONLET_SECRET: OTHER
     with pytest.raises(Exception, match="failed to prove"):
-        b2 = InitiatorAuth(Secret(SECRET.encode()))
+        b2 = InitiatorAuth(Secret(SECRET.encode()), me["endpoint"])
         b2.finish(env.challenge(b2.start()[P.PREFIX_SIZE:])[P.PREFIX_SIZE:])
     with pytest.raises(ConfigError, match="cannot read the cluster secret file"):
         load_secret(None, str(tmp_path / "missing"))

@@ -249,3 +249,46 @@ def test_dmabuf_export_for_gpudirect_registration():
             os.close(fd)
     finally:
         gpu.free(base, 0)
+
+
+def _edit_buffer(seg, addr: int, **changes) -> None:
+    """Alter this engine's cached descriptor of ``seg`` as a poisoned metadata store would have served it."""
+    d = seg.descriptor
+    d.buffers = [{**b, **changes} if b["addr"] == addr else b for b in d.buffers]
+    seg.update(d)
+
+
+def test_read_only_gpu_buffer_is_not_written_through_ipc(peer_factory):
+    """A CUDA IPC mapping is always writable, so a remote_write=False GPU buffer publishes no IPC handle:
+    a descriptor flipped to remote_write=True still reaches it only through the target, which refuses."""
+    target = peer_factory("--gpu", "0", "--size", str(4 * MiB), "--read-only")
+    with TransferEngine() as eng:
+        mem = bytearray(os.urandom(MiB))
+        buf = eng.register(mem)
+        seg = eng.open_segment(target.name)
+        (entry,) = [b for b in seg.buffers if b["addr"] == target.addr]
+        assert entry["location"] == "cuda:0" and not entry["remote_write"] and "ipc" not in entry
+        _edit_buffer(seg, target.addr, remote_write=True)
+        before = target.digest(target.addr, MiB)
+        st = eng.submit([Request(Op.WRITE, buf.addr, seg, target.addr, MiB)]).wait()[0]
+        assert st.state is State.FAILED and "does not allow this access" in st.reason, st.reason
+        assert target.digest(target.addr, MiB) == before
+        back = bytearray(MiB)
+        eng.read(eng.register(back).addr, seg, target.addr, MiB)  # reading it is allowed
+        assert sha(back) == before
+
+
+def test_ipc_copies_stay_inside_the_opened_allocation(peer_factory):
+    """A descriptor claiming a longer buffer than the allocation its IPC handle maps is caught against the
+    range CUDA reports, not trusted; later requests go through the target, which checks them."""
+    target = peer_factory("--gpu", "0", "--size", str(4 * MiB))
+    with TransferEngine() as eng:
+        mem = bytearray(os.urandom(2 * MiB))
+        buf = eng.register(mem)
+        seg = eng.open_segment(target.name)
+        _edit_buffer(seg, target.addr, length=64 * MiB)  # the allocation holds 4 MiB
+        st = eng.submit([Request(Op.WRITE, buf.addr, seg, target.addr + 4 * MiB - 4096, 2 * MiB)]).wait()[0]
+        assert st.state is State.FAILED and "outside" in st.reason and "allocation" in st.reason, st.reason
+        ok = eng.submit([Request(Op.WRITE, buf.addr, seg, target.addr + 5, MiB)]).wait()[0]
+        assert ok.state is State.COMPLETED and ok.transport == "tcp", ok
+        assert target.digest(target.addr + 5, MiB) == sha(mem[:MiB])

@@ -4,6 +4,10 @@ A :class:`Batch` is filled in by transport threads and read by the user, with
 ``wait`` (blocking), ``poll`` (non-blocking) or ``await`` (asyncio).  A request
 becomes final only when every slice of it has ended, so a caller who sees a
 request FAILED or TIMEOUT knows no byte of it is still moving.
+
+While a batch runs, the engine pins the local buffers it uses (so that
+``unregister`` waits for it); the batch hands them back exactly once, when it
+ends, whichever way it ends.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Generator, NamedTuple, Sequence
 
+from .config import check_timeout
 from .errors import TransferError
 
 
@@ -82,6 +87,9 @@ class Batch:
     _reason: list[str] = None  # type: ignore[assignment]
     _transport: list[str] = None  # type: ignore[assignment]
     _parts: list[int] = None  # type: ignore[assignment]
+    #: what the engine pinned for the batch's life (its distinct local buffers), and who unpins them
+    pinned: Sequence = ()
+    _unpin: Callable[["Batch"], None] | None = None
 
     def __init__(self, requests: list[Request] | int, deadline: float,
                  expire: Callable[["Batch"], None] | None = None,
@@ -121,6 +129,8 @@ class Batch:
     def add_parts(self, counts: list[tuple[int, int]], transport: str) -> None:
         """Announce that each request ``index`` of ``(index, count)`` travels as ``count`` slices over ``transport``."""
         with self._lock:
+            if self.done:  # ended by :meth:`end_all` (the engine closed) while being submitted
+                return
             self._lists()
             parts, names = self._parts, self._transport
             for index, count in counts:
@@ -133,6 +143,12 @@ class Batch:
         if self._parts is not None:
             raise RuntimeError("add_parts_all on a batch that already has parts announced")
         self._uniform = transport
+
+    def hold(self, pinned: Sequence, unpin: Callable[["Batch"], None]) -> None:
+        """Keep ``pinned`` until the batch ends, then call ``unpin(batch)`` once (set by the engine at
+        submit, before any transport sees the batch)."""
+        self.pinned = pinned
+        self._unpin = unpin
 
     def add_driver(self, drive: Callable[["Batch", bool], None]) -> None:
         """Have waiters call ``drive`` to make progress (once per transport; :meth:`wait` also runs drivers
@@ -151,6 +167,8 @@ class Batch:
     def part_done(self, index: int, state: State = State.COMPLETED, reason: str = "") -> None:
         """Record the end of one slice of request ``index``; the first failure wins."""
         with self._lock:
+            if self.done:  # ended by :meth:`end_all`: a late report changes nothing
+                return
             self._lists()
             if state is not State.COMPLETED and not self._reason[index]:
                 self._reason[index] = reason
@@ -168,6 +186,8 @@ class Batch:
     def parts_completed(self, indices: Sequence[int]) -> None:
         """Record the successful end of one slice of each request in ``indices`` (one lock round)."""
         with self._lock:
+            if self.done:  # ended by :meth:`end_all`
+                return
             if self._parts is None and len(indices) == self._pending == self._n:
                 # A uniform batch, every request in this one reply: the common case of submit_many.
                 self._pending = 0
@@ -187,13 +207,35 @@ class Batch:
     def fail(self, index: int, reason: str, state: State = State.FAILED) -> None:
         """End request ``index`` before any slice of it was sent."""
         with self._lock:
+            if self.done:
+                return
             self._lists()
             self._parts[index] += 1
         self.part_done(index, state, reason)
 
+    def end_all(self, state: State, reason: str) -> None:
+        """End every request still moving as ``state`` with ``reason`` (those that failed already keep their
+        first reason), at once. For the engine's close, once its transports have stopped: the caller makes
+        sure no transport touches the batch's memory any more; reports that still come are ignored."""
+        with self._lock:
+            if self.done:
+                return
+            self._lists()
+            for index in range(self._n):
+                self._parts[index] = 0
+                if self._state[index] is State.PENDING:
+                    self._state[index] = state
+                    self._reason[index] = reason
+            self._failed = True
+            self._pending = 0
+            self._finish_locked()
+
     def _finish_locked(self) -> None:
-        """Every request has ended (called holding ``_lock``): wake blocked waiters."""
+        """Every request has ended (called holding ``_lock``, once): unpin, then wake blocked waiters."""
         self.done = True
+        if self._unpin is not None:
+            self._unpin(self)
+            self._unpin = None
         if self._cond is not None:
             self._cond.notify_all()
 
@@ -245,10 +287,13 @@ class Batch:
     def wait(self, timeout: float | None = None) -> list[RequestStatus]:
         """Block until every request has ended; return their statuses.
 
-        ``timeout`` (seconds) shortens the batch deadline: requests still
-        moving then end TIMEOUT (their connections are torn down so no late
-        byte lands). Without it, the deadline given at submit applies.
+        ``timeout`` (seconds, finite, in (0, ``config.MAX_TIMEOUT``]) shortens
+        the batch deadline: requests still moving then end TIMEOUT (their
+        connections are torn down so no late byte lands). Without it (None),
+        the deadline given at submit applies.
         """
+        if timeout is not None:
+            timeout = check_timeout("timeout", timeout)
         if self.done:  # ended already (a copy made at submit, or a quick reply): no driver to run
             return self.statuses()
         if timeout is not None:

@@ -6,12 +6,28 @@ CLI maps its flags onto this object and tests construct it directly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
+from numbers import Real
 
 from .errors import ConfigError
 
 KiB = 1024
 MiB = 1024 * KiB
+
+#: The longest timeout moonlet takes, in seconds (about 11.6 days). Deadlines are monotonic-clock floats
+#: that end up in socket options and poll() milliseconds; infinite, NaN or astronomically large values
+#: would overflow those, so every timeout must be a finite number in (0, MAX_TIMEOUT].
+MAX_TIMEOUT = 1e6
+
+
+def check_timeout(name: str, value: object) -> float:
+    """``value`` as a float number of seconds; :class:`ConfigError` naming ``name`` unless it is a real
+    number, finite and in (0, :data:`MAX_TIMEOUT`] (NaN, infinity, zero, negatives and bools are refused)."""
+    if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) \
+            and 0 < value <= MAX_TIMEOUT:
+        return float(value)
+    raise ConfigError(f"{name} must be a finite number of seconds in (0, {MAX_TIMEOUT:g}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -30,7 +46,9 @@ class EngineConfig:
         frame_bytes: small requests bound for one peer are coalesced into one
             frame until it carries this many payload bytes.
         frame_entries: ... or this many requests.
-        request_timeout: default deadline of a request, in seconds.
+        request_timeout: default deadline of a request, in seconds. This and
+            the three below, like every timeout argument of the engine, must be
+            finite and in (0, :data:`MAX_TIMEOUT`] seconds.
         connect_timeout: deadline of a TCP connect + hello, in seconds.
         metadata_timeout: deadline of one metadata-service call, in seconds.
         metadata_ttl: lifetime of this engine's descriptor in etcd or Redis
@@ -64,6 +82,14 @@ class EngineConfig:
             with neither, ``$MOONLET_SECRET`` is used, and with no secret at all
             the engine serves anyone who reaches it (and says so in a warning).
         max_connections: connections the listener holds at once; more are refused.
+        max_unauthenticated: of those, how many may not yet have proved the
+            cluster secret (without a secret: not yet sent a valid frame); a
+            newcomer past this quota closes the oldest of them, so silent or
+            unauthenticated sockets never crowd out the peers that got through.
+            Never more than ``max_connections``.
+        idle_timeout: a connection with no traffic, no frame half received and
+            no reply waiting this many seconds is closed (initiators reconnect
+            when they next need it).
         tls_cert_file / tls_key_file / tls_ca_file: PEM files; with all three,
             every connection is TLS, and both ends must present a certificate
             signed by the CA (mutual TLS).
@@ -102,6 +128,8 @@ class EngineConfig:
     secret: str | None = field(default=None, repr=False)
     secret_file: str | None = None
     max_connections: int = 1024
+    max_unauthenticated: int = 64
+    idle_timeout: float = 120.0
     tls_cert_file: str | None = None
     tls_key_file: str | None = None
     tls_ca_file: str | None = None
@@ -119,8 +147,7 @@ class EngineConfig:
         if not 1 <= self.frame_entries <= 4096:
             raise ConfigError(f"frame_entries must be in 1..4096, got {self.frame_entries}")
         for name in ("request_timeout", "connect_timeout", "metadata_timeout", "metadata_ttl"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(self, name)}")
+            object.__setattr__(self, name, check_timeout(name, getattr(self, name)))
         if self.socket_buffer is not None and self.socket_buffer < 64 * KiB:
             raise ConfigError(f"socket_buffer must be at least 65536 bytes, got {self.socket_buffer}")
         if not 0 <= self.spin_us <= 1_000_000:
@@ -144,6 +171,9 @@ class EngineConfig:
             raise ConfigError("secret must be at least 16 bytes long")
         if not 1 <= self.max_connections <= 1_000_000:
             raise ConfigError(f"max_connections must be in 1..1000000, got {self.max_connections}")
+        if not 1 <= self.max_unauthenticated <= 1_000_000:
+            raise ConfigError(f"max_unauthenticated must be in 1..1000000, got {self.max_unauthenticated}")
+        object.__setattr__(self, "idle_timeout", check_timeout("idle_timeout", self.idle_timeout))
         tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
         if any(tls) and not all(tls):
             raise ConfigError("TLS needs tls_cert_file, tls_key_file and tls_ca_file together")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
@@ -12,8 +13,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 from . import gpu
 from . import metadata as md
-from .batch import Batch, Op, Request, RequestStatus
-from .config import EngineConfig
+from .batch import Batch, Op, Request, RequestStatus, State
+from .config import EngineConfig, check_timeout
 from .errors import ConfigError, MemoryAccessError, MoonletError, ProtocolError, SegmentError, TransferError
 from .memory import (Buffer, MemoryRegistry, SharedMemory, address_of, check_range, host_numa_node, parse_location,
                      view_at)
@@ -38,6 +39,7 @@ log = logging.getLogger("moonlet")
 
 _NOTE_MAX = 32 * 1024  # characters of name + message of one notification
 _NOTES_KEPT = 65536  # unread notifications an engine queues before refusing more
+_NOTES_BYTES = 16 << 20  # memory the unread notifications may hold before more are refused
 
 #: Transport names in the default order of preference: same process, same host, RDMA NIC, anywhere.
 ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "rdma", "tcp")
@@ -90,6 +92,7 @@ class TransferEngine:
         self._stale: set[str] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._live: set[Batch] = set()  # batches not ended yet (each pins its local buffers): close() ends them
         self._pidns = cma.pid_namespace()
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
         here = available_transports()
@@ -101,9 +104,14 @@ class TransferEngine:
             detail = "; ".join(f"{t}: {why[t]()}" for t in unknown if t in why)
             raise ConfigError(f"unknown or unavailable transport(s) {unknown}" + (f" ({detail})" if detail else "")
                               + f"; available here: {list(here)}")
-        # Same-host peers map this page to learn at once when an unregister made their cache stale.
+        # Same-host peers map this page to learn at once when an unregister made their cache stale. Only where
+        # the kernel keeps them from writing it (sealed): a peer could otherwise fake or hide unregisters.
         self._generation = 0
-        self._control = SharedMemory(8, self._instance) if hasattr(os, "memfd_create") else None
+        control = SharedMemory(8, self._instance, remote_write=False) if hasattr(os, "memfd_create") else None
+        if control is not None and control.share() is None:
+            control.release()
+            control = None
+        self._control = control
         ctx = HostContext(cfg, self._registry, security)
         self._rdma = None
         attach = None
@@ -111,10 +119,11 @@ class TransferEngine:
             attach = {"pid": os.getpid(), "host": self._host, "pidns": self._pidns}
             cma.allow_peers()
         tcp = self._tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add, attach)
+        self._server = tcp.server  # its ``failure`` is checked before new work
         self._name = tcp.endpoint() if self._meta.names_are_endpoints else str(name)
         available: dict[str, Transport] = {"local": LocalTransport(self._registry, self._instance), "tcp": tcp}
         if attach:
-            available["shm"] = SameHostTransport(tcp, self._host, self._pidns)
+            available["shm"] = SameHostTransport(tcp, self._registry, self._host, self._pidns)
         if "cuda_ipc" in wanted:
             available["cuda_ipc"] = CudaIpcTransport(self._host, self._pidns, self._instance,
                                                      cfg.gpu_kernel_max_block)
@@ -127,6 +136,8 @@ class TransferEngine:
                     t.close()
                 raise ConfigError(f"RDMA transport cannot start: {e}") from None
         self._notes: deque[tuple[str, str]] = deque()
+        self._notes_size = 0  # bytes the unread notes hold
+        self._notes_lock = threading.Lock()
         if cfg.mooncake_wire:
             host, port = split_endpoint(tcp.endpoint())
             mc = MooncakeTcpTransport(ctx, cfg.listen_host, host, lambda: self.descriptor().to_dict(),
@@ -190,7 +201,9 @@ class TransferEngine:
         return str(self._meta)
 
     def _identity(self) -> dict:
-        return {"name": self._name, "instance": self._instance, "host": self._host, "pidns": self._pidns}
+        """Who we are to peers (HELLO), and what our cluster-secret proofs cover (name and TCP endpoint)."""
+        return {"name": self._name, "instance": self._instance, "host": self._host, "pidns": self._pidns,
+                "endpoint": self._tcp.endpoint()}
 
     def descriptor(self) -> SegmentDescriptor:
         """This engine's current segment descriptor."""
@@ -209,7 +222,8 @@ class TransferEngine:
         )
 
     def _descriptor_json(self) -> bytes:
-        return self.descriptor().to_json()
+        """Our descriptor as published and served peer to peer: sealed with the cluster secret, if set."""
+        return self._meta.seal(self._name, self.descriptor().to_json())
 
     def _publish(self) -> None:
         self._meta.publish(self._name, self._descriptor_json())
@@ -226,6 +240,8 @@ class TransferEngine:
         """
         self._check_open()
         addr, length, location, keep, share = self._locate(target, length, location)
+        if share and "ipc" in share and not (remote_read and remote_write):
+            share = {"gpu": share["gpu"]}  # a CUDA IPC mapping is read-write: peers come through us, we check
         buf = Buffer(addr, length, location, remote_read, remote_write, keep, share=share)
         self._registry.add(buf)
         for t in self._all_transports:
@@ -288,12 +304,16 @@ class TransferEngine:
 
         Peers on this host copy into and out of such a buffer with a plain
         memcpy into a shared mapping (no round trip to this engine).  The
-        memory is released by :meth:`unregister`.
+        rights hold there too: peers map a ``remote_write=False`` buffer
+        read-only, and the kernel refuses them a writable mapping; a
+        ``remote_read=False`` one is not offered for mapping at all (peers go
+        through this engine, which checks every access).  The memory is
+        released by :meth:`unregister`.
         """
         self._check_open()
-        shared = SharedMemory(length, self._instance)
+        shared = SharedMemory(length, self._instance, remote_read, remote_write)
         buf = Buffer(shared.addr, length, f"cpu:{host_numa_node(shared.addr)}", remote_read, remote_write,
-                     shared, share={"memfd": shared.fd})
+                     shared, share=shared.share())
         self._registry.add(buf)
         for t in self._all_transports:
             t.register(buf)
@@ -301,10 +321,22 @@ class TransferEngine:
         return buf
 
     def unregister(self, buf: Buffer | int) -> None:
-        """Unregister a buffer (by object or start address); waits for transfers using it to end."""
+        """Unregister a buffer (by object or start address) once no transfer uses it; all or nothing.
+
+        From the call on, no new transfer may use it (this engine's submits
+        raise, peers' requests are refused).  This engine's batches using it are
+        driven to their end, and those still moving ``config.request_timeout``
+        after the call end TIMEOUT; peers' transfers in progress are waited for
+        as long, and so are same-host targets that may still copy into or out
+        of it (they copy when they read a request, which may be after its batch
+        ended; a target is done once it answered, or closed the connection that
+        carried the request).  If one still holds it then,
+        :class:`RegistrationError` is raised and the buffer stays registered,
+        exactly as before.
+        """
         self._check_open()
         addr = buf.addr if isinstance(buf, Buffer) else buf
-        removed = self._registry.remove(addr, timeout=self.config.request_timeout)
+        removed = self._registry.remove(addr, self.config.request_timeout, self._settle)
         for t in self._all_transports:
             t.unregister(removed)
         self._generation += 1
@@ -313,6 +345,12 @@ class TransferEngine:
         self._publish()
         if isinstance(removed.keepalive, SharedMemory):
             removed.keepalive.release()
+
+    def _settle(self, buf: Buffer, deadline: float) -> None:
+        """Drive this engine's batches that pinned ``buf`` to their end (unregister), by ``deadline``."""
+        for batch in [b for b in list(self._live) if buf in b.pinned]:
+            batch.expire_at(deadline)
+            batch.wait()
 
     def buffers(self) -> list[Buffer]:
         """The buffers registered now, by address."""
@@ -353,8 +391,7 @@ class TransferEngine:
         if held is not None:
             held[1].close()  # the peer restarted
         try:
-            mapping = PeerMapping(d, {"memfd": d.control["memfd"], "addr": d.control["addr"], "length": 8,
-                                      "remote_write": False})
+            mapping = PeerMapping(d, {"memfd": d.control["memfd"], "addr": d.control["addr"], "length": 8})
         except (OSError, ValueError) as e:
             log.info("cannot watch %s's registrations (%s); stale entries are caught by the peer", seg.name, e)
             seg.watch = None
@@ -404,9 +441,7 @@ class TransferEngine:
         """
         self._check_open()
         reqs = [r if type(r) is Request else Request(*r) for r in requests]
-        timeout = self.config.request_timeout if timeout is None else timeout
-        if not timeout > 0:
-            raise ConfigError(f"timeout must be positive, got {timeout}")
+        timeout = self.config.request_timeout if timeout is None else check_timeout("timeout", timeout)
         batch = Batch(reqs, time.monotonic() + timeout, self._expire)
         groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]] = {}
         routes: dict[tuple[int, int], Transport | None] = {}
@@ -414,6 +449,7 @@ class TransferEngine:
         # One pass; the last local buffer, segment, remote buffer and group hit are kept in locals,
         # since the requests of a batch mostly share them (this loop is the hot path for small blocks).
         local: Buffer | None = None
+        held: list[Buffer] = []  # the distinct local buffers, pinned while the batch runs
         l_lo = l_hi = r_lo = r_hi = 0
         ref_hit: object = None
         seg: Segment | None = None
@@ -432,6 +468,8 @@ class TransferEngine:
             if la < l_lo or la + n > l_hi:
                 local = self._registry.require(la, n, f"request {i}: local")
                 l_lo, l_hi, items = local.addr, local.addr + local.length, None
+                if local not in held:
+                    held.append(local)
             if ref is not ref_hit:
                 seg, ref_hit, remote, items = self._segment(ref), ref, None, None
             if remote is None or ra < r_lo or ra + n > r_hi:
@@ -455,6 +493,8 @@ class TransferEngine:
                               f"{local.location}" + (f" ({why})" if why else ""))  # type: ignore[union-attr]
                 continue
             items.append((i, r, local, remote))
+        if not batch.done:  # else every request failed here, and nothing is left to move
+            self._hold(batch, held)
         for t, seg, work in groups.values():
             t.submit(seg, batch, work)
         return batch
@@ -470,7 +510,7 @@ class TransferEngine:
         the transport gets whole arrays, so many small blocks cost little
         Python each.  Otherwise this is :meth:`submit` of the same requests.
         """
-        if self._closed:
+        if self._closed or self._server.failure:
             self._check_open()
         la = local_addrs if type(local_addrs) is list else _as_list(local_addrs)
         ra = remote_addrs if type(remote_addrs) is list else _as_list(remote_addrs)
@@ -480,16 +520,32 @@ class TransferEngine:
             raise ConfigError(f"local_addrs, remote_addrs and lengths differ in length: {n}, {len(ra)}, {len(ln)}")
         if op is not _WRITE and op is not _READ:
             raise TransferError(f"op must be Op.READ or Op.WRITE, got {op!r}")
+        timeout = self.config.request_timeout if timeout is None else check_timeout("timeout", timeout)
         seg = self._segment(segment)
-        if timeout is None:
-            timeout = self.config.request_timeout
-        route = self._bulk_route(seg, la, ra, ln) if n and timeout > 0 else None
+        route = self._bulk_route(seg, la, ra, ln) if n else None
         if route is None:
             return self.submit([Request(op, a, seg, b, n) for a, b, n in zip(la, ra, ln)], timeout)
         t, local, remote = route
         batch = Batch(n, time.monotonic() + timeout, self._expire, t.drive)
+        self._hold(batch, [local])
         t.submit_many(seg, batch, op, la, ra, ln, local, remote)
         return batch
+
+    def _hold(self, batch: Batch, local: list[Buffer]) -> None:
+        """Pin ``local`` (the batch's distinct local buffers) until ``batch`` ends, so that
+        :meth:`unregister` waits for it, and track the batch so that :meth:`close` ends it. Raises
+        MemoryAccessError when a buffer is being unregistered meanwhile (before anything moved)."""
+        self._registry.pin(local)
+        batch.hold(local, self._release)
+        self._live.add(batch)
+        if self._closed:  # close() ran meanwhile and may have missed it
+            batch.end_all(State.FAILED, "engine closed")
+            self._check_open()
+
+    def _release(self, batch: Batch) -> None:
+        """``batch`` ended (called once, under its lock): unpin its local buffers."""
+        self._live.discard(batch)
+        self._registry.release(batch.pinned)
 
     def _bulk_route(self, seg: Segment, la: list[int], ra: list[int],
                     ln: list[int]) -> tuple[Transport, Buffer, dict] | None:
@@ -588,8 +644,8 @@ class TransferEngine:
         self._check_open()
         if not isinstance(name, str) or not isinstance(message, str) or len(name) + len(message) > _NOTE_MAX:
             raise TransferError(f"a notification is two strings of at most {_NOTE_MAX} characters together")
+        timeout = self.config.request_timeout if timeout is None else check_timeout("timeout", timeout)
         seg = self._segment(segment)
-        timeout = self.config.request_timeout if timeout is None else timeout
         rpc = seg.descriptor.endpoints.get("mooncake_rpc")
         if "tcp" not in seg.descriptor.endpoints and rpc is not None:  # a Mooncake engine
             try:
@@ -606,35 +662,53 @@ class TransferEngine:
 
     def notifications(self) -> list[tuple[str, str]]:
         """Notes peers sent with :meth:`notify` since the last call, oldest first (and forget them)."""
-        out = []
-        while self._notes:
-            out.append(self._notes.popleft())
+        with self._notes_lock:
+            out = list(self._notes)
+            self._notes.clear()
+            self._notes_size = 0
         return out
 
     def _on_notify(self, body: dict) -> tuple[dict, Callable[[], None]]:
-        name, msg = body.get("name"), body.get("msg")
-        if not isinstance(name, str) or not isinstance(msg, str):
-            raise ProtocolError("a notification needs string name and msg")
-        self._queue_note(name, msg)
+        self._queue_note(body.get("name"), body.get("msg"))
         return {}, lambda: None
 
-    def _queue_note(self, name: str, msg: str) -> None:
-        if len(self._notes) >= _NOTES_KEPT:
-            raise ProtocolError(f"notification queue full ({_NOTES_KEPT} unread); the peer must call notifications()")
-        self._notes.append((name, msg))
+    def _queue_note(self, name: object, msg: object) -> None:
+        """Queue a note a peer sent (natively or over Mooncake's NOTIFY); a ProtocolError, which the sender
+        is told, when it is malformed or too large or the unread notes are at their count or size limit."""
+        if type(name) is not str or type(msg) is not str:
+            raise ProtocolError("a notification needs string name and msg")
+        if len(name) + len(msg) > _NOTE_MAX:
+            raise ProtocolError(f"notification too large: name and message are {len(name) + len(msg)} "
+                                f"characters, at most {_NOTE_MAX}")
+        size = sys.getsizeof(name) + sys.getsizeof(msg)  # what the strings hold here (1 to 4 bytes a character)
+        with self._notes_lock:
+            if len(self._notes) >= _NOTES_KEPT or self._notes_size + size > _NOTES_BYTES:
+                raise ProtocolError(f"notification queue full ({len(self._notes)} unread, {self._notes_size} "
+                                    f"bytes; at most {_NOTES_KEPT} and {_NOTES_BYTES} bytes); the peer must "
+                                    "call notifications()")
+            self._notes.append((name, msg))
+            self._notes_size += size
 
     # -- lifecycle ---------------------------------------------------------------------
 
     def _check_open(self) -> None:
+        """Raise unless the engine takes new work: it is closed, or its listener's reactor died (a bug:
+        peers can no longer reach it, so it says so rather than carry on half deaf)."""
         if self._closed:
             raise MoonletError("engine is closed")
+        if self._server.failure:
+            raise MoonletError(f"engine is broken and must be closed: {self._server.failure}")
 
     def _close_transports(self) -> None:
         for t in self._all_transports:
             t.close()
 
     def close(self) -> None:
-        """Withdraw the descriptor, close connections and stop serving peers."""
+        """Withdraw the descriptor, close connections and stop serving peers.
+
+        Batches still moving end FAILED "engine closed" (threads waiting on them
+        get those statuses), once the transports have stopped touching memory.
+        """
         if self._closed:
             return
         self._closed = True
@@ -644,6 +718,8 @@ class TransferEngine:
         except MoonletError as e:
             log.warning("could not withdraw descriptor of %s: %s", self._name, e)
         self._close_transports()
+        for batch in list(self._live):
+            batch.end_all(State.FAILED, "engine closed")
         self._meta.close()
         for seg in self._segments.values():
             seg.watch = None

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import fcntl
 import os
 import platform
 import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 from .errors import MemoryAccessError, RegistrationError
 
@@ -135,8 +136,8 @@ class Buffer:
     keepalive: Any = field(default=None, repr=False)
     share: dict | None = None  # how same-host peers may map it ({"memfd": fd}), if they may
     _view: memoryview | None = field(default=None, repr=False)
-    _users: int = field(default=0, repr=False)
-    _dead: bool = field(default=False, repr=False)
+    _users: int = field(default=0, repr=False)  # pins held by transfers (this engine's and peers')
+    _dead: bool = field(default=False, repr=False)  # being unregistered (lookups skip it), or gone
     #: whether this is host memory (``cpu:N``); set from ``location``, read on every request
     is_host: bool = field(init=False, repr=False)
 
@@ -173,32 +174,81 @@ class SharedMemory:
 
     Layout: ``[control page][data]``. The control page holds a state word (1
     while the buffer is registered, 0 after), a magic, the owning engine's
-    instance id and the data's address in the owner: a peer that opens the
-    memfd through ``/proc/PID/fd`` checks all three before trusting it (a pid
-    can be reused), and checks the state after each copy, so it never reports a
-    transfer into memory that was unregistered meanwhile as completed.
+    instance id, the data's address in the owner and the rights peers have: a
+    peer that opens the memfd through ``/proc/PID/fd`` checks the first four
+    before trusting it (a pid can be reused), takes the rights from here and
+    never from the descriptor (which a metadata store could have altered), and
+    checks the state after each copy, so it never reports a transfer into memory
+    that was unregistered meanwhile as completed.
+
+    The kernel enforces the rights where it can: a memfd that peers may not
+    write is sealed with ``F_SEAL_FUTURE_WRITE`` (Linux >= 5.1) once the owner
+    holds its own writable mapping, so no other process can map it writable or
+    write it, whatever it was told (root included). Every memfd is also sealed
+    against resizing, so no peer can shrink it under the owner (SIGBUS).
+    :meth:`share` says what peers may be told about it.
     """
 
     CONTROL = 4096
-    MAGIC = b"MOONLET1"
+    MAGIC = b"MOONLET2"  # v2: the header carries the rights (v1 peers took them from the descriptor)
+    HEADER = 48
+    READ, WRITE = 1, 2  # bits of the rights word
+    _F_ADD_SEALS = getattr(fcntl, "F_ADD_SEALS", 1033)
+    _SEALS = (getattr(fcntl, "F_SEAL_SHRINK", 2) | getattr(fcntl, "F_SEAL_GROW", 4)
+              | getattr(fcntl, "F_SEAL_SEAL", 1))
+    _F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 
-    def __init__(self, length: int, instance: str) -> None:
+    def __init__(self, length: int, instance: str, remote_read: bool = True, remote_write: bool = True) -> None:
         if length <= 0:
             raise RegistrationError(f"cannot allocate {length} bytes")
         import mmap
 
-        self.fd = os.memfd_create("moonlet", os.MFD_CLOEXEC)
+        self.remote_read, self.remote_write = remote_read, remote_write
+        self.fd = os.memfd_create("moonlet", os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0))
         os.ftruncate(self.fd, self.CONTROL + length)
         self._map = mmap.mmap(self.fd, self.CONTROL + length)
         anchor = ctypes.c_char.from_buffer(self._map)
         self.addr = ctypes.addressof(anchor) + self.CONTROL
         del anchor  # the mapping stays put; only a live export would block release()
-        self._map[:40] = self.header(1, instance, self.addr)
+        self._map[:self.HEADER] = self.header(1, instance, self.addr, remote_read, remote_write)
+        #: whether the kernel holds every other process to the write right (True for writable memory)
+        self.enforced = self._seal(0 if remote_write else self._F_SEAL_FUTURE_WRITE)
+
+    def _seal(self, extra: int) -> bool:
+        """Seal the memfd against resizing, plus ``extra`` seals; whether ``extra`` (if any) took."""
+        try:
+            fcntl.fcntl(self.fd, self._F_ADD_SEALS, self._SEALS | extra)
+            return True
+        except OSError:  # no sealing here (kernel too old for F_SEAL_FUTURE_WRITE, or no MFD_ALLOW_SEALING)
+            try:
+                fcntl.fcntl(self.fd, self._F_ADD_SEALS, self._SEALS)
+            except OSError:
+                pass
+            return not extra
+
+    def share(self) -> dict | None:
+        """What the descriptor may publish so same-host peers map the buffer: ``{"memfd": fd}``, or None
+        when a mapping would give peers more than the buffer's rights (a mapping cannot stop reads, and an
+        unsealed one cannot stop writes); such peers go through the target, which checks every access."""
+        if not self.remote_read or not self.enforced:
+            return None
+        return {"memfd": self.fd}
 
     @classmethod
-    def header(cls, state: int, instance: str, addr: int) -> bytes:
-        """The first 40 bytes of the control page."""
-        return state.to_bytes(8, "little") + cls.MAGIC + instance.encode()[:16].ljust(16) + addr.to_bytes(8, "little")
+    def header(cls, state: int, instance: str, addr: int, remote_read: bool, remote_write: bool) -> bytes:
+        """The first :attr:`HEADER` bytes of the control page."""
+        rights = (cls.READ if remote_read else 0) | (cls.WRITE if remote_write else 0)
+        return (state.to_bytes(8, "little") + cls.MAGIC + instance.encode()[:16].ljust(16)
+                + addr.to_bytes(8, "little") + rights.to_bytes(8, "little"))
+
+    @classmethod
+    def rights(cls, head: bytes, instance: str, addr: int) -> tuple[bool, bool]:
+        """``(remote_read, remote_write)`` as a live buffer's control page ``head`` states them; raise
+        ValueError unless ``head`` is that of a registered buffer at ``addr`` of engine ``instance``."""
+        if len(head) != cls.HEADER or head[:40] != cls.header(1, instance, addr, False, False)[:40]:
+            raise ValueError("the peer's memfd is not the live buffer its descriptor names (pid reused?)")
+        rights = int.from_bytes(head[40:], "little")
+        return bool(rights & cls.READ), bool(rights & cls.WRITE)
 
     def release(self) -> None:
         """Mark the buffer gone for peers, then drop this process's mapping and descriptor."""
@@ -250,26 +300,46 @@ class MemoryRegistry:
             self._by_start[buf.addr] = buf
         return buf
 
-    def remove(self, addr: int, timeout: float) -> Buffer:
-        """Unregister the buffer starting at ``addr``; wait for transfers using it to end."""
+    def remove(self, addr: int, timeout: float, settle: Callable[[Buffer, float], None] | None = None) -> Buffer:
+        """Unregister the buffer starting at ``addr`` once no transfer uses it: all or nothing.
+
+        The buffer is first marked draining: lookups stop finding it, so no new
+        transfer pins it (peers' requests are refused NOT_REGISTERED).
+        ``settle(buf, deadline)``, if given, then lets the caller end its own
+        transfers on it.  Then this waits, until ``timeout`` seconds after the
+        call, for the last pin to go.  If one is still held then (or ``settle``
+        raised), the buffer is restored exactly as it was and
+        :class:`RegistrationError` says how many transfers hold it; otherwise it
+        is removed and returned.
+        """
         with self._lock:
             buf = self._by_start.get(addr)
             if buf is None:
                 raise RegistrationError(f"no buffer is registered at {addr:#x}")
+            if buf._dead:
+                raise RegistrationError(f"buffer at {addr:#x} is already being unregistered")
             buf._dead = True
             if self._last is buf:
                 self._last = None
-            i = bisect.bisect_left(self._starts, addr)
-            del self._starts[i]
-            del self._by_start[addr]
-            deadline = time.monotonic() + timeout
-            while buf._users:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise RegistrationError(
-                        f"buffer at {addr:#x} is still in use by {buf._users} transfer(s) after {timeout}s"
-                    )
-                self._idle.wait(left)
+        deadline = time.monotonic() + timeout
+        try:
+            if settle is not None:
+                settle(buf, deadline)
+            with self._lock:
+                while buf._users:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RegistrationError(
+                            f"buffer at {addr:#x} is still in use by {buf._users} transfer(s) after {timeout}s; "
+                            "it stays registered"
+                        )
+                    self._idle.wait(left)
+                del self._starts[bisect.bisect_left(self._starts, addr)]
+                del self._by_start[addr]
+        except BaseException:
+            with self._lock:
+                buf._dead = False  # still registered, as before: lookups find it again
+            raise
         return buf
 
     def _find_locked(self, addr: int, length: int) -> Buffer | None:
@@ -280,7 +350,7 @@ class MemoryRegistry:
         if i < 0:
             return None
         buf = self._by_start[self._starts[i]]
-        if addr + length > buf.addr + buf.length:
+        if addr + length > buf.addr + buf.length or buf._dead:  # dead: being unregistered (draining)
             return None
         self._last = buf
         return buf
@@ -341,8 +411,26 @@ class MemoryRegistry:
         self.release(pinned)
         return buf if type(buf) is int else Denied.NOT_HOST_MEMORY
 
-    def release(self, pinned: list[Buffer]) -> None:
-        """Unpin buffers returned by :meth:`acquire`."""
+    def pin(self, bufs: Sequence[Buffer]) -> None:
+        """Pin local buffers (found by :meth:`find`) for a batch until :meth:`release`; raise
+        :class:`MemoryAccessError` if one is being unregistered meanwhile."""
+        with self._lock:
+            for buf in bufs:
+                if buf._dead:
+                    raise MemoryAccessError(f"local buffer [{buf.addr:#x}, +{buf.length}) is being unregistered")
+            for buf in bufs:
+                buf._users += 1
+
+    def pin_more(self, bufs: Sequence[Buffer]) -> None:
+        """Pin buffers once more that are pinned already (a running batch's local buffers), even while
+        they are being unregistered: the hold that outlives the batch while a same-host target may still
+        copy into or out of them (see ``transport.tcp.client.Pin``). Released by :meth:`release`."""
+        with self._lock:
+            for buf in bufs:
+                buf._users += 1
+
+    def release(self, pinned: Sequence[Buffer]) -> None:
+        """Unpin buffers returned by :meth:`acquire` or given to :meth:`pin` or :meth:`pin_more`."""
         if not pinned:
             return
         with self._lock:

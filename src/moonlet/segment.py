@@ -12,17 +12,16 @@ import bisect
 import hashlib
 import json
 import os
+import re
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
+from . import boundedjson
 from .errors import SegmentError
 
 DESCRIPTOR_VERSION = 1
-#: Optional per-buffer keys telling peers how to reach a buffer directly:
-#: memfd (same-host mapping), gpu (UUID), ipc and ipc_base (CUDA IPC handle of the allocation),
-#: rkeys (RDMA remote key per NIC name, best NIC first).
-SHARE_KEYS = ("memfd", "gpu", "ipc", "ipc_base", "rkeys")
 
 
 def host_identity() -> str:
@@ -82,44 +81,193 @@ class SegmentDescriptor:
 
     @classmethod
     def from_json(cls, data: bytes | str | dict) -> "SegmentDescriptor":
-        """Parse and validate a descriptor; raise :class:`SegmentError` on anything malformed."""
-        try:
-            d = json.loads(data) if isinstance(data, (bytes, str)) else data
-            if d.get("version") != DESCRIPTOR_VERSION:
-                raise SegmentError(f"unsupported segment descriptor version {d.get('version')!r}")
-            bufs = [
-                {
-                    "addr": int(b["addr"]),
-                    "length": int(b["length"]),
-                    "location": str(b["location"]),
-                    "remote_read": bool(b.get("remote_read", True)),
-                    "remote_write": bool(b.get("remote_write", True)),
-                    **{k: b[k] for k in SHARE_KEYS if k in b},
-                }
-                for b in d["buffers"]
-            ]
-            for b in bufs:
-                if "rkeys" in b:
-                    b["rkeys"] = {str(nic): [int(k) for k in (keys if isinstance(keys, list) else [keys])]
-                                  for nic, keys in dict(b["rkeys"]).items()}
-            return cls(
-                name=str(d["name"]),
-                instance=str(d["instance"]),
-                host=str(d["host"]),
-                pid=int(d["pid"]),
-                endpoints={str(k): str(v) for k, v in dict(d["endpoints"]).items()},
-                buffers=bufs,
-                pidns=str(d.get("pidns", "")),
-                generation=int(d.get("generation", 0)),
-                control={"memfd": int(d["control"]["memfd"]), "addr": int(d["control"]["addr"])}
-                if d.get("control") else None,
-                nics=[{"name": str(n["name"]), "port": int(n["port"]), "gid": str(n["gid"]), "lid": int(n["lid"]),
-                       "mtu": int(n["mtu"]), "numa": int(n.get("numa", -1))} for n in d.get("nics", [])],
-            )
-        except SegmentError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise SegmentError(f"malformed segment descriptor: {e!r}") from None
+        """Parse and validate a descriptor; raise :class:`SegmentError` naming the field on anything malformed.
+
+        The bytes come from a peer or a metadata store, so they are hostile
+        until checked: their size and nesting are bounded before they are
+        parsed, and every field must have its type (integers are ints, never
+        floats or bools) and its range (addresses and lengths within the
+        64-bit address space, lengths above 0, strings and the counts of
+        buffers and NICs bounded), so nothing malformed gets past here to fail
+        later in a transport.  Unknown fields are ignored (newer versions may add some).
+        """
+        d = _parse(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data) \
+            if isinstance(data, (bytes, bytearray, str)) else data
+        if type(d) is not dict:
+            raise SegmentError(f"malformed segment descriptor: not a JSON object but {type(d).__name__}")
+        version = d.get("version")
+        if type(version) is not int or version != DESCRIPTOR_VERSION:
+            raise SegmentError(f"unsupported segment descriptor version {_shown(version)}")
+        endpoints = _object(d.get("endpoints", _MISSING), ("endpoints",), MAX_ENDPOINTS)
+        for k, v in endpoints.items():
+            _text(k, ("endpoints key",), 64)
+            _text(v, ("endpoints", k))
+        control = d.get("control")
+        if control is not None:
+            _object(control, ("control",), 16)
+            control = {"memfd": _int(control.get("memfd", _MISSING), ("control", "memfd"), *_FD),
+                       "addr": _int(control.get("addr", _MISSING), ("control", "addr"), *_ADDR)}
+        buffers = _list(d.get("buffers", _MISSING), ("buffers",), MAX_BUFFERS)
+        nics = _list(d.get("nics", []), ("nics",), MAX_NICS)
+        return cls(
+            name=_text(d.get("name", _MISSING), ("name",)),
+            instance=_text(d.get("instance", _MISSING), ("instance",)),
+            host=_text(d.get("host", _MISSING), ("host",)),
+            pid=_int(d.get("pid", _MISSING), ("pid",), *_PID),
+            endpoints=dict(endpoints),
+            buffers=[_buffer(b, i) for i, b in enumerate(buffers)],
+            pidns=_text(d.get("pidns", ""), ("pidns",)),
+            generation=_int(d.get("generation", 0), ("generation",), 0, (1 << 63) - 1),
+            control=control,
+            nics=[_nic(n, i) for i, n in enumerate(nics)],
+        )
+
+
+# -- validation of descriptors from peers and stores ------------------------------------------------------
+# The checks take the field's path as a tuple, ("buffers", 3, "addr"), made into text only for an error.
+
+#: Largest descriptor accepted (JSON bytes): some 100 to 300 bytes a buffer, so about 100,000 buffers.
+MAX_DESCRIPTOR_BYTES = 16 << 20
+#: Deepest nesting accepted; a descriptor's deepest value (a buffer's RDMA keys) is 5 levels down.
+MAX_DEPTH = 8
+MAX_BUFFERS = 1 << 17
+MAX_NICS = 64
+MAX_ENDPOINTS = 32
+MAX_TEXT = 4096  # characters of a string field (names, hosts, endpoints)
+_U64 = 1 << 64
+_ADDR = (0, _U64 - 1)
+_FD = (0, (1 << 31) - 1)
+_PID = (0, (1 << 31) - 1)
+_RKEY = (0, (1 << 32) - 1)
+_MISSING = object()  # a field that is not there
+_LOCATION = re.compile(r"(cpu|cuda):[0-9]{1,6}")
+_HEX = re.compile(r"(?:[0-9a-fA-F]{2})*")
+
+
+def _parse(data: bytes) -> object:
+    """``json.loads(data)`` once its size and nesting are checked (:mod:`moonlet.boundedjson`): no
+    RecursionError, no huge parse; SegmentError naming the problem."""
+    if len(data) > MAX_DESCRIPTOR_BYTES:
+        raise SegmentError(f"segment descriptor of {len(data)} bytes refused: at most {MAX_DESCRIPTOR_BYTES}")
+    try:
+        return boundedjson.loads(data, MAX_DESCRIPTOR_BYTES, MAX_DEPTH)
+    except ValueError as e:
+        raise SegmentError(f"malformed segment descriptor: {e}") from None
+
+
+def _shown(value: object) -> str:
+    """``value`` for an error message, short (no megabytes, no number too long to print)."""
+    if type(value) is int and value.bit_length() > 128:
+        return f"<an integer of {value.bit_length()} bits>"
+    return repr(value)[:80]
+
+
+def _fail(path: tuple, problem: str) -> NoReturn:
+    name = path[0]
+    for before, p in zip(path, path[1:]):
+        name += f"[{p}]" if type(p) is int else f"[{p!r}]" if before in ("endpoints", "rkeys") else f".{p}"
+    raise SegmentError(f"malformed segment descriptor: {name} {problem}")
+
+
+def _int(value: object, path: tuple, lo: int, hi: int) -> int:
+    if type(value) is not int or not lo <= value <= hi:
+        if value is _MISSING:
+            _fail(path, "is missing")
+        if type(value) is not int:
+            _fail(path, f"must be an integer, got {type(value).__name__} {_shown(value)}")
+        _fail(path, f"= {_shown(value)} is outside {lo}..{hi}")
+    return value  # type: ignore[return-value]
+
+
+def _text(value: object, path: tuple, limit: int = MAX_TEXT) -> str:
+    if type(value) is not str or len(value) > limit:
+        if value is _MISSING:
+            _fail(path, "is missing")
+        if type(value) is not str:
+            _fail(path, f"must be a string, got {type(value).__name__}")
+        _fail(path, f"is {len(value)} characters long, at most {limit}")  # type: ignore[arg-type]
+    return value  # type: ignore[return-value]
+
+
+def _hex(value: object, path: tuple, limit: int) -> str:
+    if not _HEX.fullmatch(_text(value, path, limit)):
+        _fail(path, f"must be hex bytes, got {_shown(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _flag(value: object, path: tuple) -> bool:
+    if type(value) is not bool:
+        _fail(path, f"must be true or false, got {_shown(value)}")
+    return value  # type: ignore[return-value]
+
+
+def _sized(value: object, path: tuple, kind: type, limit: int) -> Any:
+    """``value`` if it is a ``kind`` (dict or list) of at most ``limit`` entries."""
+    if type(value) is not kind or len(value) > limit:  # type: ignore[arg-type]
+        if value is _MISSING:
+            _fail(path, "is missing")
+        if type(value) is not kind:
+            _fail(path, f"must be {'an object' if kind is dict else 'a list'}, got {type(value).__name__}")
+        _fail(path, f"has {len(value)} entries, at most {limit}")  # type: ignore[arg-type]
+    return value
+
+
+def _object(value: object, path: tuple, limit: int) -> dict:
+    return _sized(value, path, dict, limit)  # type: ignore[no-any-return]
+
+
+def _list(value: object, path: tuple, limit: int) -> list:
+    return _sized(value, path, list, limit)  # type: ignore[no-any-return]
+
+
+def _buffer(b: object, i: int) -> dict:
+    """One registered buffer, its rights, and the optional keys telling peers how to reach it directly:
+    memfd (same-host mapping), gpu (UUID), ipc and ipc_base (CUDA IPC handle of the allocation), rkeys
+    (RDMA remote keys per NIC name, best NIC first)."""
+    if type(b) is not dict:
+        _fail(("buffers", i), f"must be an object, got {type(b).__name__}")
+    addr = _int(b.get("addr", _MISSING), ("buffers", i, "addr"), *_ADDR)
+    # The end may be 2**64 (exclusive); the length itself must fit in 64 bits.
+    length = _int(b.get("length", _MISSING), ("buffers", i, "length"), 1, _U64 - (addr or 1))
+    location = _text(b.get("location", _MISSING), ("buffers", i, "location"), 16)
+    if not _LOCATION.fullmatch(location):
+        _fail(("buffers", i, "location"), f"{location!r} is not 'cpu:N' or 'cuda:N'")
+    out = {"addr": addr, "length": length, "location": location,
+           "remote_read": _flag(b.get("remote_read", True), ("buffers", i, "remote_read")),
+           "remote_write": _flag(b.get("remote_write", True), ("buffers", i, "remote_write"))}
+    if "memfd" in b:
+        out["memfd"] = _int(b["memfd"], ("buffers", i, "memfd"), *_FD)
+    if "gpu" in b:
+        out["gpu"] = _text(b["gpu"], ("buffers", i, "gpu"), 128)
+    if "ipc" in b:
+        out["ipc"] = _hex(b["ipc"], ("buffers", i, "ipc"), 1024)
+    if "ipc_base" in b:
+        out["ipc_base"] = _int(b["ipc_base"], ("buffers", i, "ipc_base"), *_ADDR)
+    if "rkeys" in b:
+        rkeys = _object(b["rkeys"], ("buffers", i, "rkeys"), MAX_NICS)
+        out["rkeys"] = {_text(nic, ("buffers", i, "rkeys NIC name"), 64): _rkeys(keys, i, nic)
+                        for nic, keys in rkeys.items()}
+    return out
+
+
+def _rkeys(keys: object, i: int, nic: str) -> list[int]:
+    """A NIC's remote keys of a buffer, one per registered region (one key alone is taken as a list of one)."""
+    path = ("buffers", i, "rkeys", nic)
+    if type(keys) is not list:
+        return [_int(keys, path, *_RKEY)]
+    return [k if type(k) is int and 0 <= k <= _RKEY[1] else _int(k, path, *_RKEY)
+            for k in _list(keys, path, MAX_BUFFERS)]
+
+
+def _nic(n: object, i: int) -> dict:
+    if type(n) is not dict:
+        _fail(("nics", i), f"must be an object, got {type(n).__name__}")
+    return {"name": _text(n.get("name", _MISSING), ("nics", i, "name"), 64),
+            "port": _int(n.get("port", _MISSING), ("nics", i, "port"), 0, 255),
+            "gid": _hex(n.get("gid", _MISSING), ("nics", i, "gid"), 64),
+            "lid": _int(n.get("lid", _MISSING), ("nics", i, "lid"), 0, 0xFFFF),
+            "mtu": _int(n.get("mtu", _MISSING), ("nics", i, "mtu"), 0, 1 << 20),
+            "numa": _int(n.get("numa", -1), ("nics", i, "numa"), -1, 1 << 16)}
 
 
 class Segment:

@@ -9,12 +9,19 @@ from .etcd import EtcdMetadata
 from .http import HttpMetadata, MetadataServer
 from .p2p import P2PMetadata
 from .redis import RedisMetadata
+from .signed import SignedMetadata
 
 
 def connect(spec: str, timeout: float, ttl: float, security: Security = PLAIN) -> MetadataBackend:
     """Backend for ``spec``: ``"p2p"``, ``"http://host:port[/metadata]"``, ``"etcd://host:port[,...][/cluster]"``
-    or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of etcd and Redis entries;
-    ``security`` (TLS, cluster secret) applies to peer-to-peer descriptor fetches."""
+    or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of etcd and Redis entries.
+    ``security`` (TLS, cluster secret) applies to peer-to-peer descriptor fetches; with a cluster secret,
+    every backend seals the descriptors it publishes and refuses those not sealed with it (signed.py)."""
+    backend = _backend(spec, timeout, ttl, security)
+    return backend if security.secret is None else SignedMetadata(backend, security.secret)
+
+
+def _backend(spec: str, timeout: float, ttl: float, security: Security) -> MetadataBackend:
     if spec.lower() in ("p2p", "p2phandshake"):
         return P2PMetadata(timeout, security)
     if spec.startswith("http://"):
@@ -28,4 +35,4 @@ def connect(spec: str, timeout: float, ttl: float, security: Security = PLAIN) -
 
 
 __all__ = ["MetadataBackend", "EtcdMetadata", "HttpMetadata", "MetadataServer", "P2PMetadata", "RedisMetadata",
-           "connect"]
+           "SignedMetadata", "connect"]

@@ -5,6 +5,11 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from ..errors import MetadataError
+from ..segment import MAX_DESCRIPTOR_BYTES
+
+#: Largest value a store client reads (and the HTTP metadata server keeps): the largest descriptor a
+#: peer accepts, plus room for its seal.
+MAX_VALUE = MAX_DESCRIPTOR_BYTES + (4 << 10)
 
 
 class MetadataBackend(ABC):
@@ -15,13 +20,19 @@ class MetadataBackend(ABC):
     #: True when published descriptors expire unless :meth:`keepalive` is called (etcd, Redis).
     leased: bool = False
 
+    def seal(self, name: str, descriptor: bytes) -> bytes:
+        """``descriptor`` (JSON) as the engine of ``name`` publishes and serves it: sealed with the cluster
+        secret when one is set (see signed.py), else as it is."""
+        return descriptor
+
     @abstractmethod
     def publish(self, name: str, descriptor: bytes) -> None:
-        """Make ``descriptor`` (JSON) findable under ``name``, replacing any older one."""
+        """Make ``descriptor`` (as :meth:`seal` made it) findable under ``name``, replacing any older one."""
 
     @abstractmethod
     def fetch(self, name: str) -> bytes | None:
-        """The descriptor published under ``name``, or None if there is none."""
+        """The descriptor published under ``name`` (its seal checked, when there is a secret), or None if
+        there is none."""
 
     @abstractmethod
     def remove(self, name: str) -> None:

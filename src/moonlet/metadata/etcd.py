@@ -16,7 +16,10 @@ import threading
 import urllib.parse
 
 from ..errors import MetadataError
-from .base import MetadataBackend
+from .base import MAX_VALUE, MetadataBackend
+
+#: Largest answer read from etcd: a value of MAX_VALUE bytes in base64, plus the JSON around it.
+_MAX_ANSWER = MAX_VALUE * 4 // 3 + (64 << 10)
 
 
 def _b64(text: str) -> str:
@@ -56,11 +59,16 @@ class EtcdMetadata(MetadataBackend):
             try:
                 conn.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
                 resp = conn.getresponse()
-                data = resp.read()
+                data = resp.read(_MAX_ANSWER + 1)
+                if len(data) > _MAX_ANSWER:
+                    raise MetadataError(f"etcd {host}:{port} answered {path} with more than {_MAX_ANSWER} bytes")
                 if resp.status != 200:
                     raise MetadataError(f"etcd {host}:{port} answered {path} with HTTP {resp.status}: {data[:200]!r}")
-                return json.loads(data.splitlines()[0] if data else b"{}")  # keepalive streams lines
-            except (OSError, http.client.HTTPException, ValueError) as e:
+                answer = json.loads(data.splitlines()[0] if data else b"{}")  # keepalive streams lines
+                if type(answer) is not dict:
+                    raise ValueError(f"answer is not a JSON object: {data[:200]!r}")
+                return answer
+            except (OSError, http.client.HTTPException, ValueError, RecursionError) as e:
                 errors.append(f"{host}:{port}: {e}")
             finally:
                 conn.close()
@@ -110,7 +118,12 @@ class EtcdMetadata(MetadataBackend):
 
     def get_key(self, key: str) -> bytes | None:
         kvs = self._call("/v3/kv/range", {"key": _b64(key)}).get("kvs")
-        return base64.b64decode(kvs[0]["value"]) if kvs else None
+        if not kvs:
+            return None
+        try:
+            return base64.b64decode(kvs[0].get("value", ""), validate=True)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise MetadataError(f"etcd {self._url} answered a malformed value for {key!r}: {e!r}") from None
 
     def delete_key(self, key: str) -> None:
         self._call("/v3/kv/deleterange", {"key": _b64(key)})

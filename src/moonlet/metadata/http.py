@@ -3,20 +3,37 @@
 ``GET|PUT|DELETE /metadata?key=K``, the value as the request/response body
 (JSON here).  Either Mooncake's ``http_metadata_server`` or
 ``moonlet metadata-server`` can serve either engine's client.
+
+The server answers whoever reaches it, so it holds its ground against them:
+a PUT is stored only once exactly its ``Content-Length`` bytes are in (a body
+cut off replaces nothing), a value may be at most ``max_value`` bytes and all
+of them together ``max_total`` (bodies being received count), at most
+``max_clients`` connections are served at once (more are answered 503 and
+closed, without a thread), and a request that is not done within ``timeout``
+seconds is dropped.  Whoever can PUT can still rewrite any descriptor: with a
+cluster secret, engines seal theirs and refuse forged ones (see signed.py).
 """
 
 from __future__ import annotations
 
 import http.client
+import logging
+import socket
 import threading
+import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from ..errors import MetadataError
-from .base import MetadataBackend
+from ..errors import ConfigError, MetadataError
+from .base import MAX_VALUE, MetadataBackend
+
+log = logging.getLogger("moonlet.metadata")
 
 KEY_PREFIX = "moonlet/segments/"
-MAX_VALUE = 64 * 1024 * 1024
+MAX_TOTAL = 256 << 20  # bytes of all keys and values a metadata server keeps
+MAX_CLIENTS = 64  # connections a metadata server serves at once, a thread each
+REQUEST_TIMEOUT = 10.0  # seconds a metadata server gives one request
+_ENTRY_COST = 256  # bytes an entry costs beyond its key and value (dict slot, objects), counted in MAX_TOTAL
 
 
 class HttpMetadata(MetadataBackend):
@@ -39,7 +56,14 @@ class HttpMetadata(MetadataBackend):
             headers = {"Content-Type": "application/json"} if body is not None else {}
             conn.request(method, f"{self._path}?{query}", body=body, headers=headers)
             resp = conn.getresponse()
-            return resp.status, resp.read()
+            if resp.length is not None and resp.length > MAX_VALUE:
+                raise MetadataError(f"metadata server {self._url} answered {method} {key!r} with {resp.length} "
+                                    f"bytes, more than the {MAX_VALUE} a value may have")
+            data = resp.read(MAX_VALUE + 1)
+            if len(data) > MAX_VALUE:
+                raise MetadataError(f"metadata server {self._url} answered {method} {key!r} with more than "
+                                    f"{MAX_VALUE} bytes, the most a value may have")
+            return resp.status, data
         except (OSError, http.client.HTTPException) as e:
             raise MetadataError(f"metadata server {self._url} unreachable ({method} {key!r}): {e}") from None
         finally:
@@ -55,6 +79,9 @@ class HttpMetadata(MetadataBackend):
         self.delete_key(KEY_PREFIX + name)
 
     def put_key(self, key: str, value: bytes) -> None:
+        if len(value) > MAX_VALUE:
+            raise MetadataError(f"value of {len(value)} bytes for {key!r} is larger than a metadata server "
+                                f"keeps ({MAX_VALUE} bytes)")
         status, text = self._call("PUT", key, value)
         if status != 200:
             raise MetadataError(f"metadata server {self._url} refused PUT {key!r}: HTTP {status} {text[:200]!r}")
@@ -83,6 +110,14 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt: str, *args: object) -> None:  # keep stderr quiet
         pass
 
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # on every read and write of the connection
+        super().setup()
+
+    def handle_one_request(self) -> None:
+        self.server.arm(self.connection)  # this request's deadline starts now
+        super().handle_one_request()
+
     def _key(self) -> str | None:
         u = urllib.parse.urlsplit(self.path)
         if u.path.rstrip("/") != "/metadata":
@@ -98,8 +133,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(body)
+
+    def _refuse(self, status: int, message: str, body: int = 0) -> None:
+        """Answer ``status`` and close; first read and drop up to ``max_value`` bytes of a ``body`` still
+        coming (in small pieces), so a client busy sending it is not reset before it reads the answer."""
+        self.close_connection = True
+        self._reply(status, message.encode())
+        self.wfile.flush()
+        left = min(body, self.server.max_value)
+        while left > 0:
+            piece = self.rfile.read1(min(left, 65536))
+            if not piece:
+                break
+            left -= len(piece)
 
     def do_GET(self) -> None:
         key = self._key()
@@ -116,42 +166,183 @@ class _Handler(BaseHTTPRequestHandler):
         key = self._key()
         if key is None:
             return
+        srv = self.server
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self._refuse(411, "a PUT needs a Content-Length (no chunked bodies)")
+            return
         try:
             n = int(self.headers.get("Content-Length", "-1"))
         except ValueError:
             n = -1
-        if not 0 <= n <= MAX_VALUE:
-            self._reply(411 if n < 0 else 413, b"Content-Length required, at most 64 MiB")
-            self.close_connection = True
+        if n < 0:
+            self._refuse(411, "a PUT needs a valid Content-Length")
             return
-        value = self.rfile.read(n)
-        with self.server.lock:
-            self.server.store[key] = value
+        if n > srv.max_value:
+            self._refuse(413, f"value of {n} bytes refused: at most {srv.max_value} bytes a value", n)
+            return
+        cost = len(key) + n + _ENTRY_COST
+        if not srv.reserve(cost):
+            self._refuse(507, f"metadata store full: it keeps at most {srv.max_total} bytes in all; "
+                              f"a value of {n} bytes does not fit", n)
+            return
+        try:
+            try:
+                value = self.rfile.read(n)
+            except OSError:  # a timeout, or the connection cut at its deadline
+                value = b""
+            if len(value) != n:
+                self._refuse(400, f"body cut off before the {n} bytes announced were in: nothing stored")
+                return
+            srv.put(key, value, cost)
+        finally:
+            srv.release(cost)
         self._reply(200, b"metadata updated")
 
     def do_DELETE(self) -> None:
         key = self._key()
         if key is None:
             return
-        with self.server.lock:
-            found = self.server.store.pop(key, None) is not None
+        found = self.server.delete(key)
         self._reply(200 if found else 404, b"metadata deleted" if found else b"metadata not found")
 
 
 class _Server(ThreadingHTTPServer):
-    daemon_threads = True
+    """The store, its byte accounting, and the connections being served (each with its deadline)."""
 
-    def __init__(self, addr: tuple[str, int]) -> None:
+    daemon_threads = True
+    block_on_close = False  # server_close() ends the connections itself
+    request_queue_size = 128  # the listen backlog: connections over the limit are accepted and refused at once
+
+    def __init__(self, addr: tuple[str, int], max_value: int, max_total: int, max_clients: int,
+                 timeout: float) -> None:
         super().__init__(addr, _Handler)
+        self.max_value = max_value
+        self.max_total = max_total
+        self.max_clients = max_clients
+        self.request_timeout = timeout
         self.store: dict[str, bytes] = {}
         self.lock = threading.Lock()
+        self.used = 0  # bytes the entries cost (keys, values, _ENTRY_COST each)
+        self.reserved = 0  # bytes of PUT bodies being received
+        self.refused = 0  # connections turned away at max_clients
+        self._conns: dict[socket.socket, float] = {}  # connection -> deadline of its current request
+
+    # -- the store
+
+    def reserve(self, cost: int) -> bool:
+        """Set ``cost`` bytes aside for a PUT body about to be read; False if the store cannot take them."""
+        with self.lock:
+            if self.used + self.reserved + cost > self.max_total:
+                return False
+            self.reserved += cost
+            return True
+
+    def release(self, cost: int) -> None:
+        with self.lock:
+            self.reserved -= cost
+
+    def put(self, key: str, value: bytes, cost: int) -> None:
+        with self.lock:
+            old = self.store.get(key)
+            self.store[key] = value
+            self.used += cost - (len(key) + len(old) + _ENTRY_COST if old is not None else 0)
+
+    def delete(self, key: str) -> bool:
+        with self.lock:
+            old = self.store.pop(key, None)
+            if old is not None:
+                self.used -= len(key) + len(old) + _ENTRY_COST
+            return old is not None
+
+    # -- connections
+
+    def process_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        with self.lock:
+            full = len(self._conns) >= self.max_clients
+            if not full:
+                self._conns[request] = time.monotonic() + self.request_timeout
+        if full:
+            self._turn_away(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:  # noqa: BLE001 - e.g. no thread can be started: this connection only
+            log.warning("metadata server cannot serve a connection", exc_info=True)
+            with self.lock:
+                self._conns.pop(request, None)
+            self.shutdown_request(request)
+
+    def process_request_thread(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.lock:
+                self._conns.pop(request, None)
+
+    def _turn_away(self, request: socket.socket) -> None:
+        self.refused += 1
+        if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+            log.warning("metadata server refused %d connection(s): at the limit of %d at once",
+                        self.refused, self.max_clients)
+        body = f"too many connections (at most {self.max_clients} at once)".encode()
+        try:
+            request.send(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body, socket.MSG_DONTWAIT)
+            request.recv(65536, socket.MSG_DONTWAIT)  # what the client sent already: unread, closing would reset
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def arm(self, request: socket.socket) -> None:
+        """Start the deadline of the next request on ``request``."""
+        with self.lock:
+            if request in self._conns:
+                self._conns[request] = time.monotonic() + self.request_timeout
+
+    def service_actions(self) -> None:
+        """Between polls of the listener: cut the connections whose request ran past its deadline."""
+        now = time.monotonic()
+        with self.lock:
+            late = [c for c, deadline in self._conns.items() if deadline < now]
+            for c in late:
+                self._conns[c] = float("inf")  # cut once; the thread forgets it as it ends
+        for c in late:
+            _cut(c)
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        log.debug("metadata server: a connection failed", exc_info=True)
+
+    def server_close(self) -> None:
+        super().server_close()
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:
+            _cut(c)
+
+
+def _cut(sock: socket.socket) -> None:
+    """End a connection another thread is blocked on (its recv returns, its send fails)."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class MetadataServer:
-    """An in-process HTTP metadata server; ``moonlet metadata-server`` runs one in the foreground."""
+    """An in-process HTTP metadata server; ``moonlet metadata-server`` runs one in the foreground.
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 8080) -> None:
-        self._server = _Server((host, port))
+    ``max_value``: bytes of one value; ``max_total``: bytes of all keys and
+    values (and of bodies being received); ``max_clients``: connections
+    served at once; ``timeout``: seconds one request may take.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, max_value: int = MAX_VALUE,
+                 max_total: int = MAX_TOTAL, max_clients: int = MAX_CLIENTS,
+                 timeout: float = REQUEST_TIMEOUT) -> None:
+        if min(max_value, max_total, max_clients) < 1 or not timeout > 0:
+            raise ConfigError(f"metadata server limits must be positive: max_value={max_value}, "
+                              f"max_total={max_total}, max_clients={max_clients}, timeout={timeout}")
+        self._server = _Server((host, port), max_value, max_total, max_clients, timeout)
         self.host, self.port = self._server.server_address[:2]
         self._thread: threading.Thread | None = None
 

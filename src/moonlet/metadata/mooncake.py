@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from typing import Callable
 
 from ..errors import MetadataError, ProtocolError, SegmentError
@@ -30,16 +31,28 @@ def exchange(endpoint: str, kind: int, body: dict, timeout: float) -> tuple[int,
     """One Mooncake handshake with the RPC port at ``endpoint``: send ``body``, return the answer.
 
     None when the peer answered with a moonlet frame: a moonlet engine that
-    does not serve Mooncake's wire.
+    does not serve Mooncake's wire.  The whole exchange ends within ``timeout``
+    (a peer that trickles its answer gets no more), and the answer is read
+    bounded (:class:`~moonlet.transport.mooncake.protocol.HandshakeReader`):
+    :class:`ProtocolError` for one too long, too deep or malformed.
     """
     host, port = split_endpoint(endpoint)
+    deadline = time.monotonic() + timeout
     with socket.create_connection((host, port), timeout) as sock:
         sock.settimeout(timeout)
         sock.sendall(MP.encode_handshake(kind, body))
         reader = MP.HandshakeReader()
         first = True
         while True:
-            data = sock.recv(65536)
+            left = deadline - time.monotonic()
+            try:
+                if left <= 0:
+                    raise socket.timeout()
+                sock.settimeout(left)
+                data = sock.recv(min(reader.need, 65536))
+            except socket.timeout:
+                raise TimeoutError(f"no complete Mooncake handshake answer from {endpoint} within {timeout:g} s") \
+                    from None
             if first and data.startswith(P.MAGIC_BYTES):
                 return None
             if not data:
@@ -92,14 +105,19 @@ class MooncakeMetadata(MetadataBackend):
         meta = self._inner.get_key(RPC_PREFIX + name)
         if meta is not None:
             try:
-                m = json.loads(meta)
-                rpc = f"{m['ip_or_host_name']}:{int(m['rpc_port'])}"
-            except (ValueError, KeyError, TypeError) as e:
-                raise MetadataError(f"malformed Mooncake rpc_meta of {name!r}: {e!r}") from None
+                m = MP.parse_json(meta, f"Mooncake rpc_meta of {name!r}", 4096)
+            except ProtocolError as e:
+                raise MetadataError(str(e)) from None
+            m = m if isinstance(m, dict) else {}
+            host, port = m.get("ip_or_host_name"), m.get("rpc_port")
+            if not isinstance(host, str) or type(port) is not int or not 0 < port <= 65535:
+                raise MetadataError(f"malformed Mooncake rpc_meta of {name!r}: want ip_or_host_name (a string) and "
+                                    "rpc_port (1..65535)")
+            rpc = f"{host}:{port}"
         try:
-            d = json.loads(found)
-        except ValueError as e:
-            raise MetadataError(f"malformed Mooncake descriptor of {name!r}: {e}") from None
+            d = MP.parse_json(found, f"Mooncake descriptor of {name!r}", MP.MAX_STORED)
+        except ProtocolError as e:
+            raise MetadataError(str(e)) from None
         return self._native(d, name, rpc)
 
     @staticmethod

@@ -11,7 +11,7 @@ import threading
 import urllib.parse
 
 from ..errors import MetadataError
-from .base import MetadataBackend
+from .base import MAX_VALUE, MetadataBackend
 
 
 class RedisMetadata(MetadataBackend):
@@ -72,7 +72,16 @@ class RedisMetadata(MetadataBackend):
         self._do("SET", self._client.set, key, value)
 
     def get_key(self, key: str) -> bytes | None:
-        return self._do("GET", self._client.get, key)
+        """The value of ``key``, read only up to MAX_VALUE + 1 bytes (a larger one is refused)."""
+        pipe = self._client.pipeline()  # one round trip, atomic: whether it exists, and its head
+        pipe.exists(key)
+        pipe.getrange(key, 0, MAX_VALUE)
+        exists, value = self._do("GET", pipe.execute)
+        if not exists:
+            return None
+        if len(value) > MAX_VALUE:
+            raise MetadataError(f"Redis {self._shown} holds more than {MAX_VALUE} bytes under {key!r}: refused")
+        return value
 
     def delete_key(self, key: str) -> None:
         self._do("DEL", self._client.delete, key)

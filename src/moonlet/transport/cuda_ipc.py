@@ -8,6 +8,20 @@ the bytes of a whole batch with one batched copy call
 the CPU does not wait on the GPU: ``submit`` returns at once and the batch
 completes when the stream's event fires.  The local side may be GPU memory or
 host memory (pinned by :meth:`register` for full speed).
+
+What the descriptor says is not trusted to stay inside the peer's memory: after
+opening a handle, the transport asks CUDA for the range the opened allocation
+really spans, and refuses requests outside it (a lying descriptor could
+otherwise aim copies at whatever this process has mapped next to it).
+
+Rights have a limit here: a CUDA IPC mapping is always readable and writable,
+and it spans the whole allocation, so a peer holding the handle can do anything
+to it.  A target therefore publishes no handle for a buffer registered with
+``remote_read=False`` or ``remote_write=False``: peers reach such memory over
+the TCP staging path, where the target checks every access.  The rights checks
+below only keep an honest initiator to what the descriptor says; and every
+buffer in an allocation whose handle was published is open to peers, so
+memory peers may not write must not share an allocation with memory they may.
 """
 
 from __future__ import annotations
@@ -34,7 +48,8 @@ class CudaIpcTransport(Transport):
         self._pidns = pidns
         self._instance = instance
         self._lock = threading.Lock()
-        self._opened: dict[tuple[str, str, int], int] = {}  # (peer instance, handle, device) -> base here
+        # (peer instance, handle, device) -> (base here, size of the allocation CUDA mapped)
+        self._opened: dict[tuple[str, str, int], tuple[int, int]] = {}
         self._failed: dict[tuple[str, str], str] = {}
         self._streams: dict[int, gpu.Stream] = {}
         self._pending: dict[int, list[tuple[Any, list[int]]]] = {}  # id(batch) -> [(event, indices)]
@@ -53,6 +68,9 @@ class CudaIpcTransport(Transport):
         if not ("ipc" in remote and "cuda_ipc" in peer.endpoints and peer.host == self._host
                 and peer.pidns == self._pidns and peer.instance != self._instance):
             return False
+        if type(remote["ipc"]) is not str or type(remote.get("ipc_base")) is not int \
+                or type(remote.get("gpu")) is not str:
+            return False  # a malformed descriptor: the TCP path asks the target instead
         if (peer.instance, remote["ipc"]) in self._failed:
             return False
         return self._ordinal(remote["gpu"]) is not None
@@ -80,12 +98,19 @@ class CudaIpcTransport(Transport):
         return ordinal
 
     def _open(self, peer: SegmentDescriptor, remote: dict, device: int) -> int:
+        """The offset from the peer's addresses of ``remote`` to this process's mapping of them; raise
+        GpuError if the handle does not open, or if ``remote`` is not inside the allocation it maps."""
         key = (peer.instance, remote["ipc"], device)
         with self._lock:
-            base = self._opened.get(key)
-            if base is None:
-                base = self._opened[key] = gpu.ipc_open(bytes.fromhex(remote["ipc"]), device)
-            return base
+            opened = self._opened.get(key)
+            if opened is None:
+                opened = self._opened[key] = _open_handle(remote["ipc"], device)
+        base, size = opened
+        start = remote["addr"] - remote["ipc_base"]
+        if start < 0 or start + remote["length"] > size:
+            raise gpu.GpuError(f"the descriptor puts buffer [{remote['addr']:#x}, +{remote['length']}) outside "
+                               f"the {size}-byte allocation its handle maps at {remote['ipc_base']:#x}")
+        return base - remote["ipc_base"]
 
     def _stream(self, device: int) -> gpu.Stream:
         with self._lock:
@@ -106,13 +131,12 @@ class CudaIpcTransport(Transport):
                 continue
             device = self._device_for(local, remote)
             try:
-                base = self._open(peer, remote, device)
+                there = req.remote_addr + self._open(peer, remote, device)
             except gpu.GpuError as e:
                 self._failed[(peer.instance, remote["ipc"])] = str(e)
                 log.warning("CUDA IPC to %s unusable (%s); later requests use TCP", peer.name, e)
                 batch.part_done(index, State.FAILED, f"CUDA IPC to {peer.name}: {e}")
                 continue
-            there = base + (req.remote_addr - remote["ipc_base"])
             copies, refs = by_device.setdefault(device, ([], []))
             device_only[device] = device_only.get(device, True) and not local.is_host
             copies.append((there, req.local_addr, req.length) if req.op else (req.local_addr, there, req.length))
@@ -142,7 +166,7 @@ class CudaIpcTransport(Transport):
             return
         device = self._device_for(local, remote)
         try:
-            off = self._open(peer, remote, device) - remote["ipc_base"]
+            off = self._open(peer, remote, device)
             there = [a + off for a in remote_addrs]
             dsts, srcs = (there, local_addrs) if op else (local_addrs, there)
             event = self._stream(device).copy_columns(dsts, srcs, lengths, not local.is_host, record=True)
@@ -179,7 +203,7 @@ class CudaIpcTransport(Transport):
     def close(self) -> None:
         with self._lock:
             opened, self._opened = self._opened, {}
-        for (_, _, device), base in opened.items():
+        for (_, _, device), (base, _size) in opened.items():
             try:
                 gpu.ipc_close(base, device)
             except gpu.GpuError as e:
@@ -190,3 +214,22 @@ class CudaIpcTransport(Transport):
             except gpu.GpuError:
                 pass
         self._pinned.clear()
+
+
+def _open_handle(handle: str, device: int) -> tuple[int, int]:
+    """Open a peer's CUDA IPC handle (hex) on ``device``: (base here, size of the allocation CUDA mapped)."""
+    try:
+        raw = bytes.fromhex(handle)
+    except ValueError:
+        raw = b""
+    if len(raw) != 64:
+        raise gpu.GpuError(f"malformed CUDA IPC handle {handle[:40]!r} in the descriptor")
+    base = gpu.ipc_open(raw, device)  # leaves ``device`` current in this thread
+    try:
+        start, size = gpu.check(gpu.driver().cuMemGetAddressRange(base), "cuMemGetAddressRange")
+        if int(start) != base:
+            raise gpu.GpuError(f"an opened IPC handle maps {base:#x}, inside an allocation at {int(start):#x}")
+    except gpu.GpuError:
+        gpu.ipc_close(base, device)
+        raise
+    return base, int(size)

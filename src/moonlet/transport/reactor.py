@@ -2,14 +2,23 @@
 
 After traffic the thread polls without sleeping for ``spin_us`` microseconds
 before it blocks (on virtual machines a sleep/wake-up pair costs more than a
-small transfer).  Subclasses say what a connection is (:meth:`_admit`), how to
-turn one away (:meth:`_refuse`), what to do when it is ready
-(:meth:`_serve`) and how to let it go (:meth:`_drop`, which calls
-:meth:`_forget`); :meth:`_tick` runs once per loop turn for timeouts.
+small transfer).  Subclasses say what a connection is (:meth:`_admit`), whether
+a newcomer may have one (:meth:`_make_room`), how to turn one away
+(:meth:`_refuse`), what to do when it is ready (:meth:`_serve`) and how to let
+it go (:meth:`_drop`, which calls :meth:`_forget`); :meth:`_tick` runs once per
+loop turn for timeouts.
+
+One thread serves every peer, so nothing a peer sends may end it: an exception
+that escapes :meth:`_serve` (a bug) costs only the connection it came from.
+When accepting fails (out of file descriptors, say) the listener is left alone
+for a while, 50 ms doubling up to 1 s, instead of being polled in a busy loop.
+A reactor that dies anyway says so loudly and keeps the reason in
+:attr:`Reactor.failure` for its owner to check.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -21,6 +30,10 @@ from typing import Any
 log = logging.getLogger("moonlet")
 
 POLLIN = select.POLLIN
+
+_PAUSE_MIN, _PAUSE_MAX = 0.05, 1.0  # seconds the listener rests after accept() failed, doubling
+_ACCEPTS_PER_TURN = 64  # connections accepted in one go before the others are served again
+_OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Reactor:
@@ -39,6 +52,13 @@ class Reactor:
         os.set_blocking(self._wake_r, False)
         self._poll.register(self._wake_r, POLLIN)
         self._closed = False
+        #: the longest an idle loop turn blocks in poll(), ms (a subclass whose timeouts are short lowers it)
+        self._wait_ms = 1000
+        self._pause = 0.0  # seconds the listener rests after the last failed accept(); 0: accepting
+        self._resume_at = 0.0  # when it is polled again (monotonic), while resting
+        #: why the serving thread died (None while it serves, or after a clean close): once set, nothing
+        #: is served any more
+        self.failure: str | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     def start(self) -> None:
@@ -59,6 +79,10 @@ class Reactor:
     def _admit(self, sock: socket.socket) -> Any:
         """The connection object for a freshly accepted ``sock``."""
         raise NotImplementedError
+
+    def _make_room(self) -> bool:
+        """Whether a newcomer may be admitted now (a subclass may drop another connection to make room)."""
+        return len(self._conns) < self._max_conns
 
     def _refuse(self, sock: socket.socket) -> None:
         """``sock`` arrived while ``max_connections`` are held; it is closed after this."""
@@ -87,21 +111,61 @@ class Reactor:
         return True
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(_ACCEPTS_PER_TURN):
             try:
                 sock, _ = self._sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # e.g. out of file descriptors: keep serving the others
-                log.warning("%s: accept failed: %s", self._thread.name, e)
+            except ConnectionAbortedError:  # the peer gave up while queued
+                continue
+            except OSError as e:  # e.g. out of file descriptors: rest, and keep serving the others
+                self._rest(e)
                 return
-            if len(self._conns) >= self._max_conns:
+            if self._pause:
+                log.info("%s: accepting connections again", self._thread.name)
+                self._pause = 0.0
+            if not self._make_room():
                 self._refuse(sock)
                 sock.close()
                 continue
-            conn = self._admit(sock)
+            try:
+                conn = self._admit(sock)
+            except Exception as e:  # noqa: BLE001 - one newcomer's setup failing must not end the thread
+                sock.close()
+                if isinstance(e, OSError) and e.errno in _OUT_OF_RESOURCES:  # e.g. no fd for a TLS relay
+                    self._rest(e)
+                    return
+                log.warning("%s: setting up an accepted connection failed: %r", self._thread.name, e)
+                continue
             self._conns[conn.fd] = conn
             self._poll.register(conn.fd, POLLIN)
+
+    def _rest(self, error: OSError) -> None:
+        """accept() failed: stop polling the listener for a while (50 ms, doubling to 1 s while it keeps
+        failing), warning once per episode, so a listener that stays readable cannot spin the thread."""
+        if not self._pause:
+            log.warning("%s: cannot accept connections (%s); retrying every %g to %g s until it works",
+                        self._thread.name, error, _PAUSE_MIN, _PAUSE_MAX)
+        self._pause = min(self._pause * 2, _PAUSE_MAX) if self._pause else _PAUSE_MIN
+        self._resume_at = time.monotonic() + self._pause
+        try:
+            self._poll.unregister(self._sock.fileno())
+        except (KeyError, ValueError):
+            pass
+
+    def _resume(self) -> None:
+        """The rest is over: poll the listener again."""
+        self._resume_at = 0.0
+        self._poll.register(self._sock.fileno(), POLLIN)
+
+    def _fault(self, conn: Any) -> None:
+        """Serving ``conn`` raised (a bug, never a peer's doing): log it and end that connection only."""
+        log.error("%s: serving a connection failed; dropping it", self._thread.name, exc_info=True)
+        try:
+            self._drop(conn)
+        except Exception:  # noqa: BLE001 - at least stop watching it
+            log.error("%s: dropping that connection failed too", self._thread.name, exc_info=True)
+            self._forget(conn)
 
     def _run(self) -> None:
         poll = self._poll.poll
@@ -113,11 +177,17 @@ class Reactor:
                 if not events:
                     if time.monotonic() - last < self._spin:
                         continue
-                    events = poll(1000)
+                    wait = self._wait_ms
+                    if self._resume_at:
+                        wait = max(1, min(wait, int((self._resume_at - time.monotonic()) * 1000) + 1))
+                    events = poll(wait)
                 for fd, ev in events:
                     conn = self._conns.get(fd)
                     if conn is not None:
-                        self._serve(conn, ev)
+                        try:
+                            self._serve(conn, ev)
+                        except Exception:  # noqa: BLE001 - see _fault
+                            self._fault(conn)
                     elif fd == self._wake_r:
                         try:
                             os.read(self._wake_r, 64)
@@ -127,10 +197,19 @@ class Reactor:
                         self._accept()
                 now = time.monotonic()
                 self._tick(now)  # after serving: timeouts are not on any request's path
+                if self._resume_at and now >= self._resume_at:
+                    self._resume()
                 if events:
                     last = now
+        except BaseException as e:  # noqa: BLE001 - a bug: say so loudly, and leave the reason for the owner
+            self.failure = f"{self._thread.name} stopped serving: {type(e).__name__}: {e}"
+            log.critical("%s; every connection is dropped and the listener closed", self.failure, exc_info=True)
         finally:
             for conn in list(self._conns.values()):
-                self._drop(conn)
+                try:
+                    self._drop(conn)
+                except Exception:  # noqa: BLE001 - close the rest regardless
+                    log.error("%s: dropping a connection on the way out failed", self._thread.name,
+                              exc_info=True)
             self._sock.close()
             os.close(self._wake_r)

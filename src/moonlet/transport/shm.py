@@ -5,15 +5,22 @@ Two paths, picked per buffer:
 - **Mapped**: a buffer the peer made with ``engine.allocate()`` lives in a memfd.
   This engine maps it (through ``/proc/PID/fd``, after checking the control
   page names the right engine and buffer) and copies with a plain memcpy, with
-  no round trip at all.  The control page's state word, checked after each
-  copy, tells whether the peer unregistered the buffer meanwhile.
+  no round trip at all.  The rights are the ones the owner wrote in the control
+  page, never the descriptor's (a metadata store may lie): a buffer peers may not
+  write is mapped read-only, and its memfd is sealed so the kernel refuses a
+  writable mapping to anyone else; one they may not read is not published at
+  all.  The control page's state word, checked after each copy, tells whether
+  the peer unregistered the buffer meanwhile.
 - **Attached**: for any other registered memory, requests ride the TCP transport's
   connections as PULL (a WRITE: the target
 reads the initiator's memory into its registered buffer) and PUSH (a READ: the
 target writes its buffer into the initiator's memory) frames, each served by
 one ``process_vm_readv``/``process_vm_writev`` call for the whole frame.  So the
 bytes cross once, with no socket copies, while the target still checks and
-pins every range it touches, exactly as for TCP.
+pins every range it touches, exactly as for TCP.  Since the target copies when
+it reads the frame, maybe after its batch ended (a deadline), each frame names
+its local buffers (``tcp.client.Pin``), which stay pinned until the target is
+done with it: ``unregister`` waits for that.
 
 The target attaches only to an initiator that shares its host and PID
 namespace and owns the connection.  Where the kernel refuses (ptrace policy,
@@ -27,15 +34,16 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import stat
 from typing import Iterable
 
 from ..batch import Batch, State
-from ..memory import Buffer, Denied, SharedMemory
+from ..memory import Buffer, Denied, MemoryRegistry, SharedMemory
 from ..segment import Segment, SegmentDescriptor
 from .base import Transport, WorkItem, contiguous
 from .tcp import TcpTransport
 from .tcp import protocol as P
-from .tcp.client import OutFrame, Peer, frame_bounds
+from .tcp.client import OutFrame, Peer, Pin, frame_bounds
 
 log = logging.getLogger("moonlet.shm")
 
@@ -43,14 +51,16 @@ log = logging.getLogger("moonlet.shm")
 class SameHostTransport(Transport):
     name = "shm"
 
-    def __init__(self, tcp: TcpTransport, host: str, pidns: str) -> None:
+    def __init__(self, tcp: TcpTransport, registry: MemoryRegistry, host: str, pidns: str) -> None:
         self._tcp = tcp
+        self._registry = registry  # where attach frames pin the local buffers their targets copy
         self._host = host
         self._pidns = pidns
         self._pid = os.getpid()
         self._refused: set[tuple[str, str]] = set()  # (segment name, instance)
-        self._maps: dict[tuple[str, int], PeerMapping] = {}  # (instance, buffer addr) -> mapping
-        self._unmappable: set[tuple[str, int]] = set()
+        # (instance, buffer addr, length) -> mapping: a descriptor naming another length gets a new check
+        self._maps: dict[tuple[str, int, int], PeerMapping] = {}
+        self._unmappable: set[tuple[str, int, int]] = set()
         tcp.on_attach_refused = self._note_refused
 
     def endpoint(self) -> str:
@@ -75,10 +85,13 @@ class SameHostTransport(Transport):
             return
         peer = self._tcp.peer(segment)
         max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
+        registry = self._registry
         for kind in (P.PUSH, P.PULL):
             table: list[int] = []
             views: list = []
             refs: list = []
+            bufs: list[Buffer] = []  # the frame's distinct local buffers (mostly one)
+            last = None
             nbytes = 0
             for index, req, local, _ in attach:
                 if (P.PULL if req.op else P.PUSH) != kind:
@@ -87,11 +100,15 @@ class SameHostTransport(Transport):
                 views.append(local.view(req.local_addr, req.length))  # kept for a TCP fallback
                 refs.append(index)
                 nbytes += req.length
+                if local is not last:
+                    last = local
+                    if local not in bufs:
+                        bufs.append(local)
                 if nbytes >= max_bytes or len(refs) >= max_entries:  # no socket to pipeline: big frames
-                    peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
-                    table, views, refs, nbytes = [], [], [], 0
+                    peer.send(OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs)))
+                    table, views, refs, bufs, last, nbytes = [], [], [], [], None, 0
             if refs:
-                peer.send(OutFrame(kind, table, views, refs, batch, nbytes))
+                peer.send(OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs)))
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
@@ -100,10 +117,12 @@ class SameHostTransport(Transport):
         if mapped is None:
             self._attach_many(segment, batch, op, local_addrs, remote_addrs, lengths, local)
             return
-        if not (remote["remote_write"] if op else remote["remote_read"]):
-            super().submit_many(segment, batch, op, local_addrs, remote_addrs, lengths, local, remote)
-            return
         batch.add_parts_all(self.name)
+        if op and not mapped.writable:  # the owner's word, not the descriptor's
+            why = _refusal(peer, remote["addr"], remote["length"])
+            for index in range(len(lengths)):
+                batch.part_done(index, State.FAILED, why)
+            return
         data, view, base = mapped.data, local.view, remote["addr"]
         everyone = range(len(lengths))
         if len(lengths) > 1 and contiguous(local_addrs, remote_addrs, lengths):  # one range: one copy
@@ -117,7 +136,7 @@ class SameHostTransport(Transport):
         if mapped.alive():
             batch.parts_completed(everyone)
             return
-        self._unmap((peer.instance, base))
+        self._unmap((peer.instance, base, remote["length"]))
         for index in everyone:
             batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{base:#x}, +{remote['length']}) "
                                                  f"during the transfer")
@@ -136,14 +155,15 @@ class SameHostTransport(Transport):
                           and sum(lengths) <= max_bytes):  # one range (a lone request, or adjacent ones): one entry
             n = sum(lengths)
             peer.send(OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(count),
-                               batch, n, None if count == 1 else [count]))
+                               batch, n, None if count == 1 else [count], Pin(self._registry, [local])))
             return
         for start, end, nbytes in frame_bounds(lengths, max_bytes, max_entries):
             table = [0] * (3 * (end - start))
             table[0::3], table[1::3], table[2::3] = remote_addrs[start:end], lengths[start:end], local_addrs[start:end]
             # The views are kept for a TCP fallback, should the target refuse to attach.
             views = [view(a, m) for a, m in zip(local_addrs[start:end], lengths[start:end])]
-            peer.send(OutFrame(kind, table, views, range(start, end), batch, nbytes))
+            peer.send(OutFrame(kind, table, views, range(start, end), batch, nbytes,
+                               pin=Pin(self._registry, [local])))
 
     def _copy_mapped(self, peer: SegmentDescriptor, batch: Batch, item: WorkItem) -> bool:
         """Serve ``item`` by memcpy through a mapping of the peer's buffer; False if it has none."""
@@ -153,9 +173,8 @@ class SameHostTransport(Transport):
         mapped = self._mapping(peer, remote)
         if mapped is None:
             return False
-        if not (remote["remote_write"] if req.op else remote["remote_read"]):
-            batch.part_done(index, State.FAILED, f"{peer.name} refused [{req.remote_addr:#x}, +{req.length}): "
-                                                 f"{Denied.REASONS[Denied.NO_PERMISSION]}")
+        if req.op and not mapped.writable:  # the owner's word, not the descriptor's
+            batch.part_done(index, State.FAILED, _refusal(peer, req.remote_addr, req.length))
             return True
         off = req.remote_addr - remote["addr"]
         if req.op:
@@ -165,13 +184,13 @@ class SameHostTransport(Transport):
         if mapped.alive():
             batch.part_done(index)
         else:
-            self._unmap((peer.instance, remote["addr"]))
+            self._unmap((peer.instance, remote["addr"], remote["length"]))
             batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{remote['addr']:#x}, "
                                                  f"+{remote['length']}) during the transfer")
         return True
 
     def _mapping(self, peer: SegmentDescriptor, remote: dict) -> "PeerMapping | None":
-        key = (peer.instance, remote["addr"])
+        key = (peer.instance, remote["addr"], remote["length"])
         mapped = self._maps.get(key)
         if mapped is not None and mapped.alive():
             return mapped
@@ -187,7 +206,7 @@ class SameHostTransport(Transport):
             return None
         return mapped
 
-    def _unmap(self, key: tuple[str, int]) -> None:
+    def _unmap(self, key: tuple[str, int, int]) -> None:
         mapped = self._maps.pop(key, None)
         if mapped is not None:
             mapped.close()
@@ -204,25 +223,42 @@ class SameHostTransport(Transport):
 
 
 class PeerMapping:
-    """This process's mapping of a peer's :class:`~moonlet.memory.SharedMemory` buffer."""
+    """This process's mapping of a peer's :class:`~moonlet.memory.SharedMemory` buffer.
+
+    Everything the descriptor says is checked against the memfd itself (a regular
+    file of the right size, whose control page names the engine and address), and
+    the rights come from that control page, which only the owner writes: the data
+    is mapped writable only when the owner lets peers write (for a buffer it does
+    not, the kernel would refuse a writable mapping anyway: the memfd is sealed).
+    """
 
     def __init__(self, peer: SegmentDescriptor, remote: dict) -> None:
         size = SharedMemory.CONTROL + remote["length"]
-        writable = remote["remote_write"]
-        fd = os.open(f"/proc/{peer.pid}/fd/{remote['memfd']}", os.O_RDWR if writable else os.O_RDONLY)
+        number = remote["memfd"]
+        if type(number) is not int or number < 0:  # a string could name any file: "../../../tmp/x"
+            raise ValueError(f"memfd must be a file descriptor number, got {number!r}")
+        path = f"/proc/{peer.pid}/fd/{number}"
+        _check_file(os.stat(path), size)  # before opening: the fd might name a FIFO or a device
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
         try:
-            if os.fstat(fd).st_size != size:
-                raise ValueError("the peer's memfd has the wrong size")
-            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+            st = _check_file(os.fstat(fd), size)
+            readable, self.writable = SharedMemory.rights(os.pread(fd, SharedMemory.HEADER, 0), peer.instance,
+                                                          remote["addr"])
+            if not readable:
+                raise ValueError("the peer does not let peers read this buffer")
+            if self.writable:
+                os.close(fd)
+                fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_NOCTTY)
+                again = os.fstat(fd)
+                if (again.st_dev, again.st_ino) != (st.st_dev, st.st_ino):
+                    raise ValueError("the peer's memfd changed while it was opened")
+            self._map = mmap.mmap(fd, size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if self.writable else 0))
         finally:
             os.close(fd)
         self._view = memoryview(self._map)
         self._state = self._view[:8]
         self.data = self._view[SharedMemory.CONTROL:]
         self._word = self.data[:8].cast("Q")  # read before every submit to this peer: one index, no copy
-        if bytes(self._view[:40]) != SharedMemory.header(1, peer.instance, remote["addr"]):
-            self.close()
-            raise ValueError("the peer's memfd is not the buffer its descriptor names (pid reused?)")
 
     def alive(self) -> bool:
         return self._state[0] == 1
@@ -235,6 +271,18 @@ class PeerMapping:
         for view in (self._word, self.data, self._state, self._view):
             view.release()
         self._map.close()
+
+
+def _refusal(peer: SegmentDescriptor, addr: int, length: int) -> str:
+    """Why a WRITE into a mapped buffer its owner keeps read-only fails (as the target would say it)."""
+    return f"{peer.name} refused [{addr:#x}, +{length}): {Denied.REASONS[Denied.NO_PERMISSION]}"
+
+
+def _check_file(st: os.stat_result, size: int) -> os.stat_result:
+    """``st`` if it is a regular file (a memfd) of ``size`` bytes; raise ValueError otherwise."""
+    if not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        raise ValueError("the peer's memfd is not a buffer of the size its descriptor names")
+    return st
 
 
 __all__: Iterable[str] = ["SameHostTransport", "PeerMapping"]

@@ -195,7 +195,7 @@ class MooncakeTcpTransport(Transport):
         self._peers: dict[str, _Peer] = {}
         self._lock = threading.Lock()
         self.server = MooncakeServer(ctx.registry, host, advertise, describe, on_notify, cfg.request_timeout,
-                                     cfg.max_connections, cfg.spin_us)
+                                     cfg.max_connections, cfg.spin_us, getattr(cfg, "idle_timeout", 120.0))
 
     def endpoint(self) -> str | None:
         return self.server.endpoint
@@ -214,11 +214,16 @@ class MooncakeTcpTransport(Transport):
 
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         endpoint = segment.descriptor.endpoints["mooncake_tcp"]
-        with self._lock:
-            peer = self._peers.get(endpoint)
-            if peer is None:
-                peer = self._peers[endpoint] = _Peer(segment.name, endpoint, self._connect_timeout)
         batch.add_parts([(index, 1) for index, *_ in items], self.name)
+        try:
+            with self._lock:
+                peer = self._peers.get(endpoint)
+                if peer is None:
+                    peer = self._peers[endpoint] = _Peer(segment.name, endpoint, self._connect_timeout)
+        except ProtocolError as e:  # a poisoned descriptor
+            for index, *_ in items:
+                batch.part_done(index, State.FAILED, f"{segment.name}: {e}")
+            return
         for index, req, local, _ in items:
             peer.jobs.put((batch, index, MP.WRITE if req.op is Op.WRITE else MP.READ,
                            local.view(req.local_addr, req.length), req.remote_addr))

@@ -17,20 +17,40 @@ describes them in full:
   7 pad``; opcode 0 READ, 1 WRITE, high bit set for protocol v2.  A v2 WRITE
   sends the payload and then waits for an 8-byte status frame; a v2 READ gets
   the status frame, then the payload.  Version 1 has no status frames.
+
+Every message comes from a peer that may be hostile: JSON is parsed bounded
+in size and nesting (:func:`parse_json`), and descriptors are checked field
+by field, so bad bytes raise :class:`ProtocolError` and nothing else.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import time
+from typing import Any
 
+from ... import boundedjson
 from ...errors import ProtocolError
 
 CONNECTION, METADATA, NOTIFY, PROBE = 0, 1, 2, 3
 OLD_PROTOCOL = 0xFF  # no type byte on the wire; treated like CONNECTION
 HANDSHAKE_TYPES = {CONNECTION: "connection", METADATA: "metadata", NOTIFY: "notify", PROBE: "probe"}
-MAX_HANDSHAKE = 1 << 20  # Mooncake refuses longer messages
+#: Longest handshake message: Mooncake refuses longer ones itself.  The largest real message is a
+#: segment descriptor (type 1), a few hundred bytes per registered buffer (its per-NIC key lists
+#: included), so 1 MiB carries a few thousand buffers.
+MAX_HANDSHAKE = 1 << 20
+#: Characters of name + message of one notification (what the engine accepts, ``engine._NOTE_MAX``).
+NOTE_MAX = 32 * 1024
+#: Longest notification message: NOTE_MAX characters, each escaped as ``\uXXXX`` (6 bytes, the most a JSON
+#: writer spends on one, short of characters beyond the BMP: 12 bytes, so half as many), plus the keys.
+MAX_NOTIFY = 6 * NOTE_MAX + 1024
+#: A segment descriptor read from a metadata store (no handshake limit applies there).
+MAX_STORED = 16 << 20
+#: Nesting of JSON accepted; Mooncake's deepest (a descriptor's buffers' key lists, its priority matrix)
+#: is 4 levels, a moonlet descriptor embedded in one 5.
+MAX_DEPTH = 32
 
 LENGTH = struct.Struct("<Q")
 HEADER = struct.Struct("<QQB7x")  # size, addr, opcode
@@ -68,36 +88,78 @@ def looks_like_handshake(head: bytes) -> bool:
 
 
 class HandshakeReader:
-    """Collects one handshake message from bytes as they arrive."""
+    """Collects one handshake message from bytes as they arrive.
+
+    The length is checked against what the message's type may carry
+    (:data:`MAX_NOTIFY` for a notification, :data:`MAX_HANDSHAKE` for the
+    others) as soon as the first 9 bytes are in, before the body is buffered;
+    :attr:`need` says how much to read next, so a reader never takes bytes
+    past the message.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._total = 0  # bytes of the whole message, once its length and type are in
+
+    @property
+    def need(self) -> int:
+        """Bytes still missing: up to the length and type first, then the rest of the message."""
+        return (self._total or 9) - len(self._buf)
 
     def feed(self, data: bytes) -> tuple[int, dict] | None:
         """Add ``data``; return ``(type, body)`` once the message is complete, else None."""
         self._buf += data
         if len(self._buf) < 9:
             return None
-        (length,) = LENGTH.unpack_from(self._buf)
-        if not 1 <= length <= MAX_HANDSHAKE:
-            raise ProtocolError(f"Mooncake handshake message of {length} bytes (at most {MAX_HANDSHAKE})")
-        old = self._buf[8:9] == b"{"  # the old protocol has no type byte
-        total = 8 + length
+        if not self._total:
+            (length,) = LENGTH.unpack_from(self._buf)
+            old = self._buf[8:9] == b"{"  # the old protocol has no type byte
+            kind = OLD_PROTOCOL if old else self._buf[8]
+            if kind != OLD_PROTOCOL and kind not in HANDSHAKE_TYPES:
+                raise ProtocolError(f"unknown Mooncake handshake type {kind}")
+            limit = MAX_NOTIFY if kind == NOTIFY else MAX_HANDSHAKE
+            if not 1 <= length <= limit:
+                raise ProtocolError(f"Mooncake {HANDSHAKE_TYPES.get(kind, 'connection')} message of {length} bytes "
+                                    f"(at most {limit})")
+            self._total = 8 + length
+        total = self._total
         if len(self._buf) < total:
             return None
         if len(self._buf) > total:
             raise ProtocolError("bytes after a Mooncake handshake message")
+        old = self._buf[8:9] == b"{"
         kind = OLD_PROTOCOL if old else self._buf[8]
         text = bytes(self._buf[8:total] if old else self._buf[9:total])
-        if kind != OLD_PROTOCOL and kind not in HANDSHAKE_TYPES:
-            raise ProtocolError(f"unknown Mooncake handshake type {kind}")
-        try:
-            body = json.loads(text) if text.strip() else {}
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ProtocolError(f"Mooncake handshake JSON is malformed: {e}") from None
+        body = parse_json(text, "Mooncake handshake message") if text.strip() else {}
         if not isinstance(body, dict):
             raise ProtocolError("Mooncake handshake JSON is not an object")
         return kind, body
+
+
+def notification(body: dict) -> tuple[str, str]:
+    """``(name, message)`` of a notification message's body: two strings of at most NOTE_MAX characters."""
+    name, msg = body.get("name", ""), body.get("notify_msg", "")
+    if not isinstance(name, str) or not isinstance(msg, str):
+        raise ProtocolError("a Mooncake notification's name and notify_msg must be strings")
+    if len(name) + len(msg) > NOTE_MAX:
+        raise ProtocolError(f"a Mooncake notification of {len(name) + len(msg)} characters (at most {NOTE_MAX})")
+    return name, msg
+
+
+# -- bounded JSON ---------------------------------------------------------------------------
+
+def parse_json(data: bytes, what: str, limit: int = MAX_HANDSHAKE) -> Any:
+    """``data`` (UTF-8 JSON from a peer or a store) as a value, or :class:`ProtocolError` naming ``what``.
+
+    At most ``limit`` bytes and :data:`MAX_DEPTH` levels of nesting, and no
+    NaN or Infinity: whatever the bytes, nothing but ProtocolError is raised.
+    """
+    if len(data) > limit:
+        raise ProtocolError(f"{what} is {len(data)} bytes (at most {limit})")
+    try:
+        return boundedjson.loads(data, limit, MAX_DEPTH)
+    except ValueError as e:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"{what} is malformed: {e}") from None
 
 
 # -- TCP data requests -----------------------------------------------------------------
@@ -159,6 +221,22 @@ def rpc_meta(host: str, port: int) -> dict:
     return {"ip_or_host_name": host, "rpc_port": port}
 
 
+_ADDR_END = 1 << 64
+_DATA_ENDPOINT = re.compile(r"(.+):(\d{1,5})(?:;v(\d{1,3}))?", re.ASCII)
+
+
+def _field(d: dict, key: str, kind: type, default: Any) -> Any:
+    """``d[key]`` if it is a ``kind`` (an int is never a bool); ``default`` if absent or null, which
+    ``default=None`` refuses."""
+    value = d.get(key)
+    if value is None and default is not None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"malformed Mooncake segment descriptor: {key} must be {kind.__name__}, got "
+                            f"{type(value).__name__}")
+    return value
+
+
 def native_descriptor(d: dict, name: str, rpc: str | None = None) -> dict:
     """A moonlet descriptor (as a dict) for the Mooncake descriptor ``d`` of segment ``name``.
 
@@ -172,26 +250,35 @@ def native_descriptor(d: dict, name: str, rpc: str | None = None) -> dict:
         raise ProtocolError("Mooncake segment descriptor is not a JSON object")
     if isinstance(d.get(NATIVE_KEY), dict):
         return d[NATIVE_KEY]
-    try:
-        protocol = str(d.get("protocol", ""))
-        port = int(d.get("tcp_data_port", 0))
-        host = str(d.get("tcp_data_host") or (rpc or "").rpartition(":")[0] or "")
-        version = int(d.get("tcp_proto_version", 1))
-        buffers = [{"addr": int(b["addr"]), "length": int(b["length"]), "location": "cpu:0"}
-                   for b in d.get("buffers", [])]
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ProtocolError(f"malformed Mooncake segment descriptor: {e!r}") from None
+    protocol = _field(d, "protocol", str, "")
+    port = _field(d, "tcp_data_port", int, 0)
+    version = _field(d, "tcp_proto_version", int, 1)
+    host = _field(d, "tcp_data_host", str, "") or (rpc or "").rpartition(":")[0]
+    if not 0 <= port <= 65535 or not 0 <= version <= 255:
+        raise ProtocolError(f"malformed Mooncake segment descriptor: tcp_data_port {port} or "
+                            f"tcp_proto_version {version} out of range")
+    listed = _field(d, "buffers", list, [])
+    buffers = []
+    for b in listed:
+        if not isinstance(b, dict):
+            raise ProtocolError("malformed Mooncake segment descriptor: a buffer is not a JSON object")
+        addr, length = _field(b, "addr", int, None), _field(b, "length", int, None)
+        if not (0 <= addr and 0 <= length and addr + length <= _ADDR_END):
+            raise ProtocolError(f"malformed Mooncake segment descriptor: buffer [{addr:#x}, +{length}) is outside "
+                                "the 64-bit address space")
+        buffers.append({"addr": addr, "length": length, "location": "cpu:0"})
     endpoints = {"mooncake": protocol}
     if rpc:
         endpoints["mooncake_rpc"] = rpc
     if protocol == "tcp" and port and host:
         endpoints["mooncake_tcp"] = f"{host}:{port};v{version}"
-    return {"version": 1, "name": str(d.get("name") or name), "instance": f"mooncake:{name}:{port}",
+    return {"version": 1, "name": _field(d, "name", str, "") or name, "instance": f"mooncake:{name}:{port}",
             "host": f"mooncake:{host}", "pid": 0, "endpoints": endpoints, "buffers": buffers}
 
 
 def split_data_endpoint(endpoint: str) -> tuple[str, int, int]:
     """``(host, port, protocol version)`` of a ``mooncake_tcp`` endpoint ``host:port;vN``."""
-    address, _, version = endpoint.partition(";v")
-    host, _, port = address.rpartition(":")
-    return host.strip("[]"), int(port), int(version or 1)
+    m = _DATA_ENDPOINT.fullmatch(endpoint) if isinstance(endpoint, str) else None
+    if m is None or int(m[2]) > 65535:
+        raise ProtocolError(f"malformed Mooncake data endpoint {str(endpoint)[:100]!r} (want host:port;vN)")
+    return m[1].strip("[]"), int(m[2]), int(m[3] or 1)

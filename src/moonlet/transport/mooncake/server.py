@@ -11,6 +11,12 @@ memory without copies); a refused request gets
 Mooncake's "rejected" status (protocol v2) and the connection is closed, which
 is all a v1 initiator can be told.
 
+Handshakes are served by the same reactor thread, never a thread each: at
+most :data:`_HANDSHAKES` at once (each buffering at most one message, whose
+length its type bounds), each finished within :data:`HANDSHAKE_TIMEOUT` from
+its first byte to the peer's close.  A data connection waits for a request
+at most ``idle_timeout`` and a request takes at most ``request_timeout``.
+
 Mooncake's wire has no authentication, so an engine serving it must run
 without a cluster secret (the engine refuses the combination).
 """
@@ -18,13 +24,14 @@ without a cluster secret (the engine refuses the combination).
 from __future__ import annotations
 
 import logging
+import os
 import select
 import socket
-import threading
 import time
+from collections import deque
 from typing import Callable
 
-from ...errors import ProtocolError
+from ...errors import MoonletError, ProtocolError
 from ...memory import Buffer, Denied, MemoryRegistry
 from ..reactor import Reactor
 from ..tcp.sockio import recv_some_into, sendmsg_some
@@ -32,7 +39,18 @@ from . import protocol as MP
 
 log = logging.getLogger("moonlet.mooncake")
 
-_IN = select.POLLIN
+_IN, _OUT = select.POLLIN, select.POLLOUT
+_ERR = select.POLLERR | select.POLLHUP
+#: One whole handshake, from its first byte to the peer's close (Mooncake's own server gives each read 5 s).
+HANDSHAKE_TIMEOUT = 5.0
+#: Handshakes in flight at once (never more than ``max_connections``), besides the data connections.
+#: Mooncake's own server answers one at a time; each buffers at most MP.MAX_HANDSHAKE bytes, so
+#: together they hold at most 16 MiB.
+_HANDSHAKES = 16
+#: At the limit, the oldest handshake makes room for a new one once it has been in flight this long (an
+#: honest one takes milliseconds), so peers that trickle bytes cannot keep honest ones out.
+_GRACE = 1.0
+_CHUNK = 65536  # at most this much per handshake recv
 
 
 class MooncakeServer(Reactor):
@@ -40,18 +58,27 @@ class MooncakeServer(Reactor):
 
     def __init__(self, registry: MemoryRegistry, host: str, advertise: str, describe: Callable[[], dict],
                  on_notify: Callable[[str, str], None], request_timeout: float, max_connections: int,
-                 spin_us: int = 0) -> None:
+                 spin_us: int = 0, idle_timeout: float = 120.0) -> None:
         """``describe``: the engine's native descriptor (a dict); ``on_notify(name, msg)``: queue a notification;
-        ``spin_us``: how long the data reactor polls without sleeping after traffic (as the TCP server)."""
+        ``spin_us``: how long the data reactor polls without sleeping after traffic (as the TCP server);
+        ``idle_timeout``: close a data connection that sent no request for this long."""
         super().__init__(socket.create_server((host, 0), backlog=256), spin_us, max_connections,
                          "moonlet-mooncake-data")
+        os.set_blocking(self._wake_w, False)  # adopt() wakes the reactor from the listener's thread
         self._registry = registry
         self._describe = describe
         self._on_notify = on_notify
         self._timeout = request_timeout
+        self._idle = idle_timeout
+        self._sweep_every = max(0.05, min(1.0, idle_timeout / 2))
+        self._wait_ms = int(self._sweep_every * 1000)  # idle turns come at least as often as sweeps are due
         self.host = advertise
         self.port: int = self._sock.getsockname()[1]
         self._next_sweep = 0.0
+        self._max_shakes = min(_HANDSHAKES, max_connections)
+        self._shakes: dict[int, _Handshake] = {}  # fd -> handshake in flight, oldest first
+        self._adopted: deque[tuple[socket.socket, bytes]] = deque()  # handed over, not yet watched
+        self.refused = 0  # handshakes turned away at the limit
         self.start()
 
     @property
@@ -63,6 +90,12 @@ class MooncakeServer(Reactor):
         """This engine's segment descriptor in Mooncake's JSON shape."""
         return MP.mooncake_descriptor(self._describe(), self.host, self.port)
 
+    def close(self) -> None:
+        """Stop serving, and close the handshakes handed over but not yet taken."""
+        super().close()
+        while self._adopted:
+            self._adopted.popleft()[0].close()
+
     # -- handshake (connections handed over by the native listener) ---------------------
 
     def claims(self, head: bytes) -> bool:
@@ -70,62 +103,141 @@ class MooncakeServer(Reactor):
         return not self._closed and MP.looks_like_handshake(head)
 
     def adopt(self, sock: socket.socket, head: bytes) -> None:
-        """Answer the handshake that ``sock`` opened with ``head``, in a thread of its own."""
-        threading.Thread(target=self._handshake, args=(sock, head), name="moonlet-mooncake-handshake",
-                         daemon=True).start()
-
-    def _handshake(self, sock: socket.socket, head: bytes) -> None:
+        """Answer the handshake that ``sock`` opened with ``head`` (called from the listener's thread: the
+        reactor takes it over on its next turn)."""
+        if self._closed or len(self._adopted) >= self._max_shakes:
+            self._turn_away(sock)
+            return
+        self._adopted.append((sock, head))
         try:
-            sock.setblocking(True)
-            sock.settimeout(5.0)
-            reader = MP.HandshakeReader()
-            msg = reader.feed(head)
-            while msg is None:
-                data = sock.recv(65536)
+            os.write(self._wake_w, b"h")
+        except OSError:  # BlockingIOError: the reactor has wake-ups pending already
+            pass
+
+    def _turn_away(self, sock: socket.socket) -> None:
+        self.refused += 1
+        if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
+            log.warning("refused %d Mooncake handshake(s): %d in flight at most", self.refused, self._max_shakes)
+        sock.close()
+
+    def _take_adopted(self, now: float) -> None:
+        """Watch the handshakes handed over since the last turn, making room at the limit (see :data:`_GRACE`)."""
+        while self._adopted:
+            sock, head = self._adopted.popleft()
+            if len(self._shakes) >= self._max_shakes:
+                oldest = next(iter(self._shakes.values()))
+                if now - oldest.born < _GRACE:
+                    self._turn_away(sock)
+                    continue
+                log.info("dropping a Mooncake handshake in flight for %.1f s to make room", now - oldest.born)
+                self._drop(oldest)
+            shake = _Handshake(sock, head, now)
+            self._conns[shake.fd] = self._shakes[shake.fd] = shake
+            self._poll.register(shake.fd, _IN)
+            self._serve_handshake(shake, _IN)  # the bytes the listener read first
+
+    def _serve_handshake(self, shake: "_Handshake", ev: int) -> None:
+        """Read the message, send the answer, then wait for the peer to close, as Mooncake's server does.
+
+        Whatever goes wrong (the peer's bytes, the engine's callbacks) ends this handshake only.
+        """
+        try:
+            if shake.out is None:
+                if shake.head:
+                    data, shake.head = shake.head, b""
+                else:
+                    data = shake.sock.recv(min(shake.reader.need, _CHUNK))
                 if not data:
-                    return
-                msg = reader.feed(data)
-            kind, body = msg
-            if kind == MP.METADATA:
-                reply = self.descriptor()
-            elif kind == MP.NOTIFY:
-                self._on_notify(str(body.get("name", "")), str(body.get("notify_msg", "")))
-                reply = {"name": "", "notify_msg": "success"}
+                    raise ConnectionError("the peer closed the connection mid-message")
+                self._handshake(shake, data)
+            elif shake.out:
+                self._send_answer(shake)
             else:
-                # RDMA endpoint setup (CONNECTION / old protocol) or a probe: this engine offers
-                # Mooncake peers TCP only, which its descriptor says.
-                reply = {"reply_msg": "moonlet serves Mooncake peers over TCP only"}
-            sock.sendall(MP.encode_handshake(kind, reply))
-            sock.shutdown(socket.SHUT_WR)
-            sock.recv(1)  # the peer closes first, as Mooncake's server waits for
-        except (OSError, ProtocolError) as e:
-            log.info("Mooncake handshake failed: %s", e)
-        finally:
-            sock.close()
+                self._drop(shake)  # the peer closed (or sent more, which no Mooncake peer does)
+        except BlockingIOError:
+            pass
+        except (OSError, MoonletError) as e:
+            log.info("Mooncake handshake closed: %s", e)
+            self._drop(shake)
+        except Exception:  # noqa: BLE001 - a bug in a callback: this handshake fails, the reactor serves on
+            log.error("answering a Mooncake handshake failed", exc_info=True)
+            self._drop(shake)
+
+    def _handshake(self, shake: "_Handshake", data: bytes) -> None:
+        msg = shake.reader.feed(data)
+        if msg is None:
+            return
+        kind, body = msg
+        if kind == MP.METADATA:
+            reply = self.descriptor()
+        elif kind == MP.NOTIFY:
+            self._on_notify(*MP.notification(body))
+            reply = {"name": "", "notify_msg": "success"}
+        else:
+            # RDMA endpoint setup (CONNECTION / old protocol) or a probe: this engine offers
+            # Mooncake peers TCP only, which its descriptor says.
+            reply = {"reply_msg": "moonlet serves Mooncake peers over TCP only"}
+        shake.out = [MP.encode_handshake(kind, reply)]
+        self._send_answer(shake)
+
+    def _send_answer(self, shake: "_Handshake") -> None:
+        sendmsg_some(shake.sock, shake.out)
+        if shake.out:
+            self._watch(shake, _OUT)
+            return
+        shake.sock.shutdown(socket.SHUT_WR)
+        self._watch(shake, _IN)  # the peer closes first
 
     # -- data port: one reactor thread for every connection ---------------------------------
 
     def _refuse(self, sock: socket.socket) -> None:
         log.warning("refusing a Mooncake data connection: at the limit (EngineConfig.max_connections)")
 
+    def _make_room(self) -> bool:
+        return len(self._conns) - len(self._shakes) < self._max_conns  # handshakes have a budget of their own
+
     def _admit(self, sock: socket.socket) -> "_DataConn":
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return _DataConn(sock)
+        return _DataConn(sock, time.monotonic())
 
     def _tick(self, now: float) -> None:
+        if self._adopted:
+            self._take_adopted(now)
         if now < self._next_sweep:
             return
-        self._next_sweep = now + 1.0
-        for conn in [c for c in self._conns.values() if c.deadline and now > c.deadline]:
-            log.warning("dropping a Mooncake data connection: a request stalled past %.0f s", self._timeout)
-            self._drop(conn)
+        self._next_sweep = now + self._sweep_every
+        self._sweep(now)
 
-    def _serve(self, conn: "_DataConn", ev: int) -> None:
+    def _sweep(self, now: float) -> None:
+        """Drop handshakes past their deadline, stalled requests and idle data connections."""
+        for conn in list(self._conns.values()):
+            if type(conn) is _Handshake:
+                if now - conn.born > HANDSHAKE_TIMEOUT:
+                    log.info("dropping a Mooncake handshake unfinished after %.0f s", HANDSHAKE_TIMEOUT)
+                    self._drop(conn)
+                continue
+            busy = conn.view is not None or conn.out
+            if busy and now - conn.started > self._timeout:
+                log.warning("dropping a Mooncake data connection: a request stalled past %.0f s", self._timeout)
+                self._drop(conn)
+            elif busy or conn.started != conn.seen:  # a request since the last sweep: quiet from now on
+                conn.seen = conn.started
+                conn.quiet = now
+            elif now - conn.quiet > self._idle:
+                log.info("closing a Mooncake data connection idle for %.1f s", now - conn.quiet)
+                self._drop(conn)
+
+    def _serve(self, conn: "_DataConn | _Handshake", ev: int) -> None:
+        if type(conn) is _Handshake:
+            self._serve_handshake(conn, ev)
+            return
         try:
-            if ev & select.POLLOUT:
+            if ev & _OUT:
                 self._flush(conn)
-            if ev & (_IN | select.POLLERR | select.POLLHUP) and conn.fd in self._conns:
+            if ev & (_IN | _ERR) and conn.fd in self._conns:
+                if conn.out and ev & _ERR:  # input waits for the reply, but a dead peer ends both
+                    raise ConnectionError("the peer hung up with a reply pending")
                 self._on_readable(conn, time.monotonic())
         except (OSError, ConnectionError, ProtocolError) as e:
             if not isinstance(e, ConnectionError):
@@ -145,7 +257,7 @@ class MooncakeServer(Reactor):
                 if conn.got < MP.HEADER_SIZE:
                     continue
                 conn.got = 0
-                conn.deadline = now + self._timeout
+                conn.started = now
                 self._start(conn, *MP.parse_header(conn.head))
                 if conn.fd not in self._conns:
                     return
@@ -191,35 +303,54 @@ class MooncakeServer(Reactor):
         if conn.out:
             sendmsg_some(conn.sock, conn.out)
         if conn.out:
-            self._watch(conn, _IN | select.POLLOUT)
+            self._watch(conn, _OUT)  # not _IN: nothing is read until the reply is out (else poll never sleeps)
             return
         self._registry.release(conn.pinned)
         conn.pinned = []
-        conn.deadline = 0.0
         if conn.closing:
             self._drop(conn)
             return
         self._watch(conn, _IN)
 
-    def _watch(self, conn: "_DataConn", mask: int) -> None:
+    def _watch(self, conn: "_DataConn | _Handshake", mask: int) -> None:
         if conn.mask != mask:
             conn.mask = mask
             self._poll.modify(conn.fd, mask)
 
-    def _drop(self, conn: "_DataConn") -> None:
+    def _drop(self, conn: "_DataConn | _Handshake") -> None:
         if not self._forget(conn):
             return
-        self._registry.release(conn.pinned)
-        conn.pinned = []
+        if type(conn) is _Handshake:
+            del self._shakes[conn.fd]
+        else:
+            self._registry.release(conn.pinned)
+            conn.pinned = []
         conn.sock.close()
+
+
+class _Handshake:
+    """One Mooncake handshake: its message being read, its answer going out, or the peer's close awaited."""
+
+    __slots__ = ("sock", "fd", "head", "born", "reader", "out", "mask")
+
+    def __init__(self, sock: socket.socket, head: bytes, now: float) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.head = head  # what the listener read before it handed the connection over
+        self.born = now
+        self.reader = MP.HandshakeReader()
+        self.out: list | None = None  # the answer not yet sent; None while the message is read
+        self.mask = _IN
 
 
 class _DataConn:
     """One Mooncake data connection: the header being read, or the request being served."""
 
-    __slots__ = ("sock", "fd", "head", "got", "view", "v2", "out", "pinned", "closing", "deadline", "mask")
+    __slots__ = ("sock", "fd", "head", "got", "view", "v2", "out", "pinned", "closing", "started", "seen", "quiet",
+                 "mask")
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, now: float) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.head = memoryview(bytearray(MP.HEADER_SIZE))
@@ -229,5 +360,7 @@ class _DataConn:
         self.out: list = []  # reply buffers not yet sent
         self.pinned: list[Buffer] = []
         self.closing = False  # refused: close once the status frame is out
-        self.deadline = 0.0  # while a request is being served
+        self.started = now  # when the last request arrived (or the connection, before any)
+        self.seen = now  # ``started`` as the last sweep saw it
+        self.quiet = now  # since when no request arrived, as far as sweeps tell
         self.mask = _IN

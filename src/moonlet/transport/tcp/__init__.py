@@ -54,7 +54,9 @@ class TcpTransport(Transport):
         #: counters: frames retried on another connection, connections opened
         self.stats = {"retries": 0, "connects": 0}
         self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer,
-                                cfg.spin_us, bool(attach), ctx.security, cfg.max_connections, cfg.connect_timeout)
+                                cfg.spin_us, bool(attach), ctx.security, cfg.max_connections, cfg.connect_timeout,
+                                request_timeout=cfg.request_timeout, idle_timeout=cfg.idle_timeout,
+                                max_unauthenticated=cfg.max_unauthenticated)
         self.progress = Progress(cfg.spin_us)
         self.progress.on_tick = self._expire_overdue
         host = cfg.advertise_host or self.server.address[0]

@@ -2,12 +2,35 @@
 
 Both ends prove they hold the secret without sending it.  Each proof is an
 HMAC-SHA256 over both ends' fresh random nonces, so a recorded proof is
-worthless on any later connection (no replay), and the two directions use
-different labels, so a proof cannot be reflected back to its sender::
+worthless on any later connection (no replay); the two directions use
+different labels, so a proof cannot be reflected back to its sender; and both
+proofs cover the identity of the target the initiator meant -- the TCP
+endpoint it dialed, which the target knows as its own advertised endpoint --
+so a proof relayed to another engine fails::
 
-    initiator -> AUTH  nonce_i                                   (32 bytes)
-    target    -> AUTH  nonce_t | HMAC(secret, "target" | nonce_i | nonce_t)     (64 bytes)
-    initiator -> AUTH  HMAC(secret, "initiator" | nonce_i | nonce_t)            (32 bytes)
+    initiator -> AUTH  opening = nonce_i [| SHA-256(segment name)]                (32 or 64 bytes)
+    target    -> AUTH  nonce_t | HMAC(secret, "target" | opening | nonce_t | endpoint)    (64 bytes)
+    initiator -> AUTH  HMAC(secret, "initiator" | opening | nonce_t | endpoint)           (32 bytes)
+
+(each part of an HMAC's input is length-prefixed).  The opening carries the
+hash of the segment name the initiator means when it knows it; a target
+with another name refuses the connection, saying so.
+
+Why the endpoint: a process that can rewrite a descriptor in a metadata
+store (or otherwise make an initiator dial it) could relay these three
+messages between an honest initiator and the real target, and keep the
+authenticated connection for itself.  Now the target's proof covers its own
+endpoint, not the relay's, so the initiator refuses it, and the initiator's
+proof covers the relay's endpoint, so the target would refuse it too.  The
+price: an initiator must dial a target by the exact ``host:port`` the target
+advertises (``TcpTransport.endpoint()``: what descriptors carry, and what a
+segment name is in peer-to-peer mode); an alias such as ``localhost:PORT``
+for an engine advertising ``127.0.0.1:PORT`` fails to authenticate -- as it
+already failed the check that a descriptor names the segment asked for.
+
+With TLS (mutual certificates of the cluster CA) a relay without a
+certificate gets nowhere even before this: it can only pass the encrypted
+bytes of the honest ends' own session, and can read or inject none.
 
 The target serves nothing on a connection before the last message checks
 out; the initiator sends nothing else before the target has proved itself.
@@ -18,12 +41,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from typing import Mapping
 
 from ...errors import ConfigError, ProtocolError
 from . import protocol as P
 
 NONCE = 32
 MAC = 32
+_TARGET = b"moonlet-auth-2 target"
+_INITIATOR = b"moonlet-auth-2 initiator"
 
 
 class Secret:
@@ -36,8 +62,17 @@ class Secret:
             raise ConfigError("the cluster secret must be at least 16 bytes long")
         self._key = key
 
-    def mac(self, label: bytes, nonce_i: bytes, nonce_t: bytes) -> bytes:
-        return hmac.new(self._key, label + nonce_i + nonce_t, hashlib.sha256).digest()
+    def mac(self, label: bytes, *parts: bytes) -> bytes:
+        """HMAC-SHA256 under the secret of ``label`` and ``parts``, each length-prefixed (unambiguous).
+
+        Every use has its own label (the two AUTH directions, descriptors), so
+        no MAC made for one use is valid for another.
+        """
+        h = hmac.new(self._key, digestmod=hashlib.sha256)
+        for part in (label, *parts):
+            h.update(len(part).to_bytes(8, "little"))
+            h.update(part)
+        return h.digest()
 
     def __repr__(self) -> str:
         return "Secret(<hidden>)"
@@ -61,40 +96,63 @@ def _frame(body: bytes) -> bytes:
     return P.encode_control(P.AUTH, body)
 
 
-class InitiatorAuth:
-    """The initiator's side: :meth:`start`, then :meth:`finish` with the target's answer."""
+def _name_hash(name: str) -> bytes:
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).digest()
 
-    def __init__(self, secret: Secret) -> None:
+
+class InitiatorAuth:
+    """The initiator's side: :meth:`start`, then :meth:`finish` with the target's answer.
+
+    ``endpoint``: the ``host:port`` dialed, exactly as the target advertises
+    it; ``name``: the segment name of the target meant, when known.
+    """
+
+    def __init__(self, secret: Secret, endpoint: str, name: str | None = None) -> None:
         self._secret = secret
-        self._nonce = os.urandom(NONCE)
+        self._endpoint = endpoint
+        self._opening = os.urandom(NONCE) + (_name_hash(name) if name else b"")
 
     def start(self) -> bytes:
         """The first AUTH frame."""
-        return _frame(self._nonce)
+        return _frame(self._opening)
 
     def finish(self, body: bytes) -> bytes:
         """Check the target's proof; returns our proof (the last AUTH frame)."""
         if len(body) != NONCE + MAC:
             raise ProtocolError(f"AUTH answer of {len(body)} bytes, expected {NONCE + MAC}")
         nonce_t, proof = body[:NONCE], body[NONCE:]
-        if not hmac.compare_digest(proof, self._secret.mac(b"target", self._nonce, nonce_t)):
-            raise ProtocolError("the peer failed to prove it holds the cluster secret")
-        return _frame(self._secret.mac(b"initiator", self._nonce, nonce_t))
+        endpoint = self._endpoint.encode()
+        if not hmac.compare_digest(proof, self._secret.mac(_TARGET, self._opening, nonce_t, endpoint)):
+            raise ProtocolError(
+                f"the peer at {self._endpoint} failed to prove it holds the cluster secret as the engine that "
+                "advertises that endpoint: it has another secret, or it relays another engine's handshake, or "
+                "the engine there advertises another host:port (dial it, or open its segment, by the name it "
+                "reports)")
+        return _frame(self._secret.mac(_INITIATOR, self._opening, nonce_t, endpoint))
 
 
 class TargetAuth:
-    """The target's side: :meth:`challenge` on the first AUTH frame, :meth:`verify` on the second."""
+    """The target's side: :meth:`challenge` on the first AUTH frame, :meth:`verify` on the second.
 
-    def __init__(self, secret: Secret) -> None:
+    ``identity``: this engine's ``"endpoint"`` (the ``host:port`` it
+    advertises) and ``"name"`` (its segment name).
+    """
+
+    def __init__(self, secret: Secret, identity: Mapping[str, str]) -> None:
         self._secret = secret
+        self._endpoint = identity["endpoint"]
+        self._name = identity["name"]
         self._nonce = os.urandom(NONCE)
         self._theirs: bytes | None = None
 
     def challenge(self, body: bytes) -> bytes:
-        if len(body) != NONCE:
-            raise ProtocolError(f"AUTH opening of {len(body)} bytes, expected {NONCE}")
+        if len(body) not in (NONCE, NONCE + 32):
+            raise ProtocolError(f"AUTH opening of {len(body)} bytes, expected {NONCE} or {NONCE + 32}")
+        if len(body) > NONCE and not hmac.compare_digest(body[NONCE:], _name_hash(self._name)):
+            raise ProtocolError(f"this is engine {self._name!r} at {self._endpoint}; the connection was meant for "
+                                "another segment (a stale or forged descriptor?)")
         self._theirs = body
-        return _frame(self._nonce + self._secret.mac(b"target", body, self._nonce))
+        return _frame(self._nonce + self._secret.mac(_TARGET, body, self._nonce, self._endpoint.encode()))
 
     @property
     def started(self) -> bool:
@@ -102,6 +160,7 @@ class TargetAuth:
 
     def verify(self, body: bytes) -> None:
         assert self._theirs is not None
-        if len(body) != MAC or not hmac.compare_digest(body, self._secret.mac(b"initiator", self._theirs,
-                                                                              self._nonce)):
-            raise ProtocolError("authentication failed: the peer does not hold this cluster's secret")
+        if len(body) != MAC or not hmac.compare_digest(
+                body, self._secret.mac(_INITIATOR, self._theirs, self._nonce, self._endpoint.encode())):
+            raise ProtocolError(f"authentication failed: the peer does not hold this cluster's secret, or it "
+                                f"authenticated to another endpoint than this engine's {self._endpoint} (a relay)")

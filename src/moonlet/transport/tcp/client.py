@@ -10,15 +10,28 @@ arrives, its own and other threads'.  No thread hand-off sits on the path of
 a request; on virtual machines each hand-off costs tens of microseconds.
 
 Whoever pops a frame from ``Lane.inflight`` (the driver on a reply,
-``abort`` on failure) owns it and ends it exactly once.  Only the driver
-writes into local memory, and it pops the frame first, so a frame reported
-FAILED or TIMEOUT is never written to afterwards.
+``abort`` on failure) owns it and ends it exactly once, whatever goes wrong
+meanwhile (a peer's malformed reply, a failed reconnect): a frame is never
+dropped without ending its requests.  Only the driver writes into local
+memory, and it pops the frame first, so a frame reported FAILED or TIMEOUT is
+never written to afterwards; a READ payload still arriving for a batch that
+has ended anyway (the engine closed) is drained into scratch memory instead.
+
+Attach frames (PULL/PUSH, see ``transport/shm.py``) are copied by the target
+itself, into or out of our memory, when it reads them: ending the frame here
+cannot stop that.  While such a frame is unanswered on a live lane its batch
+cannot end (only the frame ends its requests), and the batch pins the local
+buffers.  A lane that dies with attach frames unanswered (deadline, error,
+close) takes a pin of its own on their buffers (:class:`Pin`) before they
+end, and keeps it until the target can no longer read them: it has closed
+its end of that connection, having read all it ever will
+(:meth:`Lane.settle`).  ``unregister`` waits for those pins, so no target
+writes into memory that was handed back.  An answered frame costs nothing.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import select
@@ -26,12 +39,12 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, SegmentError
 from ...gpu import GpuError
-from ...memory import Denied
+from ...memory import Buffer, Denied, MemoryRegistry
 from . import protocol as P
 from .dial import PLAIN, Security, dial, read_control
 from .server import tune_socket
@@ -44,6 +57,16 @@ _req_ids = itertools.count(1)
 _CHECK_PERIOD = 0.02
 _HEAD = P.PREFIX_SIZE + P.MIN_INITIATOR_TAIL  # read with the prefix: the first status byte
 _GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
+_CLOSE_WAIT = 2.0  # Progress.close waits this long for the driver to leave before releasing its pipe
+_SCRATCH = 1 << 20  # the most memory a lane drains an abandoned READ payload through
+#: How long :meth:`Progress.close` waits for the targets of attach frames still unanswered on dead lanes to
+#: close their end before it lets go of the frames' buffers anyway. A live target does so at once: it reads
+#: what was sent (serving it) and then the end of the stream. One that is stopped or hung can still copy
+#: into those buffers later; an engine that closes cannot wait for it forever.
+_SETTLE_WAIT = 1.0
+#: TCP states (linux/tcp_states.h) in which the other end of a connection has not closed: ESTABLISHED,
+#: FIN_WAIT1, FIN_WAIT2. In any other state a target has read the last byte it will ever read from it.
+_PEER_OPEN = (1, 4, 5)
 
 
 def fetch_descriptor(endpoint: str, timeout: float, security: Security = PLAIN) -> bytes:
@@ -53,16 +76,32 @@ def fetch_descriptor(endpoint: str, timeout: float, security: Security = PLAIN) 
         return read_control(sock, P.DESC, "GET_DESC")
 
 
+class Pin(NamedTuple):
+    """The local buffers of ``registry`` an attach frame's target copies into or out of. Each lane that
+    dies with the frame unanswered pins them (:meth:`take`, while the frame's batch still pins them too)
+    and unpins them once (:meth:`release`) when it settles; see the module docstring."""
+
+    registry: MemoryRegistry
+    bufs: list[Buffer]
+
+    def take(self) -> None:
+        self.registry.pin_more(self.bufs)
+
+    def release(self) -> None:
+        self.registry.release(self.bufs)
+
+
 class OutFrame:
-    """One WRITE or READ frame: several requests (or slices) bound for one peer."""
+    """One WRITE or READ frame (or PULL/PUSH: attach frames): several requests (or slices) bound for one peer."""
 
     __slots__ = ("kind", "req_id", "table", "views", "refs", "spans", "batch", "nbytes", "attempts", "stage",
-                 "staged_at")
+                 "staged_at", "pin")
 
     def __init__(self, kind: int, table: list[int], views: list, refs: Sequence[int], batch: Batch,
-                 nbytes: int, spans: list[int] | None = None) -> None:
+                 nbytes: int, spans: list[int] | None = None, pin: Pin | None = None) -> None:
         """``refs``: the batch indices of the requests carried, in entry order. ``spans``: how many of
-        them each entry carries, when entries merge adjacent requests (None: one each)."""
+        them each entry carries, when entries merge adjacent requests (None: one each). ``pin``: an
+        attach frame's local buffers, for a lane that dies with it unanswered to hold (:meth:`Lane._keep`)."""
         self.kind = kind
         self.req_id = next(_req_ids)
         self.table = table  # flat [remote addr, length, ...], one pair per entry
@@ -74,6 +113,7 @@ class OutFrame:
         self.attempts = 1
         self.stage = None  # a gpu.Stage when some local ranges are GPU memory
         self.staged_at: list[int] = []  # which entries the stage carries
+        self.pin = pin
 
 
 def frame_bounds(lengths: list[int], max_bytes: int, max_entries: int) -> Iterator[tuple[int, int, int]]:
@@ -111,7 +151,13 @@ class Lane:
         self._cur: OutFrame | None = None
         self._statuses = b""
         self._views: list[memoryview] = []
+        self._into: Batch | None = None  # the batch of the READ payload being received ...
+        self._drained = False  # ... and whether _views is scratch memory instead (see _drain)
         self._lowat = 0  # SO_RCVLOWAT in force while a large READ payload arrives
+        # Holds on the buffers of attach frames in flight when the lane died, given back by settle()
+        # (under _state_lock, as is _settled: whether settle() has given them back).
+        self._unsettled: list[Pin] = []
+        self._settled = False
 
     def send(self, frame: OutFrame) -> bool:
         """Send ``frame`` now (blocking until the kernel took it); False if the lane is dead."""
@@ -132,7 +178,7 @@ class Lane:
             self.load += frame.nbytes
             try:
                 send_all(self.sock, bufs, total)
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - the frame is in flight: abort() below ends it
                 err = e
             else:
                 return True
@@ -155,10 +201,42 @@ class Lane:
                 _, frame = self.inflight.popitem()
             except KeyError:
                 break
+            if frame.pin is not None:  # the target may read it yet; held before the frame (its batch) ends
+                self._keep(frame.pin)
             self.peer.fail_frame(frame, reason)
 
+    def _keep(self, pin: Pin) -> None:
+        """Hold ``pin``'s buffers until :meth:`settle`: the target may still serve the attach frame it
+        belongs to, which this dead lane carried unanswered."""
+        with self._state_lock:
+            if not self._settled:  # else the target closed its end before this frame went (or the engine closed)
+                pin.take()
+                self._unsettled.append(pin)
+
+    def settle(self, force: bool = False) -> bool:
+        """Whether nothing sent on this dead lane can reach the target any more: no attach frame was
+        unanswered when it died, or the target has closed its end of the connection since (it serves a
+        frame when it reads it, and it read all it ever will), or ``force`` (the engine closes). Gives
+        back the holds of :meth:`_keep` then; the caller may close the socket."""
+        with self._state_lock:
+            if self._unsettled and not force and self._peer_open():
+                return False
+            pins, self._unsettled, self._settled = self._unsettled, [], True
+        for pin in pins:
+            pin.release()
+        return True
+
+    def _peer_open(self) -> bool:
+        """Whether the target still holds its end of this connection open (our end is shut down)."""
+        try:
+            return self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] in _PEER_OPEN
+        except OSError:  # no state to read: the socket is gone
+            return False
+
     def overdue(self, now: float) -> bool:
-        return any(now >= f.batch.deadline for f in list(self.inflight.values()))
+        cur = self._cur  # a reply being received counts too (a peer may trickle it)
+        return any(now >= f.batch.deadline for f in list(self.inflight.values())) or (
+            cur is not None and now >= cur.batch.deadline)
 
     def carries(self, batch: Batch) -> bool:
         return any(f.batch is batch for f in list(self.inflight.values())) or (
@@ -184,6 +262,8 @@ class Lane:
         sock = self.sock
         while True:
             if self._phase == 2:
+                if not self._drained and self._into is not None and self._into.done:
+                    self._drain()
                 if not recv_some(sock, self._views):
                     return
                 if self._views or self._lowat:
@@ -245,7 +325,7 @@ class Lane:
                 if size != payload:
                     raise ProtocolError("READ reply carries a payload of the wrong size")
                 if views:
-                    self._views, self._phase = views, 2
+                    self._views, self._into, self._drained, self._phase = views, frame.batch, False, 2
                     continue
             elif payload:
                 raise ProtocolError("WRITE reply carries a payload")
@@ -253,8 +333,24 @@ class Lane:
             if not self.inflight:
                 return
 
+    def _drain(self) -> None:
+        """The batch of the READ being received has ended (the engine closed): receive the rest of its
+        payload into scratch memory, never into the caller's, which may be freed by now."""
+        left = sum(v.nbytes for v in self._views)
+        scratch = memoryview(bytearray(min(left, _SCRATCH)))
+        self._views = [scratch[:min(_SCRATCH, left - off)] for off in range(0, left, _SCRATCH)]
+        self._drained = True
+
+    def drop_current(self) -> None:
+        """End the frame whose reply was being received when this lane died (called by the driver role,
+        with the lane out of the poll set: nobody receives into it any more)."""
+        cur, self._cur, self._into, self._phase = self._cur, None, None, 0
+        if cur is not None:
+            self.peer.fail_frame(cur, self.reason or f"connection to {self.peer.name} lost")
+
     def _finish(self) -> None:
         frame, self._cur = self._cur, None
+        self._into = None
         self._phase = 0
         assert frame is not None
         self.load -= frame.nbytes
@@ -279,26 +375,41 @@ class Progress:
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
-        self._closed = False
+        self._closed = False  # set by close(): drivers leave, waiters return
+        self._pipe_lock = threading.Lock()  # guards writes to the wake-up pipe against its release
+        self._pipe_open = True
+        self._settling: list[Lane] = []  # dead lanes whose target may still serve an attach frame (see _settle)
         self.on_tick: Callable[[float], None] = lambda now: None
 
     def add(self, lane: Lane) -> None:
         with self._cv:
-            self._lanes.add(lane)
+            closed = self._closed
+            if not closed:
+                self._lanes.add(lane)
+        if closed:  # opened by a retry racing close(): nobody would ever read or close it
+            lane.abort("engine closed")
+            lane.sock.close()
+            return
         self.changed()
 
     def changed(self) -> None:
         """The lane set changed: make the driver rebuild its poll set now."""
         self._version += 1
-        try:
-            os.write(self._wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass
+        self._wake()
+
+    def _wake(self) -> None:
+        """Wake the driver out of poll (never writes to the pipe's fd numbers once released)."""
+        with self._pipe_lock:
+            if self._pipe_open:
+                try:
+                    os.write(self._wake_w, b"x")
+                except OSError:  # full: a wake-up is pending anyway
+                    pass
 
     def wait(self, batch: Batch, block: bool = True) -> None:
         """Drive replies until ``batch`` is done or past its deadline (once, without blocking, if not ``block``)."""
         end = batch.deadline + _GRACE
-        while not batch.done:
+        while not batch.done and not self._closed:
             if self._role.acquire(False):  # nobody drives: this thread does
                 try:
                     self._drive(batch, block)
@@ -326,7 +437,7 @@ class Progress:
 
     def try_tick(self) -> None:
         """Run deadline checks if no thread is driving (the watchdog's entry point)."""
-        if not self._role.acquire(False):
+        if self._closed or not self._role.acquire(False):
             return
         try:
             self._reap()
@@ -335,15 +446,32 @@ class Progress:
             self._hand_over()
 
     def _reap(self) -> dict[int, Lane]:
-        """Drop aborted lanes (closing their sockets) and return the live ones by fd."""
+        """Drop aborted lanes (closing their sockets once settled, see :meth:`_settle`) and return the live
+        ones by fd."""
         with self._cv:
             dead = [lane for lane in self._lanes if lane.aborted]
             for lane in dead:
                 self._lanes.discard(lane)
             live = {lane.fd: lane for lane in self._lanes}
         for lane in dead:
-            lane.sock.close()
+            lane.drop_current()
+        self._settling += dead
+        if self._settling:
+            self._settle()
         return live
+
+    def _settle(self, force: bool = False) -> bool:
+        """Close the sockets of dead lanes that are settled (:meth:`Lane.settle`); the others keep theirs
+        open, since the state of that connection is how we learn that the target closed its end. Whether
+        some are left (checked again on each tick). Driver role only."""
+        left = []
+        for lane in self._settling:
+            if lane.settle(force):
+                lane.sock.close()
+            else:
+                left.append(lane)
+        self._settling = left
+        return bool(left)
 
     def _rebuild_poll_set(self) -> None:
         """The poll set over live lanes (and the wake-up pipe), for the lane set of version ``_version``."""
@@ -359,7 +487,7 @@ class Progress:
     def _drive(self, batch: Batch, block: bool) -> None:
         last = time.monotonic()
         next_check = last + _CHECK_PERIOD
-        while not batch.done:
+        while not batch.done and not self._closed:
             if self._version != self._poll_version:  # lanes came or went
                 self._rebuild_poll_set()
             poller, lanes = self._poll_cache
@@ -372,6 +500,8 @@ class Progress:
                 if now >= next_check:
                     next_check = now + _CHECK_PERIOD
                     self.on_tick(now)
+                    if self._settling:
+                        self._settle()
                     continue
                 if now - last < self._spin:
                     continue
@@ -395,11 +525,35 @@ class Progress:
                     self._cv.notify_all()
 
     def close(self) -> None:
-        for lane in list(self._lanes):
+        """End every lane's frames, make the driver leave, then release sockets and the wake-up pipe.
+
+        Only once no thread is inside the driver role: a thread polling or
+        reading an fd that was closed under it would get EBADF, or worse, read
+        whatever file took its number meanwhile. If the driver does not leave in
+        time, the fds are left open rather than closed under it. Lanes whose
+        target may still serve an attach frame get :data:`_SETTLE_WAIT` seconds
+        to settle; then their buffers are let go of anyway.
+        """
+        with self._cv:
+            self._closed = True
+            lanes = list(self._lanes)
+        for lane in lanes:
             lane.abort("engine closed")
-        self._reap()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        self._wake()
+        if not self._role.acquire(timeout=_CLOSE_WAIT):
+            log.warning("a thread is still driving TCP replies %.0fs after close; its fds stay open", _CLOSE_WAIT)
+            return
+        try:
+            self._reap()
+            end = time.monotonic() + _SETTLE_WAIT
+            while self._settle(time.monotonic() >= end):
+                time.sleep(0.01)
+            with self._pipe_lock:
+                self._pipe_open = False
+                os.close(self._wake_r)
+                os.close(self._wake_w)
+        finally:
+            self._role.release()
 
 
 class Peer:
@@ -425,20 +579,21 @@ class Peer:
         self._lock = threading.Lock()
         self.closed = False
 
-    def _connect(self) -> Lane:
+    def _connect(self, timeout: float) -> Lane:
+        """A new lane, connected and greeted within ``timeout`` seconds."""
         try:
-            sock = dial(self.endpoint, self.connect_timeout, self.security)
+            sock = dial(self.endpoint, timeout, self.security, self.name)
         except OSError as e:
             self._on_stale(self.name)
             raise ConnectionError(f"cannot connect to {self.name} at {self.endpoint}: {e}") from None
         try:
             tune_socket(sock, self.socket_buffer)
             sock.sendall(P.encode_hello(self.name, **self.hello))
-            ident = json.loads(read_control(sock, P.HELLO, "HELLO"))
-            if ident.get("instance") != self.instance:
+            instance = self._instance_of(read_control(sock, P.HELLO, "HELLO"))
+            if instance != self.instance:
                 self._on_stale(self.name)
                 raise SegmentError(
-                    f"peer {self.name} at {self.endpoint} restarted (instance {ident.get('instance')}, "
+                    f"peer {self.name} at {self.endpoint} restarted (instance {instance[:64]!r}, "
                     f"expected {self.instance}); its segment will be re-resolved"
                 )
             sock.settimeout(None)
@@ -453,8 +608,23 @@ class Peer:
         self.progress.add(lane)
         return lane
 
-    def _pick(self) -> Lane:
-        """The least loaded live lane, opening missing lanes first."""
+    def _instance_of(self, body: bytes) -> str:
+        """The instance id a HELLO reply states; ProtocolError unless it is a JSON object whose
+        ``instance`` (and ``name``, ``host``, ``pidns``, where present) are strings."""
+        try:
+            ident = P.loads_bounded(body)
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, a number of 5000 digits, too deep
+            raise ProtocolError(f"{self.name} at {self.endpoint} sent a malformed HELLO reply: "
+                                f"{type(e).__name__}: {str(e)[:200]}") from None
+        if not isinstance(ident, dict) or not isinstance(ident.get("instance"), str) or any(
+                not isinstance(ident.get(key, ""), str) for key in ("name", "host", "pidns")):
+            raise ProtocolError(f"{self.name} at {self.endpoint} sent a malformed HELLO reply: expected a JSON "
+                                f"object with string instance, name, host and pidns, got {body[:100]!r}")
+        return ident["instance"]
+
+    def _pick(self, deadline: float) -> Lane:
+        """The least loaded live lane, opening missing lanes first (each within ``connect_timeout``, and
+        before ``deadline``, that of the frame to send)."""
         best = None
         for lane in self._lanes:  # the usual case, without the lock: every lane is up
             if lane is None or lane.aborted:
@@ -470,19 +640,26 @@ class Peer:
             best = None
             for i, lane in enumerate(self._lanes):
                 if lane is None or lane.aborted:
-                    lane = self._lanes[i] = self._connect()
+                    left = min(self.connect_timeout, deadline - time.monotonic())
+                    if left <= 0:
+                        raise TimeoutError(f"deadline passed before a connection to {self.name} was opened")
+                    lane = self._lanes[i] = self._connect(left)
                 if best is None or lane.load < best.load:
                     best = lane
             assert best is not None
             return best
 
     def send(self, frame: OutFrame) -> None:
-        """Send ``frame`` on the least loaded lane; end it FAILED if no lane can be had."""
+        """Send ``frame`` on the least loaded lane; end it FAILED if no lane can be had. Never raises:
+        the frame may come from ``Lane.abort``, which popped it, and must not be lost."""
         for _ in range(3):
             try:
-                lane = self._pick()
-            except (OSError, SegmentError, ProtocolError, ValueError) as e:
-                self._end(frame, State.FAILED, str(e))
+                lane = self._pick(frame.batch.deadline)
+            except Exception as e:  # noqa: BLE001 - whatever a peer made connecting fail with
+                why = str(e) if isinstance(e, (OSError, SegmentError, ProtocolError, ValueError)) \
+                    else f"connecting to {self.name} failed: {e!r}"
+                late = time.monotonic() >= frame.batch.deadline
+                self._end(frame, State.TIMEOUT if late else State.FAILED, why)
                 return
             if lane.send(frame):
                 return
@@ -494,7 +671,7 @@ class Peer:
         if frame.stage is not None:
             stage, frame.stage = frame.stage, None
             try:
-                if frame.kind == P.READ:  # the bytes are in host staging: move them to the GPU first
+                if frame.kind == P.READ and not batch.done:  # the bytes are in host staging: to the GPU first
                     stage.to_gpu([not statuses[k] for k in frame.staged_at])
             except GpuError as e:
                 self._end(frame, State.FAILED, f"copying received bytes to the GPU failed: {e}")
@@ -539,8 +716,11 @@ class Peer:
                            None if frame.spans is None else [len(mine) for _, mine in entries]))
 
     def fail_frame(self, frame: OutFrame, reason: str) -> None:
-        """A frame's lane died: retry it once on another lane unless its deadline passed."""
-        if time.monotonic() >= frame.batch.deadline:
+        """A frame's lane died: retry it once on another lane unless its deadline passed (or its batch
+        ended: the engine closed)."""
+        if frame.batch.done:
+            self._end(frame, State.FAILED, reason)  # releases a stage; the batch ignores the report
+        elif time.monotonic() >= frame.batch.deadline:
             self._end(frame, State.TIMEOUT, f"deadline passed before {self.name} answered ({reason})")
         elif frame.attempts < MAX_ATTEMPTS and not self.closed:
             frame.attempts += 1

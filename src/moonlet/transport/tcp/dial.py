@@ -50,17 +50,26 @@ def read_control(sock: socket.socket, expect: int, what: str) -> bytes:
     return bytes(body)
 
 
-def authenticate(sock: socket.socket, secret: Secret | None) -> None:
-    """Run the cluster-secret handshake on a fresh connection (nothing to do without a secret)."""
+def authenticate(sock: socket.socket, secret: Secret | None, endpoint: str, name: str | None = None) -> None:
+    """Run the cluster-secret handshake on a fresh connection to ``endpoint`` (nothing to do without a secret).
+
+    The proofs cover ``endpoint`` and, when given, the segment ``name`` meant:
+    a peer that relays the handshake to another engine fails it (see auth.py).
+    """
     if secret is None:
         return
-    auth = InitiatorAuth(secret)
+    auth = InitiatorAuth(secret, endpoint, name)
     sock.sendall(auth.start())
     sock.sendall(auth.finish(read_control(sock, P.AUTH, "authentication")))
 
 
-def dial(endpoint: str, timeout: float, security: Security = PLAIN) -> socket.socket:
+def dial(endpoint: str, timeout: float, security: Security = PLAIN, name: str | None = None) -> socket.socket:
     """A connection to ``endpoint`` that has passed TLS and the secret handshake (blocking, ``timeout`` set).
+
+    ``endpoint`` must be the ``host:port`` the peer advertises (from its
+    descriptor, or its p2p segment name): the handshake proves the peer is the
+    engine advertising it.  ``name``: the segment name meant, when known; a
+    peer with another name refuses the connection.
 
     Raises OSError (ConnectionError) when the peer cannot be reached or TLS fails,
     ProtocolError when the handshake is refused.
@@ -71,7 +80,7 @@ def dial(endpoint: str, timeout: float, security: Security = PLAIN) -> socket.so
         if security.tls is not None:
             sock = security.tls.wrap_client(sock, timeout)
             sock.settimeout(timeout)
-        authenticate(sock, security.secret)
+        authenticate(sock, security.secret, endpoint, name)
     except BaseException:
         sock.close()
         raise

@@ -47,6 +47,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import NamedTuple, Union
 
+from ... import boundedjson
 from ...errors import ProtocolError
 from ...memory import Denied
 
@@ -68,6 +69,7 @@ MAX_ENTRIES = 4096
 MAX_CONTROL_BODY = 64 * 1024  # HELLO / ERROR
 MAX_DESC_BODY = 64 * 1024 * 1024  # a descriptor with very many buffers
 MAX_PAYLOAD = 1 << 48
+MAX_JSON_DEPTH = 32  # arrays and objects in a peer's JSON body (HELLO, CONNECT) nest no deeper
 MAX_STATUS = max(Denied.REASONS)
 MIN_TARGET_TAIL = ENTRY_SIZE  # bytes after the prefix of HELLO / GET_DESC / WRITE / READ frames
 MIN_INITIATOR_TAIL = 1  # bytes after the prefix of HELLO / DESC / RESP / ERROR frames
@@ -234,12 +236,17 @@ def encode_connect(body: dict) -> bytes:
 def decode_connect(body: bytes) -> dict:
     """The CONNECT body as a dict with a string ``service``."""
     try:
-        d = json.loads(body)
+        d = loads_bounded(body)
         if not isinstance(d, dict) or not isinstance(d.get("service", ""), str):
             raise TypeError("CONNECT body must be an object with a string service")
         return d
     except (ValueError, TypeError) as e:
         raise ProtocolError(f"malformed CONNECT body: {e!r}") from None
+
+
+def loads_bounded(body: bytes | str) -> object:
+    """A control frame's JSON body, bounded in nesting (:mod:`moonlet.boundedjson`); ValueError if refused."""
+    return boundedjson.loads(body, MAX_DESC_BODY, MAX_JSON_DEPTH)
 
 
 def encode_get_desc() -> bytes:
@@ -253,7 +260,7 @@ def encode_error(message: str) -> bytes:
 def decode_hello(body: bytes) -> dict:
     """The HELLO body as a dict with at least a string ``name``."""
     try:
-        d = json.loads(body)
+        d = loads_bounded(body)
         if not isinstance(d, dict) or not isinstance(d["name"], str):
             raise TypeError("HELLO body must be an object with a string name")
         if "pid" in d and not isinstance(d["pid"], int):

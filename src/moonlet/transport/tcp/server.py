@@ -11,6 +11,19 @@ more than a whole small transfer.
 Every entry is checked against the registry before a byte moves; a malformed
 frame gets an ERROR reply and the connection is closed; memory is never
 touched on its behalf.
+
+Nothing a peer sends may cost the others more than a bounded share: any
+exception while serving a connection ends that connection only; a refused
+WRITE's bytes are swallowed by one reused scratch buffer; every frame counts
+against a connection's turn, not only payload bytes; a connection stops being
+read while its unsent replies hold too much memory (each queued reply counts a
+fixed overhead plus what was copied), or too many bytes of registered memory,
+or while all connections' queues together hold too much; connections that
+have not authenticated (without a secret: not sent a valid frame) live in a
+small quota of their own, newcomers displacing the oldest; and a periodic
+sweep closes connections that are idle, that did not authenticate in time, or
+whose frame did not arrive in full within the request timeout (releasing what
+it pinned, so later bytes never land).
 """
 
 from __future__ import annotations
@@ -39,8 +52,12 @@ log = logging.getLogger("moonlet.tcp")
 
 _SCRATCH = 1 << 20
 _STAGE_BYTES = 128 << 20  # pinned staging for GPU buffers served over TCP
-_OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this many bytes
-_WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn
+_OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this many bytes (views, mostly) ...
+_HELD_CAP = 4 << 20  # ... or hold this much memory (see _queue) ...
+_HELD_TOTAL = 64 << 20  # ... or, with replies of its own queued, while all queues together hold this much
+_ENTRY_COST = 256  # memory a queued reply holds per buffer besides copied bytes: lists, views, deque slot
+_WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn ...
+_FRAME_COST = 512 << 10  # ... where every frame counts this much besides its payload: 64 frames at most
 _HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
 _NONE: tuple = ()  # no views, nothing pinned
 _SERVED = bytes(1)  # the status table of a one-entry frame served in full
@@ -61,22 +78,26 @@ class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "req_id", "buf", "views", "pinned",
-                 "statuses", "lowat", "out", "out_bytes", "mask", "attach_pid", "stage", "closers", "auth", "authed",
-                 "born", "first")
+                 "statuses", "lowat", "out", "out_bytes", "out_held", "mask", "attach_pid", "stage", "closers",
+                 "auth", "authed", "born", "first", "drain", "busy", "quiet", "since")
 
-    def __init__(self, sock: socket.socket, authed: bool) -> None:
+    def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.auth: TargetAuth | None = None
-        self.authed = authed  # True once the peer proved it holds the cluster secret (or none is set)
+        self.authed = False  # True once the peer proved it holds the cluster secret (none set: sent a valid frame)
         self.born = time.monotonic()
         self.first = True  # no frame read yet
+        self.busy = False  # polled since the last sweep
+        self.quiet = self.born  # when a sweep last found it busy
         self.req_id = 0  # of the request being served
         self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives (see sockio.wake_later)
         self.fd = sock.fileno()
         self.pre = bytearray(_HEAD)
         self.pview = memoryview(self.pre)
-        self.out: deque[list] = deque()  # [bufs, pinned]
+        self.out: deque[list] = deque()  # [bufs, pinned, stage, bytes left, memory held]
         self.out_bytes = 0
+        self.out_held = 0
+        self.drain: deque = _NONE  # type: ignore[assignment]  # the rest of a WRITE with refused entries
         self.mask = _IN
         self.attach_pid = 0  # initiator pid, once HELLO proved it shares our host and PID namespace
         self.closers: list[Callable[[], None]] = []  # side channels (CONNECT) that end with this connection
@@ -91,6 +112,7 @@ class _Conn:
         self.pinned: list[Buffer] = _NONE  # type: ignore[assignment]
         self.statuses = b""
         self.stage = None  # host staging of the GPU entries of the frame being received
+        self.since = 0.0  # when a sweep first saw this frame under way (0: none has)
 
 
 class TcpServer(Reactor):
@@ -109,10 +131,16 @@ class TcpServer(Reactor):
         security: Security = PLAIN,
         max_connections: int = 1024,
         auth_timeout: float = 5.0,
+        request_timeout: float = 30.0,
+        idle_timeout: float = 120.0,
+        max_unauthenticated: int = 64,
     ) -> None:
         """``security``: TLS on every connection, and serve only peers that prove they hold the secret.
-        ``max_connections``: refuse more at once. ``auth_timeout``: drop a connection that has not
-        authenticated within this many seconds."""
+        ``max_connections``: refuse more at once; ``max_unauthenticated`` of them at most not yet
+        authenticated (a newcomer closes the oldest of those). ``auth_timeout``: drop a connection that has
+        not authenticated within this many seconds; ``request_timeout``: ... whose frame has not arrived in
+        full within this many (or whose replies went unread that long); ``idle_timeout``: ... that carried
+        nothing for this many."""
         super().__init__(socket.create_server((host, port), backlog=256), spin_us, max_connections,
                          "moonlet-tcp-server")
         self._registry = registry
@@ -123,8 +151,18 @@ class TcpServer(Reactor):
         self._secret = security.secret
         self._tls = security.tls
         self._auth_timeout = auth_timeout
+        self._request_timeout = request_timeout
+        self._idle_timeout = idle_timeout
+        self._max_pending = min(max_unauthenticated, max_connections)
+        self._pending: dict[int, _Conn] = {}  # connections not authenticated yet, by fd, oldest first
+        self._period = min(1.0, auth_timeout / 2, request_timeout / 4, idle_timeout / 4)  # between sweeps
+        self._wait_ms = max(1, int(self._period * 1000))
         self._next_sweep = 0.0
+        self._held = 0  # memory held by the queued replies of every connection
+        self._throttled: set[_Conn] = set()  # connections not read only because of _HELD_TOTAL
         self.refused = 0  # connections turned away at the limit
+        self.evicted = 0  # unauthenticated connections closed to make room for newcomers
+        self.expired = 0  # connections closed by the sweep (authentication, request or idle timeout)
         self.address: tuple[str, int] = self._sock.getsockname()[:2]
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._stage_pool: StagingPool | None = None
@@ -148,31 +186,95 @@ class TcpServer(Reactor):
     # -- reactor -------------------------------------------------------------------
 
     def _tick(self, now: float) -> None:
-        if self._secret is not None and now >= self._next_sweep:  # busy or idle, stalled peers go
+        if now >= self._next_sweep:  # busy or idle, stalled peers go
             self._sweep(now)
 
     def _serve(self, conn: _Conn, ev: int) -> None:
+        conn.busy = True
         try:
-            if ev & _OUT:
+            if ev & (_OUT | _ERR):  # an error shows as a failed send, and ends the connection
                 self._flush(conn)
             if ev & (_IN | _ERR):
                 self._on_readable(conn)
         except ProtocolError as e:
             log.warning("closing connection after protocol error: %s", e)
-            try:
-                conn.sock.send(P.encode_error(str(e)), socket.MSG_DONTWAIT)
-            except OSError:
-                pass
-            self._drop(conn)
+            self._fail(conn, str(e))
         except OSError:
             self._drop(conn)
+        except Exception as e:  # noqa: BLE001 - whatever a peer's bytes provoke ends its connection only
+            log.error("closing a connection: serving it failed", exc_info=True)
+            self._fail(conn, f"the target failed to serve this connection: {type(e).__name__}: {e}")
+
+    def _fail(self, conn: _Conn, message: str) -> None:
+        """Tell ``conn``'s peer what went wrong (an ERROR frame, if the socket takes it now), then drop it."""
+        try:
+            conn.sock.send(P.encode_error(message), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        self._drop(conn)
 
     def _sweep(self, now: float) -> None:
-        """Drop connections that have not authenticated in time (a peer without the secret, or a stalled one)."""
-        self._next_sweep = now + min(1.0, self._auth_timeout / 2)
-        for conn in [c for c in self._conns.values() if not c.authed and now - c.born > self._auth_timeout]:
-            log.info("dropping a connection that did not authenticate within %.1f s", self._auth_timeout)
+        """Drop connections that outstay their welcome: not authenticated within ``auth_timeout``; a frame
+        not in full ``request_timeout`` after the first sweep that saw it under way; no traffic at all for
+        ``idle_timeout`` (for ``request_timeout`` while replies wait that their peer does not read)."""
+        self._next_sweep = now + self._period
+        stale: dict[_Conn, str] = {}
+        unproven = "did not authenticate" if self._secret is not None else "sent no valid frame"
+        for conn in self._pending.values():  # oldest first
+            if now - conn.born <= self._auth_timeout:
+                break
+            stale[conn] = f"it {unproven} within {self._auth_timeout:g} s"
+        for conn in self._conns.values():
+            if conn.phase:
+                if not conn.since:
+                    conn.since = now
+                elif now - conn.since > self._request_timeout:
+                    stale[conn] = (f"a frame did not arrive in full within {self._request_timeout:g} s "
+                                   "(EngineConfig.request_timeout)")
+            elif conn.busy:
+                conn.busy = False
+                conn.quiet = now
+            elif conn.out:
+                if now - conn.quiet > self._request_timeout:
+                    stale[conn] = f"its peer read none of its replies for {self._request_timeout:g} s"
+            elif now - conn.quiet > self._idle_timeout:
+                stale[conn] = f"idle for {self._idle_timeout:g} s (EngineConfig.idle_timeout)"
+        for conn, why in stale.items():
+            log.info("dropping a connection: %s", why)
+            self.expired += 1
             self._drop(conn)
+
+    def _make_room(self) -> bool:
+        """Whether a newcomer may be admitted: under both limits, or once a connection that has not
+        authenticated yet is closed to make room: the oldest that has still sent nothing when read one last
+        time, else the oldest. Newcomers displace silent sockets before peers half way through the
+        handshake, and a peer whose first bytes came a moment ago is read, not judged silent; peers that got
+        through always stay."""
+        if self._has_room():
+            return True
+        victim = None
+        for conn in list(self._pending.values()):  # oldest first
+            if conn.first and not conn.got:
+                self._serve(conn, _IN)  # a last look: it may have spoken since it was polled
+                if self._has_room():  # it proved itself (no secret set), or failed and went
+                    return True
+                if conn.first and not conn.got and conn.fd in self._pending:
+                    victim = conn
+                    break
+        if victim is None:
+            if not self._pending:
+                return False
+            victim = next(iter(self._pending.values()))
+        self.evicted += 1
+        if self.evicted in (1, 10, 100) or self.evicted % 1000 == 0:
+            log.warning("closed %d connection(s) that had not authenticated, to make room for newcomers "
+                        "(EngineConfig.max_unauthenticated %d, max_connections %d)", self.evicted,
+                        self._max_pending, self._max_conns)
+        self._fail(victim, "closed to make room: too many connections have not authenticated yet")
+        return True
+
+    def _has_room(self) -> bool:
+        return len(self._pending) < self._max_pending and len(self._conns) < self._max_conns
 
     def _refuse(self, sock: socket.socket) -> None:
         self.refused += 1
@@ -189,7 +291,17 @@ class TcpServer(Reactor):
             sock = self._tls.wrap_server(sock, self._auth_timeout)
         sock.setblocking(False)
         tune_socket(sock, self._bufsize)
-        return _Conn(sock, self._secret is None)
+        conn = self._pending[sock.fileno()] = _Conn(sock)
+        return conn
+
+    def _promote(self, conn: _Conn) -> None:
+        """``conn`` proved the secret (none set: sent a valid frame): out of the unauthenticated quota."""
+        conn.authed = True
+        self._pending.pop(conn.fd, None)
+
+    def _forget(self, conn: _Conn) -> bool:
+        self._pending.pop(conn.fd, None)
+        return super()._forget(conn)
 
     def _drop(self, conn: _Conn) -> None:
         if not self._forget(conn):
@@ -197,20 +309,43 @@ class TcpServer(Reactor):
         self._registry.release(conn.pinned)
         if conn.stage is not None:
             conn.stage.release()
-        for _, pinned, stage, _ in conn.out:
+        for _, pinned, stage, _, _ in conn.out:
             self._registry.release(pinned)
             if stage is not None:
                 stage.release()
         conn.out.clear()
+        self._held -= conn.out_held
+        conn.out_held = 0
+        self._throttled.discard(conn)
+        if self._throttled and self._held < _HELD_TOTAL:
+            self._rearm()
         for close in conn.closers:
-            close()
+            try:
+                close()
+            except Exception:  # noqa: BLE001 - a side channel's cleanup failing must not leave the socket open
+                log.error("closing a side channel of a dropped connection failed", exc_info=True)
         conn.sock.close()
 
     def _set_mask(self, conn: _Conn) -> None:
-        mask = (_IN if conn.out_bytes < _OUT_CAP else 0) | (_OUT if conn.out else 0)
+        """Poll for input unless the replies ``conn`` queued are over a cap; for output while any wait."""
+        if conn.out:
+            mask = _OUT
+            if conn.out_bytes < _OUT_CAP and conn.out_held < _HELD_CAP:
+                if self._held < _HELD_TOTAL:
+                    mask = _OUT | _IN
+                else:
+                    self._throttled.add(conn)
+        else:
+            mask = _IN
         if mask != conn.mask:
             conn.mask = mask
             self._poll.modify(conn.fd, mask)
+
+    def _rearm(self) -> None:
+        """All queues together hold less than :data:`_HELD_TOTAL` again: read the connections it stopped."""
+        throttled, self._throttled = self._throttled, set()
+        for conn in throttled:
+            self._set_mask(conn)
 
     # -- input ---------------------------------------------------------------------
 
@@ -218,7 +353,7 @@ class TcpServer(Reactor):
         """Move as many bytes as are available (up to a fair share), frame by frame."""
         budget = _WORK_PER_TURN
         sock = conn.sock
-        while budget > 0 and conn.out_bytes < _OUT_CAP:
+        while budget > 0 and conn.mask & _IN:  # _set_mask takes input away while replies are over a cap
             if conn.phase == 2:
                 n = recv_some(sock, conn.views)
                 if not n:
@@ -238,9 +373,12 @@ class TcpServer(Reactor):
                 break
             conn.got += n
             if conn.got < need:
+                if conn.first and conn.phase == 0 and self._hand_over(conn, bytes(conn.pview[:conn.got])):
+                    return
                 continue
             conn.got = 0
             if conn.phase == 0:
+                budget -= _FRAME_COST
                 self._on_prefix(conn)
                 if conn.phase == 4:
                     return
@@ -250,24 +388,30 @@ class TcpServer(Reactor):
                 self._on_control(conn)
         self._set_mask(conn)
 
+    def _hand_over(self, conn: _Conn, head: bytes) -> bool:
+        """Give a connection whose first bytes ``head`` another protocol claims to it (Mooncake's handshake,
+        whose shortest messages are shorter than a moonlet frame head); False if it stays ours."""
+        if self.foreign is None or head.startswith(P.MAGIC_BYTES) or not self.foreign.claims(head):
+            return False
+        self._forget(conn)
+        conn.phase = 4
+        self.foreign.adopt(conn.sock, head)
+        return True
+
     def _on_prefix(self, conn: _Conn) -> None:
         """The prefix and the 16 bytes after it are in: start the table or body with those 16."""
-        if conn.first:
-            conn.first = False
-            head = bytes(conn.pview)
-            if self.foreign is not None and not head.startswith(P.MAGIC_BYTES) and self.foreign.claims(head):
-                self._forget(conn)
-                conn.phase = 4
-                self.foreign.adopt(conn.sock, head)
-                return
         if conn.authed:
             one = P.parse_single(conn.pre)
             if one is not None and self._on_single(conn, *one):
                 return
+        elif conn.first:  # every connection starts unauthenticated
+            conn.first = False
+            if self._hand_over(conn, bytes(conn.pview)):
+                return
         p = conn.prefix = P.parse_prefix(conn.pre)
         conn.req_id = p.req_id
         kind = p.kind
-        if not conn.authed and kind != P.AUTH:
+        if not conn.authed and kind != P.AUTH and self._secret is not None:
             raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
                                 "secret (set the same MOONLET_SECRET or EngineConfig.secret_file on both sides)")
         if kind in P.REQUESTS:
@@ -318,12 +462,12 @@ class TcpServer(Reactor):
             body = bytes(conn.buf or b"")
             conn._reset()
             if conn.auth is None:
-                conn.auth = TargetAuth(self._secret)
+                conn.auth = TargetAuth(self._secret, self._identity())
                 challenge = conn.auth.challenge(body)
                 self._queue(conn, [challenge], len(challenge))
             else:
                 conn.auth.verify(body)
-                conn.authed = True
+                self._promote(conn)
             return
         elif p.kind == P.CONNECT:
             body = P.decode_connect(bytes(conn.buf or b""))
@@ -336,6 +480,8 @@ class TcpServer(Reactor):
         else:
             reply = P.encode_control(P.DESC, self._describe(), p.req_id)
         conn._reset()
+        if not conn.authed:  # no secret is set (else only AUTH gets here): a valid frame is proof enough
+            self._promote(conn)
         self._queue(conn, [reply], len(reply))
 
     def _attachable(self, conn: _Conn, hello: dict) -> int:
@@ -353,6 +499,8 @@ class TcpServer(Reactor):
     def _on_table(self, conn: _Conn) -> None:
         p = conn.prefix
         assert p is not None and conn.buf is not None
+        if not conn.authed:  # no secret is set (else none gets here): a valid frame is proof enough
+            self._promote(conn)
         kind = p.kind
         if kind == P.PULL or kind == P.PUSH:
             entries = P.parse_entries(p, conn.buf)
@@ -368,7 +516,7 @@ class TcpServer(Reactor):
         write = kind == P.WRITE
         resolved, pinned = self._registry.acquire(entries, write)
         refused: bytearray | None = None  # a status per entry, made at the first refusal
-        views: list[memoryview] = []
+        views: list = []  # memoryviews, and for a WRITE the byte count of each refused entry
         gpu_ranges: list[tuple[int, int, int]] = []
         gpu_slots: list[int] = []  # where each GPU entry's views go in ``views``
         for i, (addr, length) in enumerate(entries):
@@ -386,7 +534,7 @@ class TcpServer(Reactor):
                 refused = bytearray(len(entries))
             refused[i] = buf if type(buf) is int else Denied.NOT_HOST_MEMORY
             if write:
-                views.extend(self._drain_views(length))
+                views.append(length)  # swallowed by the scratch buffer, a MiB at a time (_drain_next)
         statuses = bytes(refused) if refused is not None else bytes(len(entries))
         stage = None
         if gpu_ranges:
@@ -395,6 +543,9 @@ class TcpServer(Reactor):
                 views[slot] = v
         if write:
             conn.views, conn.pinned, conn.statuses, conn.stage, conn.phase = views, pinned, statuses, stage, 2
+            if refused is not None:
+                conn.drain = deque(views)
+                self._drain_next(conn)
             return
         if stage is not None:
             try:
@@ -465,6 +616,9 @@ class TcpServer(Reactor):
         return bytes(statuses)
 
     def _write_done(self, conn: _Conn) -> None:
+        if conn.drain:  # the payload goes on past a refused entry
+            self._drain_next(conn)
+            return
         if conn.stage is not None:
             stage, conn.stage = conn.stage, None
             try:
@@ -481,14 +635,25 @@ class TcpServer(Reactor):
         finally:
             self._registry.release(pinned)
 
-    def _drain_views(self, length: int) -> list[memoryview]:
-        """Scratch views that swallow ``length`` bytes of a refused WRITE entry."""
-        out = []
-        while length > 0:
-            n = min(length, _SCRATCH)
-            out.append(self._scratch[:n])
-            length -= n
-        return out
+    def _drain_next(self, conn: _Conn) -> None:
+        """Point ``conn.views`` at the next stretch of a WRITE payload with refused entries: the views of the
+        served entries up to the next refused one, or the scratch buffer for up to a MiB of a refused entry's
+        bytes. However large the entry (a 40-byte frame may announce 2**48 bytes), they pass through that one
+        reused buffer, never a list that grows with them; the request deadline (see :meth:`_sweep`) ends a
+        payload that does not come. The connection stays usable, and the initiator learns per entry what was
+        refused."""
+        plan = conn.drain
+        item = plan.popleft()
+        if type(item) is int:
+            if item > _SCRATCH:
+                plan.appendleft(item - _SCRATCH)
+                item = _SCRATCH
+            conn.views = [self._scratch[:item]]
+            return
+        views = [item]
+        while plan and type(plan[0]) is not int:
+            views.append(plan.popleft())
+        conn.views = views
 
     # -- output --------------------------------------------------------------------
 
@@ -502,8 +667,16 @@ class TcpServer(Reactor):
                 if stage is not None:
                     stage.release()
                 return
-        conn.out.append([bufs, pinned, stage, nbytes])
+        # What the queued reply costs in memory: per buffer its view and list slot, plus the bytes copied for
+        # it (all of a control or WRITE reply; of a READ reply only the head, the rest being views).
+        if pinned or stage is not None:
+            held = _ENTRY_COST * len(bufs) + (len(bufs[0]) if type(bufs[0]) is bytes else 0)
+        else:
+            held = _ENTRY_COST + nbytes
+        conn.out.append([bufs, pinned, stage, nbytes, held])
         conn.out_bytes += nbytes
+        conn.out_held += held
+        self._held += held
         self._set_mask(conn)
 
     def _flush(self, conn: _Conn) -> None:
@@ -516,7 +689,11 @@ class TcpServer(Reactor):
             if entry[0]:
                 break
             conn.out.popleft()
+            conn.out_held -= entry[4]
+            self._held -= entry[4]
             self._registry.release(entry[1])
             if entry[2] is not None:
                 entry[2].release()
         self._set_mask(conn)
+        if self._throttled and self._held < _HELD_TOTAL:
+            self._rearm()
