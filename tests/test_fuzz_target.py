@@ -6,17 +6,28 @@ import hashlib
 import os
 import socket
 import struct
+from types import SimpleNamespace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from moonlet import TransferEngine
 from moonlet.transport.tcp import protocol as P
 
-TARGET = TransferEngine()
-MEM = bytearray(os.urandom(1 << 20))
-BUF = TARGET.register(MEM)
-HOST, PORT = TARGET.name.rsplit(":", 1)
+SIZE = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def target():
+    """An engine with 1 MiB of random registered memory, closed when the module's tests are done."""
+    with TransferEngine() as eng:
+        mem = bytearray(os.urandom(SIZE))
+        buf = eng.register(mem)
+        host, port = eng.name.rsplit(":", 1)
+        yield SimpleNamespace(engine=eng, mem=mem, buf=buf, host=host, port=int(port),
+                              before=hashlib.sha256(mem).hexdigest())
+
 
 # Frames that look almost right: valid prefix shapes with hostile fields, plus raw noise.
 prefixes = st.builds(
@@ -25,48 +36,48 @@ prefixes = st.builds(
     st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1))
 entries = st.lists(st.tuples(st.integers(0, 2**64 - 1), st.integers(0, 2**64 - 1)), max_size=8).map(
     lambda es: b"".join(struct.pack("<QQ", a, n) for a, n in es))
-near = st.integers(BUF.addr - 4096, BUF.addr + len(MEM) + 4096)
+near = st.integers(-4096, SIZE + 4096)  # offsets from the registered buffer's start
 
 
-def _bad_write(es, extra, body):
-    """A WRITE aimed at registered memory whose announced payload does not match its entries."""
-    table = b"".join(struct.pack("<QQ", a, n) for a, n in es)
+def _bad_write(base, es, extra, body):
+    """A WRITE aimed at registered memory (``es``: offsets from ``base``) whose announced payload does not
+    match its entries."""
+    table = b"".join(struct.pack("<QQ", base + a, n) for a, n in es)
     plen = max(0, sum(n for _, n in es) + extra)  # extra != 0, and the sum is >= 1: never equal
     if plen == sum(n for _, n in es):
         plen += 1
     return struct.pack("<HBBIQQ", P.MAGIC, P.VERSION, P.WRITE, len(es), 1, plen) + table + body
 
 
-bad_writes = st.builds(_bad_write, st.lists(st.tuples(near, st.integers(1, 4096)), min_size=1, max_size=4),
+bad_writes = st.tuples(st.lists(st.tuples(near, st.integers(1, 4096)), min_size=1, max_size=4),
                        st.integers(1, 1 << 20) | st.integers(-(1 << 20), -1), st.binary(max_size=512))
 frames = (st.tuples(prefixes, entries, st.binary(max_size=256)).map(lambda t: b"".join(t))
           | st.binary(max_size=512) | bad_writes)
 
 
-def digest() -> str:
-    return hashlib.sha256(MEM).hexdigest()
+def digest(target) -> str:
+    return hashlib.sha256(target.mem).hexdigest()
 
 
-def good_request_works() -> bool:
-    with socket.create_connection((HOST, int(PORT)), timeout=5) as s:
-        s.sendall(P.encode_request(P.READ, 1, [(BUF.addr + 100, 32)]))
+def good_request_works(target) -> bool:
+    with socket.create_connection((target.host, target.port), timeout=5) as s:
+        s.sendall(P.encode_request(P.READ, 1, [(target.buf.addr + 100, 32)]))
         got = b""
         while len(got) < P.PREFIX_SIZE + 1 + 32:
             chunk = s.recv(4096)
             if not chunk:
                 return False
             got += chunk
-        return got[P.PREFIX_SIZE + 1:] == bytes(MEM[100:132])
-
-
-BEFORE = digest()
+        return got[P.PREFIX_SIZE + 1:] == bytes(target.mem[100:132])
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(frames, min_size=1, max_size=3))
-def test_malformed_frames_change_nothing(payloads):
-    with socket.create_connection((HOST, int(PORT)), timeout=5) as s:
+def test_malformed_frames_change_nothing(target, payloads):
+    with socket.create_connection((target.host, target.port), timeout=5) as s:
         for data in payloads:
+            if isinstance(data, tuple):  # a bad WRITE, aimed at the buffer's address
+                data = _bad_write(target.buf.addr, *data)
             try:
                 s.sendall(data)
             except OSError:
@@ -78,11 +89,11 @@ def test_malformed_frames_change_nothing(payloads):
                 pass
         except OSError:
             pass
-    assert digest() == BEFORE
-    assert good_request_works()
+    assert digest(target) == target.before
+    assert good_request_works(target)
 
 
-def test_target_stays_up_after_fuzzing():
-    assert good_request_works()
-    assert digest() == BEFORE
-    assert TARGET.descriptor().buffers[0]["addr"] == BUF.addr
+def test_target_stays_up_after_fuzzing(target):
+    assert good_request_works(target)
+    assert digest(target) == target.before
+    assert target.engine.descriptor().buffers[0]["addr"] == target.buf.addr

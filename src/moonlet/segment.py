@@ -91,7 +91,7 @@ class SegmentDescriptor:
         buffers and NICs bounded), so nothing malformed gets past here to fail
         later in a transport.  Unknown fields are ignored (newer versions may add some).
         """
-        d = _parse(data.encode("utf-8", "surrogateescape") if isinstance(data, str) else data) \
+        d = _parse(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data) \
             if isinstance(data, (bytes, bytearray, str)) else data
         if type(d) is not dict:
             raise SegmentError(f"malformed segment descriptor: not a JSON object but {type(d).__name__}")

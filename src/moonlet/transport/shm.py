@@ -67,7 +67,7 @@ class SameHostTransport(Transport):
         return self._tcp.endpoint()
 
     def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
-        return ("shm" in peer.endpoints and peer.host == self._host and peer.pidns == self._pidns
+        return ("shm" in peer.endpoints and "tcp" in peer.endpoints and peer.host == self._host and peer.pidns == self._pidns
                 and peer.pid != self._pid and local.is_host and remote["location"].startswith("cpu:")
                 and (peer.name, peer.instance) not in self._refused)
 
