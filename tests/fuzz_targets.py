@@ -24,14 +24,15 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Callable, Iterator
+from functools import cache, lru_cache
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from helpers.net import connect, raw_read
 from moonlet import EngineConfig, MoonletError, TransferEngine
 from moonlet.segment import host_identity
 from moonlet.transport import cma
@@ -112,7 +113,7 @@ def _nest(depth: int, opener: str, closed: bool, inner: bytes) -> bytes:
     return head + inner + (tail if closed else b"")
 
 
-@lru_cache(maxsize=None)
+@cache
 def deep_values() -> st.SearchStrategy[bytes]:
     """Nesting far past any parser's recursion limit, with the 60000-deep array the issue names."""
     return st.one_of(
@@ -123,12 +124,12 @@ def deep_values() -> st.SearchStrategy[bytes]:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def long_strings() -> st.SearchStrategy[bytes]:
     return st.builds(lambda n, c: b'"' + c * n + b'"', st.integers(1000, 60000), st.sampled_from([b"x", b"\\u00e9"]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def scalars() -> st.SearchStrategy[bytes]:
     return st.one_of(
         st.sampled_from(NUMBERS), st.sampled_from(STRINGS), st.sampled_from(OTHERS),
@@ -138,7 +139,7 @@ def scalars() -> st.SearchStrategy[bytes]:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def values() -> st.SearchStrategy[bytes]:
     """Any hostile JSON value (text): scalars, small containers of them, deep nesting, long strings."""
     containers = st.recursive(
@@ -168,7 +169,7 @@ def good_or(good: list, optional: bool = False) -> Field:
     return Field(st.sampled_from(enc), values(), optional)
 
 
-def obj(fields: dict[str, "Field | st.SearchStrategy[bytes]"]) -> st.SearchStrategy[bytes]:
+def obj(fields: dict[str, Field | st.SearchStrategy[bytes]]) -> st.SearchStrategy[bytes]:
     """A JSON object (text) with the keys a reader looks for.
 
     Often every key is good (so a reader gets past its checks to the code that uses the values), often
@@ -203,7 +204,7 @@ def _object(draw, spec: tuple) -> bytes:
     return b"{" + b",".join(draw(st.permutations(items))) + b"}"
 
 
-@lru_cache(maxsize=None)
+@cache
 def json_texts() -> st.SearchStrategy[bytes]:
     """Any hostile JSON text, or raw bytes."""
     return st.one_of(values(), st.binary(max_size=128))
@@ -334,7 +335,7 @@ class ThreadDeaths:
         self.seen: list[str] = []
         self._old = threading.excepthook
 
-    def __enter__(self) -> "ThreadDeaths":
+    def __enter__(self) -> ThreadDeaths:
         def hook(args: threading.ExceptHookArgs) -> None:
             name = args.thread.name if args.thread is not None else "?"
             self.seen.append(f"thread {name!r} died: {args.exc_type.__name__}: {str(args.exc_value)[:300]}")
@@ -348,14 +349,6 @@ class ThreadDeaths:
     def take(self) -> list[str]:
         out, self.seen = self.seen, []
         return out
-
-
-def wait_threads(limit: int, timeout: float = 5.0) -> int:
-    """Wait until at most ``limit`` threads run in this process; the count at the end."""
-    deadline = time.monotonic() + timeout
-    while threading.active_count() > limit and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return threading.active_count()
 
 
 # -- a live target and its liveness check --------------------------------------------------------------
@@ -414,7 +407,7 @@ class LiveTarget:
         self.close()
         self.deaths.__exit__()
 
-    def ready(self) -> "LiveTarget":
+    def ready(self) -> LiveTarget:
         """Rebuild the target if the last check found it dead or damaged; forget thread deaths seen so far
         (every installed hook sees every death: another target's belong to its own test)."""
         if self.broken:
@@ -428,15 +421,9 @@ class LiveTarget:
         assert self.engine is not None
         return self.engine.name
 
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.name.rsplit(":", 1)
-        return host, int(port)
-
     def connect(self, authed: bool = True) -> socket.socket:
         """A fresh connection to the target (authenticated when it has a secret and ``authed``)."""
-        sock = socket.create_connection(self.address, timeout=SOCKET_TIMEOUT)
-        sock.settimeout(SOCKET_TIMEOUT)
+        sock = connect(self.name, SOCKET_TIMEOUT)
         if authed and self.secret is not None:
             authenticate(sock, self.secret, self.name)
         return sock
@@ -485,12 +472,7 @@ class LiveTarget:
         and reads them back."""
         off = 1000 + int.from_bytes(os.urandom(2), "little") % (MEM_SIZE - 2000)
         with self.connect() as sock:
-            sock.sendall(P.encode_request(P.READ, 7, [(self.buf.addr + off, 512)]))
-            reply = bytearray()
-            while len(reply) < P.PREFIX_SIZE + 1 + 512:
-                chunk = sock.recv(65536)
-                assert chunk, "the target closed a fresh connection instead of serving a READ"
-                reply += chunk
+            reply = raw_read(sock, self.buf.addr + off, 512, req_id=7)
         p = P.parse_prefix(reply)
         assert (p.kind, p.req_id, reply[P.PREFIX_SIZE]) == (P.RESP, 7, 0), f"bad answer to a good READ: {reply[:40]!r}"
         assert reply[P.PREFIX_SIZE + 1:] == self.shadow[off:off + 512], "a good READ returned the wrong bytes"

@@ -11,12 +11,11 @@ commands, one per line, answering each with one JSON line:
 """
 
 import argparse
-import hashlib
 import json
-import mmap
 import os
 import sys
 
+from helpers.memory import random_mmap, sha
 from moonlet import EngineConfig, TransferEngine
 from moonlet.memory import view_at
 
@@ -75,8 +74,7 @@ def main() -> None:
             gpu.memcpy(ptr, view_addr(data), size, args.gpu)
             gpu_ranges.append((ptr, size))
             return eng.register(ptr, size, **rights).addr
-        mem = mmap.mmap(-1, size)
-        mem[:] = os.urandom(size)
+        mem = random_mmap(size)
         keep.append(mem)
         return eng.register(mem, **rights).addr
 
@@ -104,7 +102,7 @@ def main() -> None:
             print(json.dumps({"ok": True}), flush=True)
         elif cmd == "digest":
             a, n = int(rest[0]), int(rest[1])
-            print(json.dumps({"sha256": hashlib.sha256(read_back(a, n)).hexdigest()}), flush=True)
+            print(json.dumps({"sha256": sha(read_back(a, n))}), flush=True)
         elif cmd == "exit":
             break
     eng.close()

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import mmap
 import os
-import socket
+import threading
 import time
 
 import pytest
 
+from helpers.engines import initiator
+from helpers.memory import register_random, sha
+from helpers.net import connect
 from moonlet import EngineConfig, MetadataServer, TransferEngine
+from moonlet import engine as engine_module
 from moonlet.batch import Op, Request, State
 from moonlet.errors import ConfigError, MetadataError
 from moonlet.transport.tcp import protocol as P
@@ -23,29 +25,15 @@ SECRET = "correct horse battery staple"
 OTHER = "incorrect horse battery staple"
 
 
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def engine(secret: str | None, **kw) -> TransferEngine:
-    return TransferEngine(config=EngineConfig(secret=secret, transports=("tcp",), request_timeout=5.0, **kw))
-
-
 @pytest.fixture
 def guarded(peer_factory):
     """A target engine in another process that holds SECRET."""
     return peer_factory("--config", json.dumps({"secret": SECRET}))
 
 
-def memory(eng: TransferEngine, size: int = 1 << 20):
-    m = mmap.mmap(-1, size)
-    m[:] = os.urandom(size)
-    return eng.register(m), m
-
-
 def test_same_secret_moves_bytes(guarded):
-    with engine(SECRET) as eng:
-        buf, m = memory(eng)
+    with initiator(secret=SECRET) as eng:
+        buf, m = register_random(eng, 1 << 20)
         seg = eng.open_segment(guarded.name)
         eng.write(buf.addr, seg, guarded.addr, 1 << 20)
         assert guarded.digest(guarded.addr, 1 << 20) == sha(m[:])
@@ -54,7 +42,7 @@ def test_same_secret_moves_bytes(guarded):
 
 
 def test_no_secret_gets_nothing(guarded):
-    with engine(None) as eng:
+    with initiator() as eng:
         with pytest.raises(MetadataError, match="authentication required"):
             eng.open_segment(guarded.name)  # p2p: not even the descriptor
 
@@ -64,7 +52,7 @@ def test_no_secret_through_a_metadata_server_is_refused_on_the_data_path(peer_fa
         target = peer_factory("--metadata", server.url, "--name", "t1", "--config", json.dumps({"secret": SECRET}))
         before = target.digest(target.addr, 1 << 20)
         with TransferEngine("i1", server.url, config=EngineConfig(transports=("tcp",))) as eng:
-            buf, _ = memory(eng)
+            buf, _ = register_random(eng, 1 << 20)
             seg = eng.open_segment("t1")  # the descriptor is public here; the memory is not
             st = eng.submit([Request(Op.WRITE, buf.addr, seg, target.addr, 4096)]).wait()[0]
             assert st.state is State.FAILED and "authentication required" in st.reason
@@ -73,28 +61,23 @@ def test_no_secret_through_a_metadata_server_is_refused_on_the_data_path(peer_fa
 
 def test_wrong_secret_is_refused_and_writes_nothing(guarded):
     before = guarded.digest(guarded.addr, 1 << 20)
-    with engine(OTHER) as eng:
+    with initiator(secret=OTHER) as eng:
         with pytest.raises(MetadataError, match="failed to prove it holds the cluster secret"):
             eng.open_segment(guarded.name)
     assert guarded.digest(guarded.addr, 1 << 20) == before
 
 
 def test_initiator_with_a_secret_refuses_a_target_without_one(peer):
-    with engine(SECRET) as eng:
+    with initiator(secret=SECRET) as eng:
         with pytest.raises(MetadataError, match="has no cluster secret"):
             eng.open_segment(peer.name)
 
 
-def _connect(target: TransferEngine) -> socket.socket:
-    host, port = target.name.rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=5)
-
-
 def test_a_recorded_proof_cannot_be_replayed():
-    with engine(SECRET) as target:
-        buf, m = memory(target)
+    with initiator(secret=SECRET) as target:
+        buf, m = register_random(target, 1 << 20)
         secret = Secret(SECRET.encode())
-        with _connect(target) as s:  # an honest session, recorded
+        with connect(target.name) as s:  # an honest session, recorded
             auth = InitiatorAuth(secret, target.name)
             opening = auth.start()
             s.sendall(opening)
@@ -102,7 +85,7 @@ def test_a_recorded_proof_cannot_be_replayed():
             s.sendall(proof)
             s.sendall(P.encode_get_desc())
             assert json.loads(_read_control(s, P.DESC, "GET_DESC"))["name"] == target.name
-        with _connect(target) as s:  # the attacker replays both messages
+        with connect(target.name) as s:  # the attacker replays both messages
             s.sendall(opening)
             _read_control(s, P.AUTH, "auth")  # a fresh challenge, so the old proof no longer fits
             s.sendall(proof)
@@ -113,9 +96,8 @@ def test_a_recorded_proof_cannot_be_replayed():
 
 
 def test_frames_before_authentication_are_refused(guarded):
-    host, port = guarded.name.rsplit(":", 1)
     before = guarded.digest(guarded.addr, 4096)
-    with socket.create_connection((host, int(port)), timeout=5) as s:
+    with connect(guarded.name) as s:
         s.sendall(P.encode_request(P.WRITE, 1, [(guarded.addr, 4096)]) + os.urandom(4096))
         with pytest.raises(Exception, match="authentication required"):
             _read_control(s, P.RESP, "WRITE")
@@ -123,21 +105,21 @@ def test_frames_before_authentication_are_refused(guarded):
 
 
 def test_silent_connections_are_dropped_after_the_auth_deadline():
-    with engine(SECRET, connect_timeout=1.0) as target:
-        with _connect(target) as s:
+    with initiator(secret=SECRET, connect_timeout=1.0) as target:
+        with connect(target.name) as s:
             time.sleep(2.5)
             assert s.recv(1) == b""  # closed by the target
 
 
 def test_connection_limit():
-    with engine(SECRET, max_connections=3) as target:
-        held = [_connect(target) for _ in range(3)]
+    with initiator(secret=SECRET, max_connections=3) as target:
+        held = [connect(target.name) for _ in range(3)]
         for s in held:  # authenticated: a newcomer displaces only connections that are not
             auth = InitiatorAuth(Secret(SECRET.encode()), target.name)
             s.sendall(auth.start())
             s.sendall(auth.finish(_read_control(s, P.AUTH, "auth")))
         time.sleep(0.2)
-        with _connect(target) as extra:
+        with connect(target.name) as extra:
             with pytest.raises(Exception, match="too many connections"):
                 _read_control(extra, P.HELLO, "HELLO")
         for s in held:
@@ -149,7 +131,7 @@ def test_the_secret_never_shows(caplog, guarded):
     assert SECRET not in repr(cfg) and SECRET not in str(cfg)
     assert SECRET not in repr(load_secret(SECRET, None))
     caplog.set_level(logging.DEBUG, logger="moonlet")
-    with engine(OTHER) as eng:
+    with initiator(secret=OTHER) as eng:
         with pytest.raises(MetadataError) as err:
             eng.open_segment(guarded.name)
     assert OTHER not in str(err.value) and OTHER not in caplog.text and SECRET not in caplog.text
@@ -174,7 +156,8 @@ def test_secret_sources(tmp_path, monkeypatch):
 
 def test_without_a_secret_the_engine_says_so(caplog, monkeypatch):
     monkeypatch.delenv("MOONLET_SECRET", raising=False)
+    monkeypatch.setattr(engine_module, "_no_secret_warned", threading.Lock())  # said once per process: not yet
     caplog.set_level(logging.WARNING, logger="moonlet")
-    with engine(None):
+    with initiator():
         pass
     assert "NO cluster secret" in caplog.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import socket
@@ -11,6 +10,7 @@ import time
 
 import pytest
 
+from helpers.memory import sha
 from moonlet import (
     ConfigError,
     EngineConfig,
@@ -25,10 +25,6 @@ from moonlet import (
     TransferError,
 )
 from moonlet.transport.tcp import protocol as P
-
-
-def sha(view) -> str:
-    return hashlib.sha256(view).hexdigest()
 
 
 def test_unknown_segment_p2p(engine):
@@ -121,6 +117,18 @@ def test_zero_and_negative_length(engine, local, peer):
         engine.submit([Request(Op.READ, buf.addr, seg, peer.addr, -5)])
     with pytest.raises(TransferError, match="op must be"):
         engine.submit([Request("write", buf.addr, seg, peer.addr, 5)])
+
+
+def test_bad_segment_reference(engine, local, peer):
+    """A request whose segment is neither a Segment nor a name is refused naming it, first or later in a batch."""
+    buf, _ = local
+    seg = engine.open_segment(peer.name)
+    for ref in (None, 42):
+        with pytest.raises(SegmentError, match=f"segment must be a Segment .* got {ref!r}"):
+            engine.submit([Request(Op.WRITE, buf.addr, ref, peer.addr, 16)])
+        with pytest.raises(SegmentError, match=f"segment must be a Segment .* got {ref!r}"):
+            engine.submit([Request(Op.WRITE, buf.addr, seg, peer.addr, 16),
+                           Request(Op.WRITE, buf.addr, ref, peer.addr, 16)])
 
 
 def test_registration_errors(engine):

@@ -21,7 +21,6 @@ runs thousands: ``MOONLET_FUZZ_EXAMPLES=2000 python -m pytest -q tests/test_fuzz
 
 from __future__ import annotations
 
-import http.client
 import itertools
 import json
 import os
@@ -32,13 +31,40 @@ import time
 
 import pytest
 from hypothesis import event, example, given
-from hypothesis.errors import InvalidArgument
 from hypothesis import strategies as st
+from hypothesis.errors import InvalidArgument
 
-from fuzz_targets import (EXAMPLES, HOST, NAME, NAME_TEXT, PIDNS, SECRET, SOCKET_TIMEOUT, U64, Blob, Control,
-                          LiveTarget, ThreadDeaths, check_descriptor, check_replies, deep_values, descriptor_texts,
-                          drain, fuzz_settings, good_or, json_texts, live_target, obj, pad, u64, values, wait_threads,
-                          weighted)
+from fuzz_targets import (
+    EXAMPLES,
+    HOST,
+    NAME,
+    NAME_TEXT,
+    PIDNS,
+    SECRET,
+    SOCKET_TIMEOUT,
+    U64,
+    Blob,
+    Control,
+    LiveTarget,
+    ThreadDeaths,
+    check_descriptor,
+    check_replies,
+    deep_values,
+    descriptor_texts,
+    drain,
+    fuzz_settings,
+    good_or,
+    json_texts,
+    live_target,
+    obj,
+    pad,
+    u64,
+    values,
+    weighted,
+)
+from helpers.net import metadata_http
+from helpers.procs import wait_threads
+from helpers.stores import Store
 from moonlet import EngineConfig, MetadataServer, MoonletError, ProtocolError, SegmentError, TransferEngine
 from moonlet.metadata import connect as connect_metadata
 from moonlet.metadata.mooncake import exchange
@@ -46,7 +72,6 @@ from moonlet.segment import SegmentDescriptor
 from moonlet.transport.mooncake import protocol as MP
 from moonlet.transport.tcp import protocol as P
 from moonlet.transport.tcp.auth import InitiatorAuth
-from stores import Store
 
 # pyproject's 120 s per test is for the default case count; a long run (the lab guest's) gets time to match
 pytestmark = pytest.mark.timeout(120 + EXAMPLES // 2)
@@ -623,16 +648,6 @@ def _truncated_put(req: tuple, key: bytes) -> int | None:
     return n if len(body) < n <= 64 << 20 else None
 
 
-def _http(server: MetadataServer, method: str, key: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(server.host, server.port, timeout=SOCKET_TIMEOUT)
-    try:
-        conn.request(method, f"/metadata?key={key}", body=body)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
 class _HttpWatch:
     """The metadata server under attack, with a record of exceptions its handlers did not handle."""
 
@@ -678,15 +693,16 @@ def test_http_requests_keep_the_metadata_server_alive(http_target, requests, end
         else:
             _end(sock, ending)
         value = os.urandom(32).hex().encode()
-        assert _http(server, "PUT", "fz-check", value)[0] == 200, "a good PUT failed"
-        assert _http(server, "GET", "fz-check") == (200, value), "a good GET did not return the value just PUT"
+        assert metadata_http(server, "PUT", "fz-check", value, SOCKET_TIMEOUT)[0] == 200, "a good PUT failed"
+        assert metadata_http(server, "GET", "fz-check", timeout=SOCKET_TIMEOUT) == (200, value), \
+            "a good GET did not return the value just PUT"
     finally:
         _close_hard(sock) if ending == "hold" else sock.close()
     after = wait_threads(before)
     assert after <= before, f"{after - before} handler threads left running after their connections closed"
     announced = _truncated_put(requests[-1], key) if len(requests) == 1 else None
     if announced is not None:
-        status, stored = _http(server, "GET", key.decode())
+        status, stored = metadata_http(server, "GET", key.decode(), timeout=SOCKET_TIMEOUT)
         assert status == 404 or len(stored) == announced, \
             f"a PUT announcing {announced} bytes that sent {len(requests[-1][-1])} stored {len(stored)} bytes"
     assert not watch.escaped, f"an exception escaped a request handler: {watch.escaped.pop()}"

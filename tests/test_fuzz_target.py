@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import struct
@@ -12,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from helpers.memory import sha
+from helpers.net import raw_read
 from moonlet import TransferEngine
 from moonlet.transport.tcp import protocol as P
 
@@ -26,7 +27,7 @@ def target():
         buf = eng.register(mem)
         host, port = eng.name.rsplit(":", 1)
         yield SimpleNamespace(engine=eng, mem=mem, buf=buf, host=host, port=int(port),
-                              before=hashlib.sha256(mem).hexdigest())
+                              before=sha(mem))
 
 
 # Frames that look almost right: valid prefix shapes with hostile fields, plus raw noise.
@@ -55,19 +56,12 @@ frames = (st.tuples(prefixes, entries, st.binary(max_size=256)).map(lambda t: b"
           | st.binary(max_size=512) | bad_writes)
 
 
-def digest(target) -> str:
-    return hashlib.sha256(target.mem).hexdigest()
-
-
 def good_request_works(target) -> bool:
     with socket.create_connection((target.host, target.port), timeout=5) as s:
-        s.sendall(P.encode_request(P.READ, 1, [(target.buf.addr + 100, 32)]))
-        got = b""
-        while len(got) < P.PREFIX_SIZE + 1 + 32:
-            chunk = s.recv(4096)
-            if not chunk:
-                return False
-            got += chunk
+        try:
+            got = raw_read(s, target.buf.addr + 100, 32, req_id=1)
+        except ConnectionError:
+            return False
         return got[P.PREFIX_SIZE + 1:] == bytes(target.mem[100:132])
 
 
@@ -89,11 +83,11 @@ def test_malformed_frames_change_nothing(target, payloads):
                 pass
         except OSError:
             pass
-    assert digest(target) == target.before
+    assert sha(target.mem) == target.before
     assert good_request_works(target)
 
 
 def test_target_stays_up_after_fuzzing(target):
     assert good_request_works(target)
-    assert digest(target) == target.before
+    assert sha(target.mem) == target.before
     assert target.engine.descriptor().buffers[0]["addr"] == target.buf.addr

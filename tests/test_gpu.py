@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 
 import pytest
 
-from moonlet import MemoryAccessError, Op, Request, State, TransferEngine
-from moonlet import gpu
+from helpers.memory import sha
+from moonlet import MemoryAccessError, Op, Request, State, TransferEngine, gpu
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not gpu.available(), reason=f"no usable CUDA here: {gpu.unavailable_reason()}")]
 
 MiB = 1 << 20
-
-
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def addr_of(buf: bytearray) -> int:
@@ -201,7 +196,8 @@ def test_gpu_memory_over_tcp(peer_factory, local_gpu, remote_gpu):
                     Request(Op.WRITE, buf.addr + 6 * MiB, seg, target.addr + 8 * MiB, 4096)]
             statuses = engine_batch(eng, reqs)
             assert {s.transport for s in statuses} == {"tcp"}
-            bad = [k for k in range(5) if target.digest(target.addr + 11 + k * MiB, MiB) != sha(data[k * MiB:(k + 1) * MiB])]
+            bad = [k for k in range(5)
+                   if target.digest(target.addr + 11 + k * MiB, MiB) != sha(data[k * MiB:(k + 1) * MiB])]
             assert not bad, f"slices {bad} of the 5 MiB write differ"
             assert target.digest(target.addr + 11, 5 * MiB + 3) == sha(data[:5 * MiB + 3])
             assert target.digest(target.addr + 8 * MiB, 4096) == sha(data[6 * MiB:6 * MiB + 4096])

@@ -3,9 +3,7 @@ metadata server under abuse (cut-off, stalled and oversized PUTs) -- real server
 
 from __future__ import annotations
 
-import http.client
 import json
-import mmap
 import os
 import select
 import socket
@@ -14,23 +12,21 @@ import time
 
 import pytest
 
-from moonlet import EngineConfig, MetadataServer, SegmentError, TransferEngine
+from helpers.engines import initiator
+from helpers.memory import register_random
+from helpers.net import connect, metadata_http
+from helpers.procs import rss_kib, wait_threads
+from helpers.stores import Store
+from moonlet import MetadataServer, SegmentError
 from moonlet.errors import ProtocolError
 from moonlet.metadata import EtcdMetadata, HttpMetadata, RedisMetadata
 from moonlet.segment import SegmentDescriptor
 from moonlet.transport.tcp import protocol as P
 from moonlet.transport.tcp.auth import Secret
 from moonlet.transport.tcp.dial import Security, dial
-from stores import Store
 
 SECRET = "correct horse battery staple"
 TIMEOUT = 5.0
-
-
-def engine(name: str | None, metadata: str, secret: str | None = None) -> TransferEngine:
-    return TransferEngine(name, metadata, config=EngineConfig(
-        secret=secret, transports=("tcp",), request_timeout=TIMEOUT, connect_timeout=TIMEOUT,
-        metadata_timeout=TIMEOUT))
 
 
 def descriptor(**fields) -> bytes:
@@ -115,7 +111,7 @@ class FakePeer:
                 except (OSError, ProtocolError):
                     pass
 
-    def __enter__(self) -> "FakePeer":
+    def __enter__(self) -> FakePeer:
         self._thread.start()
         return self
 
@@ -137,7 +133,7 @@ def test_every_store_hands_hostile_descriptors_to_the_check(store):
     """Poisoned descriptors planted in a store (or served by a peer) are refused by open_segment with a
     SegmentError naming the field; nothing else escapes and no request gets as far as a transport."""
     kind, url, planter = store
-    with engine("reader", url) as eng:
+    with initiator("reader", url) as eng:
         name = planter.name if kind == "p2p" else "victim"
         for case, (data, field) in HOSTILE.items():
             if kind == "p2p":
@@ -183,8 +179,7 @@ class Relay:
             t.start()
 
     def _relay(self, down: socket.socket) -> None:
-        host, port = self._target.rsplit(":", 1)
-        with down, socket.create_connection((host, int(port)), timeout=TIMEOUT) as up:
+        with down, connect(self._target, TIMEOUT) as up:
             self._pump(down, up)
             self.outcomes.append(self._use(up))
 
@@ -231,23 +226,13 @@ def guarded(peer_factory):
         yield srv, target
 
 
-def _http(srv: MetadataServer, method: str, key: str, body: bytes | None = None) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=TIMEOUT)
-    try:
-        conn.request(method, f"/metadata?key={key}", body=body)
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()
-
-
 @pytest.mark.parametrize("forgery", ["seal kept", "seal dropped"])
 def test_store_writer_without_the_secret_cannot_reroute_a_segment(guarded, forgery):
     """The attacker rewrites the victim's endpoints.tcp in the HTTP store to its relay; the honest initiator
     refuses the descriptor, the relay never gets an authenticated channel, the target's bytes are unchanged."""
     srv, target = guarded
     before = target.digest(target.addr, 1 << 20)
-    status, raw = _http(srv, "GET", "moonlet/segments/victim")
+    status, raw = metadata_http(srv, "GET", "moonlet/segments/victim")
     assert status == 200
     d = json.loads(raw)
     relay = Relay(d["endpoints"]["tcp"], target.addr)
@@ -255,11 +240,10 @@ def test_store_writer_without_the_secret_cannot_reroute_a_segment(guarded, forge
         d["endpoints"]["tcp"] = relay.endpoint
         if forgery == "seal dropped":
             d.pop("hmac", None)
-        assert _http(srv, "PUT", "moonlet/segments/victim", json.dumps(d, separators=(",", ":")).encode())[0] == 200
-        with engine("honest", srv.url, SECRET) as eng:
-            mem = mmap.mmap(-1, 1 << 16)
-            mem[:] = os.urandom(1 << 16)
-            buf = eng.register(mem)
+        forged = json.dumps(d, separators=(",", ":")).encode()
+        assert metadata_http(srv, "PUT", "moonlet/segments/victim", forged)[0] == 200
+        with initiator("honest", srv.url, secret=SECRET) as eng:
+            buf, _ = register_random(eng, 1 << 16)
             with pytest.raises(SegmentError, match="not signed with the cluster secret" if forgery == "seal dropped"
                                else "wrong signature"):
                 eng.open_segment("victim")
@@ -274,9 +258,9 @@ def test_a_sealed_descriptor_is_valid_only_under_its_own_name(guarded, peer_fact
     """A store writer copies one engine's (validly sealed) descriptor under another segment's name."""
     srv, target = guarded
     peer_factory("--metadata", srv.url, "--name", "other", "--config", json.dumps({"secret": SECRET}))
-    _, raw = _http(srv, "GET", "moonlet/segments/victim")
-    assert _http(srv, "PUT", "moonlet/segments/other", raw)[0] == 200
-    with engine("honest", srv.url, SECRET) as eng:
+    _, raw = metadata_http(srv, "GET", "moonlet/segments/victim")
+    assert metadata_http(srv, "PUT", "moonlet/segments/other", raw)[0] == 200
+    with initiator("honest", srv.url, secret=SECRET) as eng:
         with pytest.raises(SegmentError, match="wrong signature"):
             eng.open_segment("other")
         assert eng.open_segment("victim").descriptor.pid == target.pid  # the real one still opens
@@ -286,7 +270,7 @@ def test_unsigned_descriptors_are_refused_when_a_secret_is_set(guarded):
     """An engine without the secret publishes to the same store: engines with the secret refuse its
     descriptor, saying why; without a secret nothing changes (they open each other as before)."""
     srv, _ = guarded
-    with engine("plain", srv.url) as plain, engine("honest", srv.url, SECRET) as eng:
+    with initiator("plain", srv.url) as plain, initiator("honest", srv.url, secret=SECRET) as eng:
         with pytest.raises(SegmentError, match="not signed with the cluster secret"):
             eng.open_segment("plain")
         assert plain.open_segment("victim").name == "victim"  # a secret engine's descriptor reads as before
@@ -318,7 +302,7 @@ def test_a_proof_made_for_the_relay_is_refused_by_the_target(peer_factory):
     target = peer_factory("--config", json.dumps({"secret": SECRET}))
     relay = Relay(target.name, target.addr)
     try:
-        with socket.create_connection(("127.0.0.1", int(relay.endpoint.rsplit(":", 1)[1])), timeout=TIMEOUT) as s:
+        with connect(relay.endpoint, TIMEOUT) as s:
             opening = os.urandom(NONCE)
             s.sendall(P.encode_control(P.AUTH, opening))
             head = s.recv(P.PREFIX_SIZE, socket.MSG_WAITALL)
@@ -359,19 +343,12 @@ def _status(s: socket.socket) -> str:
 
 def test_a_cut_off_put_is_not_stored(metadata_server):
     good = descriptor()
-    assert _http(metadata_server, "PUT", "k", good) == (200, b"metadata updated")
+    assert metadata_http(metadata_server, "PUT", "k", good) == (200, b"metadata updated")
     s = _raw_put(metadata_server, "k", 1000, b"{" + os.urandom(15))  # 16 of 1,000 bytes, then gone
     s.shutdown(socket.SHUT_WR)
     assert " 200 " not in _status(s)
     s.close()
-    assert _http(metadata_server, "GET", "k") == (200, good)
-
-
-def _threads_settle(limit: int, seconds: float) -> int:
-    deadline = time.monotonic() + seconds
-    while threading.active_count() > limit and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return threading.active_count()
+    assert metadata_http(metadata_server, "GET", "k") == (200, good)
 
 
 def test_stalled_puts_are_capped_and_dropped_after_the_timeout():
@@ -385,16 +362,11 @@ def test_stalled_puts_are_capped_and_dropped_after_the_timeout():
         statuses = [_status(s) for s in stalled]  # the refused at once, the others at their deadline
         assert sum(st.startswith("HTTP/1.1 503") for st in statuses) >= 30, statuses
         assert not any(" 200 " in st for st in statuses), statuses
-        assert _threads_settle(base + 1, 3.0) <= base + 1
-        assert all(_http(srv, "GET", f"k{i}")[0] == 404 for i in range(40))
-        assert _http(srv, "PUT", "k0", b"{}") == (200, b"metadata updated")  # still serving
+        assert wait_threads(base + 1, 3.0) <= base + 1
+        assert all(metadata_http(srv, "GET", f"k{i}")[0] == 404 for i in range(40))
+        assert metadata_http(srv, "PUT", "k0", b"{}") == (200, b"metadata updated")  # still serving
         for s in stalled:
             s.close()
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def test_oversize_values_are_refused_and_memory_stays_bounded():
@@ -404,14 +376,14 @@ def test_oversize_values_are_refused_and_memory_stays_bounded():
         assert _status(s).startswith("HTTP/1.1 413")
         s.close()
         value = os.urandom(mib)
-        before = _rss()
-        answers = [_http(srv, "PUT", f"v{i}", value) for i in range(40)]
-        grown = _rss() - before
+        before = rss_kib() * 1024
+        answers = [metadata_http(srv, "PUT", f"v{i}", value) for i in range(40)]
+        grown = rss_kib() * 1024 - before
         stored = [i for i, (status, _) in enumerate(answers) if status == 200]
         assert 5 <= len(stored) < 8, answers
         full = [body for status, body in answers if status != 200]
         assert all(status in (200, 507) for status, _ in answers) and b"metadata store full" in full[0]
         assert grown < 8 * mib + 16 * mib, f"RSS grew by {grown >> 20} MiB for a store capped at 8 MiB"
-        assert _http(srv, "GET", f"v{stored[0]}") == (200, value)
-        assert _http(srv, "DELETE", f"v{stored[0]}")[0] == 200  # room again
-        assert _http(srv, "PUT", "again", value)[0] == 200
+        assert metadata_http(srv, "GET", f"v{stored[0]}") == (200, value)
+        assert metadata_http(srv, "DELETE", f"v{stored[0]}")[0] == 200  # room again
+        assert metadata_http(srv, "PUT", "again", value)[0] == 200

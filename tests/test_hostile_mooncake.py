@@ -9,7 +9,6 @@ threads, memory and CPU stay bounded.  Raw Mooncake frames throughout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -21,25 +20,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.memory import sha
+from helpers.net import connect, recv_exact
+from helpers.procs import cpu_seconds, proc_status, rss_kib
 from moonlet import EngineConfig, TransferEngine
 from moonlet.errors import MetadataError, ProtocolError
 from moonlet.transport.mooncake import protocol as MP
-
-
-def sha(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def proc_status(pid: int, field: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
 
 def message(kind: int, body: bytes) -> bytes:
@@ -54,14 +40,13 @@ def closed_without_answer(sock: socket.socket, within: float = 3.0) -> bool:
         return sock.recv(1) == b""
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
 def handshake(endpoint: str, kind: int, body: dict, timeout: float = 5.0) -> tuple[int, dict]:
     """One honest Mooncake handshake: send, read the answer to the end (the target half-closes), close."""
-    host, port = endpoint.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout) as s:
+    with connect(endpoint, timeout) as s:
         s.sendall(MP.encode_handshake(kind, body))
         data = b""
         while chunk := s.recv(65536):
@@ -77,27 +62,11 @@ def data_port(endpoint: str) -> int:
     return desc["tcp_data_port"]
 
 
-def read_exact(sock: socket.socket, n: int) -> bytes:
-    out = bytearray(n)
-    view, got = memoryview(out), 0
-    while got < n:
-        r = sock.recv_into(view[got:], n - got)
-        assert r, "connection closed mid-reply"
-        got += r
-    return bytes(out)
-
-
 def mooncake_read(sock: socket.socket, addr: int, n: int) -> bytes:
     """A protocol v2 READ on a data connection: the status frame, then the bytes."""
     sock.sendall(MP.encode_header(MP.READ, addr, n, True))
-    assert MP.parse_status(read_exact(sock, MP.STATUS.size))
-    return read_exact(sock, n)
-
-
-@pytest.fixture
-def wire_engine():
-    with TransferEngine(config=EngineConfig(request_timeout=10.0, mooncake_wire=True)) as eng:
-        yield eng
+    assert MP.parse_status(recv_exact(sock, MP.STATUS.size))
+    return recv_exact(sock, n)
 
 
 # -- bounded parsing, sans-IO --------------------------------------------------------------
@@ -189,7 +158,7 @@ def test_hostile_handshakes_close_only_their_connection(wire_engine):
     """Deep JSON, bad UTF-8, an oversized or over-long notification: that connection closes, unanswered and
     unqueued; honest handshakes and notifications before and after are served."""
     rpc = wire_engine.name
-    host, port = rpc.rsplit(":", 1)
+    host = rpc.rsplit(":", 1)[0]
     mem = bytearray(os.urandom(1 << 16))
     buf = wire_engine.register(mem)
     assert data_port(rpc) == MP.split_data_endpoint(wire_engine.descriptor().endpoints["mooncake_tcp"])[1]
@@ -197,11 +166,11 @@ def test_hostile_handshakes_close_only_their_connection(wire_engine):
     hostile = [message(MP.METADATA, b'{"a":' + b"[" * 60000), message(MP.METADATA, b"{" * 30000 + b"}" * 30000),
                message(MP.METADATA, b'{"name": "\xff", "pad": "' + b"p" * 40 + b'"}'), message(MP.NOTIFY, big_note)]
     for msg in hostile:
-        with socket.create_connection((host, int(port)), timeout=5) as s:
+        with connect(rpc) as s:
             s.sendall(msg)
             assert closed_without_answer(s)
     # a notification claiming more bytes than a note can hold is cut off after its header, not buffered
-    with socket.create_connection((host, int(port)), timeout=5) as s:
+    with connect(rpc) as s:
         s.sendall(struct.pack("<Q", (1 << 20) - 1) + bytes([MP.NOTIFY]) + b'{"name": "n", "notify_msg": "aaaaaaaaa')
         assert closed_without_answer(s)
     assert handshake(rpc, MP.NOTIFY, {"name": "kv-1", "notify_msg": "ready"}) == \
@@ -290,15 +259,15 @@ def test_trickling_handshakes_keep_threads_and_memory_bounded(peer_factory):
     the target's thread count and RSS stay flat, and an honest handshake is answered alongside and after."""
     target = peer_factory("--size", str(1 << 20), "--config", json.dumps({"mooncake_wire": True,
                                                                           "max_connections": 8}))
-    host, port = target.name.rsplit(":", 1)
+    host = target.name.rsplit(":", 1)[0]
     dport = data_port(target.name)
-    threads0, rss0 = proc_status(target.pid, "Threads"), proc_status(target.pid, "VmRSS")
+    threads0, rss0 = proc_status(target.pid, "Threads"), rss_kib(target.pid)
     head = MP.encode_handshake(MP.METADATA, {"name": "t" * 4000})[:40]  # the listener hands over after 40 bytes
     socks = []
     try:
         for _ in range(600):
             try:
-                s = socket.create_connection((host, int(port)), timeout=2)
+                s = connect(target.name, timeout=2)
                 s.sendall(head)
             except OSError:
                 continue
@@ -316,7 +285,7 @@ def test_trickling_handshakes_keep_threads_and_memory_bounded(peer_factory):
             if rnd == 2:  # alongside: the tricklers still hold their handshakes
                 assert data_port(target.name) == dport
         assert most - threads0 <= 4, f"{most} threads (from {threads0})"
-        assert proc_status(target.pid, "VmRSS") - rss0 < 32 * 1024  # KiB
+        assert rss_kib(target.pid) - rss0 < 32 * 1024  # KiB
     finally:
         for s in socks:
             s.close()
@@ -344,8 +313,8 @@ def test_a_reply_nobody_reads_does_not_spin_the_data_port(peer_factory):
         time.sleep(1.5)
         used = cpu_seconds(target.pid) - before
         assert used < 0.3 * 1.5, f"the target burnt {used:.2f} s of CPU in 1.5 s"
-        assert MP.parse_status(read_exact(s, MP.STATUS.size))
-        assert sha(read_exact(s, size)) == target.digest(target.addr, size)
+        assert MP.parse_status(recv_exact(s, MP.STATUS.size))
+        assert sha(recv_exact(s, size)) == target.digest(target.addr, size)
 
 
 def test_idle_data_connections_are_closed():

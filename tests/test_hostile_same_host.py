@@ -9,14 +9,15 @@ notifications must not grow the receiver's memory without a bound.
 from __future__ import annotations
 
 import errno
-import hashlib
-import http.client
 import json
 import mmap
 import os
 
 import pytest
 
+from helpers.memory import sha
+from helpers.net import metadata_http
+from helpers.procs import rss_kib
 from moonlet import EngineConfig, MoonletError, Op, Request, State, TransferEngine, TransferError
 from moonlet.errors import ProtocolError
 from moonlet.memory import SharedMemory
@@ -32,23 +33,11 @@ SECRET = "hostile same host secret 0123456789"
 DENIED = "does not allow this access"
 
 
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 def _store(srv, method: str, name: str, body: bytes | None = None) -> bytes:
     """GET or PUT the descriptor of ``name`` on the metadata server, over real HTTP."""
-    host, port = srv.url.split("//")[1].split("/")[0].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=5)
-    try:
-        conn.request(method, f"/metadata?key={KEY_PREFIX}{name}", body=body,
-                     headers={"Content-Type": "application/json"} if body is not None else {})
-        resp = conn.getresponse()
-        data = resp.read()
-        assert resp.status == 200, (resp.status, data)
-        return data
-    finally:
-        conn.close()
+    status, data = metadata_http(srv, method, f"{KEY_PREFIX}{name}", body)
+    assert status == 200, (status, data)
+    return data
 
 
 def _edit(value, match, change, seen: list):
@@ -186,14 +175,6 @@ def _raw_note(endpoint: str, body: dict) -> None:
         read_control(sock, P.CONNECT, "notification")
 
 
-def _rss() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS")
-
-
 def test_oversize_and_malformed_notes_are_refused_on_receipt():
     with TransferEngine() as b:
         endpoint = b.descriptor().endpoints["tcp"]
@@ -212,7 +193,7 @@ def test_unread_notes_are_capped_in_bytes():
     full; once the receiver reads its notes, the queue takes more."""
     with TransferEngine() as a, TransferEngine() as b:
         msg = os.urandom(16000).hex()  # 32,000 characters
-        start = _rss()
+        start = rss_kib() * 1024
         sent, refusal = 0, None
         for i in range(1600):  # 51 MB of notes, were they all kept
             try:
@@ -221,7 +202,7 @@ def test_unread_notes_are_capped_in_bytes():
                 refusal = str(e)
                 break
             sent += 1
-        grown = _rss() - start
+        grown = rss_kib() * 1024 - start
         assert refusal is not None and "notification queue full" in refusal, f"{sent} notes taken"
         assert 400 <= sent <= 530  # 16 MiB of 32,000-character notes
         assert grown < 28 << 20, f"RSS grew {grown >> 20} MiB"

@@ -3,7 +3,6 @@ fills its connection table, spins it when descriptors run out, or pins a buffer 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import mmap
@@ -16,7 +15,11 @@ import time
 
 import pytest
 
-from moonlet import EngineConfig, Op, TransferEngine
+from helpers.engines import initiator
+from helpers.memory import sha
+from helpers.net import connect, raw_read, unanswered
+from helpers.procs import rss_kib
+from moonlet import Op, TransferEngine
 from moonlet.errors import MoonletError, ProtocolError
 from moonlet.transport.tcp import protocol as P
 from moonlet.transport.tcp.auth import Secret
@@ -26,29 +29,9 @@ from moonlet.transport.tcp.dial import Security, read_control
 SECRET = "correct horse battery staple"
 
 
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-
-
-def connect(name: str, timeout: float = 5.0) -> socket.socket:
-    host, port = name.rsplit(":", 1)
-    return socket.create_connection((host, int(port)), timeout=timeout)
-
-
 def read_32(s: socket.socket, addr: int) -> bytes:
     """A lone 32-byte READ on a raw connection: the bytes, or ConnectionError/OSError."""
-    s.sendall(P.encode_request(P.READ, 7, [(addr, 32)]))
-    got = b""
-    while len(got) < P.PREFIX_SIZE + 1 + 32:
-        chunk = s.recv(4096)
-        if not chunk:
-            raise ConnectionError("target closed the connection")
-        got += chunk
+    got = raw_read(s, addr, 32)
     assert got[P.PREFIX_SIZE] == 0, "the READ was refused"
     return got[P.PREFIX_SIZE + 1:]
 
@@ -59,15 +42,11 @@ def closed_by_peer(s: socket.socket, timeout: float) -> bool:
     try:
         while s.recv(65536):
             pass
-    except socket.timeout:
+    except TimeoutError:
         return False
     except OSError:
         pass
     return True
-
-
-def initiator(**kw) -> TransferEngine:
-    return TransferEngine(config=EngineConfig(transports=("tcp",), request_timeout=5.0, **kw))
 
 
 def round_trips(eng: TransferEngine, target_name: str, target_addr: int, rounds: int) -> int:
@@ -229,20 +208,6 @@ def test_small_frames_whose_replies_go_unread_do_not_starve_others_or_grow_memor
 # -- 7: silent and unauthenticated sockets cannot fill the connection table --------------------------------
 
 
-def alive(sockets: list[socket.socket]) -> list[socket.socket]:
-    """Those of ``sockets`` the target has not closed (nor answered: a silent socket gets nothing)."""
-    out = []
-    for s in sockets:
-        s.setblocking(False)
-        try:
-            s.recv(1 << 16)
-        except BlockingIOError:
-            out.append(s)
-        except OSError:
-            pass
-    return out
-
-
 def test_silent_sockets_do_not_crowd_out_peers(peer_factory):
     """Without a secret: 40 sockets that never send a byte, against a table of 16."""
     target = peer_factory("--config", json.dumps({"max_connections": 16}))
@@ -263,7 +228,7 @@ def test_silent_sockets_do_not_crowd_out_peers(peer_factory):
                     except OSError:
                         pass
             assert served == 40
-            assert len(alive(silent)) <= 16 - 2
+            assert len(unanswered(silent)) <= 16 - 2
             assert round_trips(eng, target.name, target.addr, 2) == 2
             assert eng.stats()["tcp_connects"] == lanes  # the lanes that had spoken were never pushed out
         finally:
@@ -283,7 +248,7 @@ def test_unauthenticated_sockets_have_a_quota_of_their_own(peer_factory):
 
     def attack() -> None:
         while not stop.is_set():
-            for s in [s for s in held if s not in alive(held)]:
+            for s in [s for s in held if s not in unanswered(held)]:
                 held.remove(s)
                 s.close()
             while len(held) < 7 and not stop.is_set():
@@ -311,7 +276,7 @@ def test_unauthenticated_sockets_have_a_quota_of_their_own(peer_factory):
             stop.set()
             attacker.join(5)
             time.sleep(0.3)  # the last ones dialed are accepted (and others closed) by now
-            still = alive(held)
+            still = unanswered(held)
             for s in held:
                 s.close()
     assert dialed[0] > 40 and len(still) <= 4

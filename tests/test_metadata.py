@@ -2,33 +2,23 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 
 import pytest
 
+from helpers.net import metadata_http
 from moonlet import MetadataError, SegmentError, TransferEngine
 from moonlet.metadata import HttpMetadata
 
 
-def call(srv, method, key, body=None):
-    conn = http.client.HTTPConnection(srv.host, srv.port, timeout=5)
-    path = "/metadata" + (f"?key={key}" if key is not None else "")
-    conn.request(method, path, body=body)
-    r = conn.getresponse()
-    out = r.status, r.read()
-    conn.close()
-    return out
-
-
 def test_rest_shape(metadata_server):
-    assert call(metadata_server, "GET", "k")[0] == 404
-    assert call(metadata_server, "PUT", "k", b'{"a": 1}') == (200, b"metadata updated")
-    assert call(metadata_server, "GET", "k") == (200, b'{"a": 1}')
-    assert call(metadata_server, "DELETE", "k")[0] == 200
-    assert call(metadata_server, "GET", "k")[0] == 404
-    assert call(metadata_server, "GET", None)[0] == 400
+    assert metadata_http(metadata_server, "GET", "k")[0] == 404
+    assert metadata_http(metadata_server, "PUT", "k", b'{"a": 1}') == (200, b"metadata updated")
+    assert metadata_http(metadata_server, "GET", "k") == (200, b'{"a": 1}')
+    assert metadata_http(metadata_server, "DELETE", "k")[0] == 200
+    assert metadata_http(metadata_server, "GET", "k")[0] == 404
+    assert metadata_http(metadata_server, "GET", None)[0] == 400
 
 
 def test_engines_find_each_other_by_name(metadata_server, peer_factory):
@@ -44,10 +34,10 @@ def test_engines_find_each_other_by_name(metadata_server, peer_factory):
         eng.read(eng.register(copy).addr, seg, target.addr + 5, 4096)
         assert copy == data
         # Our own descriptor is published, with both buffers.
-        status, body = call(metadata_server, "GET", "moonlet/segments/prefill-0")
+        status, body = metadata_http(metadata_server, "GET", "moonlet/segments/prefill-0")
         assert status == 200 and len(json.loads(body)["buffers"]) == 2
     # close() withdraws it at once.
-    assert call(metadata_server, "GET", "moonlet/segments/prefill-0")[0] == 404
+    assert metadata_http(metadata_server, "GET", "moonlet/segments/prefill-0")[0] == 404
 
 
 def test_http_base_url_forms(metadata_server):

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 
 import pytest
 
+from helpers.memory import sha
+from helpers.stores import Store
 from moonlet import MetadataError, MetadataServer, Op, Request, SegmentError, TransferEngine
-from stores import Store
-
-
-def sha(view) -> str:
-    return hashlib.sha256(view).hexdigest()
 
 
 @pytest.fixture(params=["p2p", "http", "etcd", "redis"])

@@ -17,7 +17,8 @@ HERE = Path(__file__).parent
 #: what every scenario gives when the API behaves as Mooncake's does (Mooncake's own output, see below)
 EXPECTED = {"initialize": [0, 0], "register": [0, 0], "first_buffer": True, "sync_write": [0, True],
             "sync_read": [0, True], "transfer_sync": [0, True], "batch_sync_write": [0, True],
-            "batch_async_read": ["id", 0, True], "submit_write": ["id", 1, True], "notify": [0, [["kv-17", "ready"]], True],
+            "batch_async_read": ["id", 0, True], "submit_write": ["id", 1, True],
+            "notify": [0, [["kv-17", "ready"]], True],
             "bytes_helpers": [0, True],
             "managed": [True, 0], "write_outside_registered": True, "batch_length_mismatch": True,
             "unknown_segment": True, "unregister": [0, 0]}

@@ -7,7 +7,6 @@ random bytes both ways, peer to peer and through an HTTP metadata server.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import socket
@@ -20,16 +19,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers.memory import sha
+from mooncake_peer import NO_MOONCAKE, MooncakePeer, mooncake_python
 from moonlet import EngineConfig, MetadataServer, Op, TransferEngine
 from moonlet.errors import ConfigError, ProtocolError, TransferError
 from moonlet.transport.mooncake import protocol as MP
-from mooncake_peer import NO_MOONCAKE, MooncakePeer, mooncake_python
 
 needs_mooncake = pytest.mark.skipif(mooncake_python() is None, reason=NO_MOONCAKE)
-
-
-def sha(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # -- the formats, sans-IO --------------------------------------------------------------------
@@ -103,12 +99,6 @@ def test_mooncake_wire_refuses_a_secret():
 
 
 # -- a moonlet engine speaking Mooncake's wire ------------------------------------------------
-
-@pytest.fixture
-def wire_engine():
-    with TransferEngine(config=EngineConfig(request_timeout=10.0, mooncake_wire=True)) as eng:
-        yield eng
-
 
 def test_plain_and_wire_engines_still_talk_moonlet(wire_engine, peer_factory):
     """A moonlet peer without Mooncake's wire opens a wire engine's segment and the other way round."""

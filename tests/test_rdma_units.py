@@ -5,6 +5,7 @@ The transport itself is tested against a real verbs device in tests/rdma/.
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import pytest
@@ -15,7 +16,6 @@ from moonlet.segment import SegmentDescriptor
 from moonlet.transport.rdma import chunks, span, verbs
 from moonlet.transport.rdma.nic import Nic, load_matrix, pick_gid_index, tiers
 from moonlet.transport.tcp import protocol as P
-import ctypes
 
 
 def nic(name: str, numa: int, path: str = "") -> Nic:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import json
 import os
 import socket
@@ -13,6 +12,8 @@ import sys
 
 import pytest
 
+from helpers.memory import sha
+from helpers.net import connect
 from moonlet import EngineConfig, Op, Request, TransferEngine
 from moonlet.memory import Denied
 from moonlet.transport import cma
@@ -20,10 +21,6 @@ from moonlet.transport.tcp import protocol as P
 
 pytestmark = pytest.mark.skipif(not cma.AVAILABLE, reason="process_vm_readv/writev need Linux")
 PR_SET_DUMPABLE = 4
-
-
-def sha(view) -> str:
-    return hashlib.sha256(view).hexdigest()
 
 
 def test_auto_picks_shm_for_a_same_host_peer(peer):
@@ -83,13 +80,13 @@ def test_refused_attach_falls_back_to_tcp_for_array_submits(peer_factory, count,
             assert target.digest(target.addr + 7 + i * 4096, size) == sha(mem[gap + i * 4096:gap + i * 4096 + size])
 
 
-def _attached_socket(peer) -> socket.socket:
-    """A raw connection to ``peer`` that proved it is this process: the target may copy our memory."""
-    host, port = peer.name.rsplit(":", 1)
+def _attached_socket(peer, pid: int) -> socket.socket:
+    """A raw connection to ``peer`` whose HELLO claims to come from process ``pid`` on this host (this
+    process: the target may copy our memory; another: a forged claim)."""
     with TransferEngine() as eng:
         ident = eng._identity()
-    s = socket.create_connection((host, int(port)), timeout=5)
-    s.sendall(P.encode_hello(peer.name, pid=os.getpid(), host=ident["host"], pidns=ident["pidns"]))
+    s = connect(peer.name)
+    s.sendall(P.encode_hello(peer.name, pid=pid, host=ident["host"], pidns=ident["pidns"]))
     hdr = s.recv(P.PREFIX_SIZE, socket.MSG_WAITALL)
     s.recv(P.parse_prefix(hdr).payload_len, socket.MSG_WAITALL)
     return s
@@ -108,7 +105,7 @@ def test_lone_attached_requests_are_checked_by_the_target(peer_factory):
     rw, ro = peer_factory(), peer_factory("--read-only")
     data = bytearray(os.urandom(8192))
     mine = ctypes.addressof((ctypes.c_char * len(data)).from_buffer(data))
-    with _attached_socket(rw) as s:
+    with _attached_socket(rw, os.getpid()) as s:
         assert _one_entry(s, P.PULL, 1, rw.addr + 3, 5000, mine) == 0
         assert rw.digest(rw.addr + 3, 5000) == sha(data[:5000])
         back = bytearray(5000)
@@ -122,7 +119,7 @@ def test_lone_attached_requests_are_checked_by_the_target(peer_factory):
         assert _one_entry(s, P.PULL, 4, rw.addr, 4096, 0x10) == Denied.INITIATOR_FAULT
         assert _one_entry(s, P.PULL, 5, rw.addr + 3, 16, mine + 100) == 0
         assert rw.digest(rw.addr + 3, 16) == sha(data[100:116])
-    with _attached_socket(ro) as s:
+    with _attached_socket(ro, os.getpid()) as s:
         before = ro.digest(ro.addr, 4096)
         assert _one_entry(s, P.PULL, 6, ro.addr, 4096, mine) == Denied.NO_PERMISSION
         assert ro.digest(ro.addr, 4096) == before
@@ -134,13 +131,7 @@ def test_forged_pid_is_not_attached(peer):
     """A client claiming someone else's pid must not make the target copy that process's memory."""
     victim = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
-        host, port = peer.name.rsplit(":", 1)
-        with TransferEngine() as eng:
-            ident = eng._identity()
-        with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(P.encode_hello(peer.name, pid=victim.pid, host=ident["host"], pidns=ident["pidns"]))
-            hdr = s.recv(P.PREFIX_SIZE, socket.MSG_WAITALL)
-            s.recv(P.parse_prefix(hdr).payload_len, socket.MSG_WAITALL)
+        with _attached_socket(peer, victim.pid) as s:
             s.sendall(P.encode_request_flat(P.PUSH, 5, [peer.addr, 64, 0x400000]))
             reply = s.recv(P.PREFIX_SIZE + 1, socket.MSG_WAITALL)
             assert P.parse_prefix(reply[:P.PREFIX_SIZE]).kind == P.RESP

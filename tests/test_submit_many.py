@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 
 import numpy as np
 import pytest
 
+from helpers.memory import sha
 from moonlet import ConfigError, Op, State, TransferEngine
-
-
-def sha(view) -> str:
-    return hashlib.sha256(view).hexdigest()
 
 
 @pytest.mark.parametrize("n,longest,stride", [

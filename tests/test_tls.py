@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
-import os
 import shutil
 import subprocess
 
 import pytest
 
+from helpers.memory import register_random, sha
 from moonlet import EngineConfig, TransferEngine
 from moonlet.batch import Op, Request
 from moonlet.errors import ConfigError, MetadataError
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl CLI not installed (makes test certs)")
-
-
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def make_ca(d, name: str) -> tuple[str, str, str]:
@@ -53,9 +47,7 @@ def tls_target(peer_factory, pki):
 def test_bytes_cross_tls_intact(tls_target, pki):
     cfg = EngineConfig(transports=("tcp",), secret="tls and secret together", **tls(pki["cluster"]))
     with TransferEngine(config=cfg) as eng:
-        m = mmap.mmap(-1, 24 << 20)
-        m[:] = os.urandom(24 << 20)
-        buf = eng.register(m)
+        buf, m = register_random(eng, 24 << 20)
         seg = eng.open_segment(tls_target.name)
         eng.write(buf.addr + 123, seg, tls_target.addr + 4567, (20 << 20) + 89)  # sliced over both lanes
         assert tls_target.digest(tls_target.addr + 4567, (20 << 20) + 89) == sha(m[123:123 + (20 << 20) + 89])

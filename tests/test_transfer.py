@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import random
 import threading
 
-
+from helpers.memory import sha
 from moonlet import EngineConfig, Op, Request, State, TransferEngine
-
-
-def sha(view) -> str:
-    return hashlib.sha256(view).hexdigest()
 
 
 def test_write_then_read_random_ranges(engine, local, peer):

@@ -10,30 +10,25 @@ Needs root and ``tc netem`` (the kernel module): tests/lab.sh provides both.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
 import random
 import threading
 import time
 
 import pytest
+from netbed import NetBed, why_not
 
+from helpers.engines import initiator
+from helpers.memory import register_random, sha
+from helpers.procs import PeerProcess
 from moonlet import EngineConfig, TransferEngine
 from moonlet.batch import Op, Request, State
-
-from conftest import PeerProcess
-from netbed import NetBed, why_not
 
 WHY = why_not()
 pytestmark = pytest.mark.skipif(bool(WHY), reason=f"no fault bed here: {WHY}")
 
 SOAK_SECONDS = float(os.environ.get("MOONLET_SOAK_SECONDS", "60"))
-
-
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +61,6 @@ def hosts(bed, targets):
     return targets
 
 
-def initiator(**kw) -> TransferEngine:
-    """An engine in the root namespace that uses TCP only, as towards another host."""
-    kw = {"request_timeout": 10.0, "connect_timeout": 2.0, **kw}
-    return TransferEngine(config=EngineConfig(transports=("tcp",), **kw))
-
-
 def retransmitted_segments() -> int:
     """TCP segments this namespace retransmitted so far (/proc/net/snmp RetransSegs)."""
     with open("/proc/net/snmp") as f:
@@ -79,16 +68,10 @@ def retransmitted_segments() -> int:
     return int(rows[1][rows[0].index("RetransSegs")])
 
 
-def local_memory(eng: TransferEngine, size: int):
-    m = mmap.mmap(-1, size)
-    m[:] = os.urandom(size)
-    return eng.register(m), memoryview(m)
-
-
 def test_kill_9_mid_batch_fails_its_requests_and_spares_other_peers(bed, hosts):
     victim, other = on_host(bed, 4), hosts[1]
-    with initiator() as eng:
-        buf, mem = local_memory(eng, 32 << 20)
+    with initiator(request_timeout=10.0, connect_timeout=2.0) as eng:
+        buf, mem = register_random(eng, 32 << 20)
         sv, so = eng.open_segment(victim.name), eng.open_segment(other.name)
         to_victim = eng.submit([Request(Op.WRITE, buf.addr + (i % 16) * (1 << 20), sv, victim.addr + i * (1 << 20),
                                         1 << 20) for i in range(24)], timeout=8.0)
@@ -107,8 +90,8 @@ def test_kill_9_mid_batch_fails_its_requests_and_spares_other_peers(bed, hosts):
 
 def test_link_cut_and_restored(bed, hosts):
     target = hosts[0]
-    with initiator() as eng:
-        buf, mem = local_memory(eng, 32 << 20)
+    with initiator(request_timeout=10.0, connect_timeout=2.0) as eng:
+        buf, mem = register_random(eng, 32 << 20)
         seg = eng.open_segment(target.name)
         eng.write(buf.addr, seg, target.addr, 4096)  # lanes are up
         batch = eng.submit([Request(Op.WRITE, buf.addr + i * (1 << 20), seg, target.addr + i * (1 << 20), 1 << 20)
@@ -138,12 +121,12 @@ def test_soak_under_loss_and_jitter(bed, hosts):
     counts = {"requests": 0, "bytes": 0, "failures": 0, "data_errors": 0}
     lock = threading.Lock()
     resent = retransmitted_segments()
-    with initiator(request_timeout=30.0) as eng:
+    with initiator(request_timeout=30.0, connect_timeout=2.0) as eng:
         segs = [eng.open_segment(h.name) for h in hosts]
 
         def worker(t: int) -> None:
             rng = random.Random(t)
-            buf, mem = local_memory(eng, 2 * region)
+            buf, mem = register_random(eng, 2 * region)
             src, dst = 0, region
             mine = {"requests": 0, "bytes": 0, "failures": 0, "data_errors": 0}
             end = time.monotonic() + SOAK_SECONDS
@@ -193,7 +176,7 @@ def test_soak_under_loss_and_jitter(bed, hosts):
 
 def test_metadata_store_restart_mid_run(bed, peer_factory, tmp_path):
     """etcd restarts while transfers run: they go on with known peers, and descriptors come back."""
-    from stores import Store
+    from helpers.stores import Store
 
     store = Store("etcd", str(tmp_path), host=bed.ip(0)).start()
     try:
@@ -201,7 +184,7 @@ def test_metadata_store_restart_mid_run(bed, peer_factory, tmp_path):
                               json.dumps({"listen_host": bed.ip(1)}), prefix=tuple(bed.prefix(1)))
         with TransferEngine("initiator-0", store.url, config=EngineConfig(transports=("tcp",),
                                                                           metadata_ttl=3.0)) as eng:
-            buf, mem = local_memory(eng, 4 << 20)
+            buf, mem = register_random(eng, 4 << 20)
             seg = eng.open_segment("target-1")
             store.stop()
             for k in range(5):  # the store is down: transfers to a resolved peer go on

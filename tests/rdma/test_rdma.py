@@ -6,7 +6,6 @@ another process and checks them by hash on the target's side.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -17,18 +16,15 @@ import time
 
 import pytest
 
+from helpers.engines import initiator
+from helpers.memory import random_mmap, register_random, sha
+from helpers.procs import PeerProcess, open_fds
 from moonlet import EngineConfig, TransferEngine
 from moonlet.batch import Op, Request, State
 from moonlet.transport.rdma import verbs
 
-from conftest import PeerProcess
-
 WHY = verbs.unavailable_reason()
 pytestmark = pytest.mark.skipif(bool(WHY), reason=f"no RDMA device here ({WHY}); run tests/lab.sh")
-
-
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -41,15 +37,13 @@ def target():
 
 @pytest.fixture
 def rdma():
-    with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=("rdma",))) as eng:
+    with initiator(transports=("rdma",), request_timeout=10.0) as eng:
         yield eng
 
 
 @pytest.fixture
 def mem(rdma):
-    m = mmap.mmap(-1, 64 << 20)
-    m[:] = os.urandom(64 << 20)
-    return rdma.register(m), memoryview(m)
+    return register_random(rdma, 64 << 20)
 
 
 def test_descriptor_lists_nics_and_rkeys(rdma, mem):
@@ -101,9 +95,7 @@ def test_buffers_registered_as_several_regions(peer_factory):
     target = peer_factory("--size", str(8 << 20), "--config", json.dumps({"rdma_mr_chunk": chunk}))
     cfg = EngineConfig(transports=("rdma",), rdma_mr_chunk=3 * chunk, slice_size=4 << 20)
     with TransferEngine(config=cfg) as eng:
-        m = mmap.mmap(-1, 16 << 20)
-        m[:] = os.urandom(16 << 20)
-        buf = eng.register(m)
+        buf, m = register_random(eng, 16 << 20)
         assert len(buf.share["rkeys"][eng.descriptor().nics[0]["name"]]) == 6
         seg = eng.open_segment(target.name)
         assert len(seg.buffers[0]["rkeys"][eng.descriptor().nics[0]["name"]]) == 8
@@ -123,8 +115,8 @@ def test_bad_rkey_fails_with_reason_and_spares_the_rest(rdma, mem, target):
     before = target.digest(target.addr, 1 << 20)
     d = seg.descriptor
     good = dict(d.buffers[0])
-    forged = dict(good, rkeys={k: [x ^ 0x5A5A for x in v] for k, v in good["rkeys"].items()}, addr=good["addr"] + (60 << 20),
-                  length=1 << 20)
+    forged = dict(good, rkeys={k: [x ^ 0x5A5A for x in v] for k, v in good["rkeys"].items()},
+                  addr=good["addr"] + (60 << 20), length=1 << 20)
     d.buffers = [dict(good, length=60 << 20), forged]
     seg.update(d)
     reqs = [Request(Op.WRITE, buf.addr + i * 65536, seg, good["addr"] + (1 << 20) + i * 65536, 65536)
@@ -202,7 +194,7 @@ def test_queue_pairs_torn_down_over_100_open_close_cycles(target):
     data = mmap.mmap(-1, 1 << 20)
     with TransferEngine(config=EngineConfig(transports=("rdma",))) as warm:  # first-use costs out of the way
         warm.write(warm.register(data).addr, warm.open_segment(target.name), target.addr, 4096)
-    qps, fds = _qp_count(), len(os.listdir("/proc/self/fd"))
+    qps, fds = _qp_count(), open_fds()
     for i in range(100):
         data[:4096] = os.urandom(4096)
         with TransferEngine(config=EngineConfig(transports=("rdma",))) as eng:
@@ -210,14 +202,12 @@ def test_queue_pairs_torn_down_over_100_open_close_cycles(target):
         assert target.digest(target.addr + i * 4096, 4096) == sha(data[:4096])
     time.sleep(0.5)  # the target tears its half down when the control connection closes
     assert _qp_count() == qps
-    assert len(os.listdir("/proc/self/fd")) <= fds + 2
+    assert open_fds() <= fds + 2
 
 
 def test_unreachable_rdma_falls_back_to_tcp(mem, target):
     with TransferEngine(config=EngineConfig(request_timeout=10.0, transports=("rdma", "tcp"))) as eng:
-        m = mmap.mmap(-1, 1 << 20)
-        m[:] = os.urandom(1 << 20)
-        buf = eng.register(m)
+        buf, m = register_random(eng, 1 << 20)
         seg = eng.open_segment(target.name)
         d = seg.descriptor
         d.nics = [dict(d.nics[0], name="no-such-nic")]
@@ -248,8 +238,7 @@ def test_queue_pairs_need_the_cluster_secret(peer_factory):
         target = peer_factory("--metadata", server.url, "--name", "guarded", "--config",
                               json.dumps({"secret": secret}))
         before = target.digest(target.addr, 1 << 20)
-        m = mmap.mmap(-1, 1 << 20)
-        m[:] = os.urandom(1 << 20)
+        m = random_mmap(1 << 20)
         with TransferEngine("stranger", server.url, config=EngineConfig(transports=("rdma",))) as eng:
             st = eng.submit([Request(Op.WRITE, eng.register(m).addr, eng.open_segment("guarded"), target.addr,
                                      1 << 20)]).wait()[0]
@@ -276,9 +265,7 @@ def test_a_broken_rdma_path_moves_its_requests_to_tcp(target):
     """QPs fail mid-batch and new ones are refused: the flushed slices finish over TCP, bytes intact."""
     cfg = EngineConfig(transports=("rdma", "tcp"), request_timeout=30.0)
     with TransferEngine(config=cfg) as eng:
-        m = mmap.mmap(-1, 64 << 20)
-        m[:] = os.urandom(64 << 20)
-        buf = eng.register(m)
+        buf, m = register_random(eng, 64 << 20)
         seg = eng.open_segment(target.name)
         eng.write(buf.addr, seg, target.addr, 4096)  # queue pairs up
         rdma = eng._rdma

@@ -42,7 +42,7 @@ class Store:
     def url(self) -> str:
         return f"{self.kind}://{self.host}:{self.port}"
 
-    def start(self) -> "Store":
+    def start(self) -> Store:
         if self.kind == "etcd":
             cmd = [self.binary, "--data-dir", os.path.join(self._dir, "etcd"), "--name", "t",
                    "--listen-client-urls", f"http://{self.host}:{self.port}",
