@@ -21,7 +21,8 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 
@@ -122,7 +123,7 @@ def tcp_rows(seconds: float, runs: int) -> list:
                 for op in ("write", "read"):
                     res = [run_row(eng, seg, local, seg.buffers[0], op, MiB, 32, 1, seconds, False)
                            for _ in range(runs)]
-                    rows.append(("GPU0 -> GPU%d" % last if vram else "host -> host",
+                    rows.append((f"GPU0 -> GPU{last}" if vram else "host -> host",
                                  sorted(res, key=lambda r: r.gbps)[len(res) // 2]))
         finally:
             target.terminate()
@@ -147,7 +148,8 @@ def main() -> int:
              "", "| baseline (torch, one process) | GB/s |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in base.items()]
     peer = base["peer copy 128 MiB (one copy)"]
-    lines += ["", "| moonlet (two processes) | threads | op | block x batch | GB/s | req/s | p50 us | transport | ratio |",
+    lines += ["",
+              "| moonlet (two processes) | threads | op | block x batch | GB/s | req/s | p50 us | transport | ratio |",
               "|---|---|---|---|---|---|---|---|---|"]
     for threads, (where, there, r) in rows:
         if where == "host":
@@ -155,7 +157,8 @@ def main() -> int:
             rname = "pinned copy"
         else:
             ref, rname = peer, "peer copy"
-        lines.append(f"| {where} -> {there} | {threads} | {r.op} | {human(r.block_size)} x {r.batch_size} | {r.gbps:.1f} | "
+        lines.append(f"| {where} -> {there} | {threads} | {r.op} | {human(r.block_size)} x {r.batch_size} "
+                     f"| {r.gbps:.1f} | "
                      f"{r.req_per_s:,.0f} | {r.p50_us:.0f} | {r.transport} | {r.gbps / ref:.2f}x {rname} |")
     tcp = tcp_rows(args.duration, args.runs)
     lines += ["", "| over TCP loopback | op | block x batch | GB/s | p50 us | ratio to host memory over TCP |",

@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from moonlet.transport.rdma import nic, verbs  # noqa: E402
 from _moonlet_bench import bench_row  # noqa: E402
+from moonlet.transport.rdma import nic, verbs  # noqa: E402
 
 BLOCKS = (64 << 10, 1 << 20)
 
@@ -81,9 +81,11 @@ def main() -> int:
                   flush=True)
     lines = [f"# RDMA: moonlet vs perftest on {dev.name} ({datetime.date.today()})", "",
              f"Command: `python benchmarks/rdma.py --runs {args.runs} --duration {args.duration} "
-             f"--batch {args.batch}`; perftest: the better of its default queue depth and depth 16, per run; device {dev.name} (active MTU {verbs.MTU_BYTES.get(dev.mtu)} B); "
+             f"--batch {args.batch}`; perftest: the better of its default queue depth and depth 16, per run; "
+             f"device {dev.name} (active MTU {verbs.MTU_BYTES.get(dev.mtu)} B); "
              f"`uname -r`: {os.uname().release}; moonlet batch {args.batch}, 1 thread.", "",
-             "| op | block | perftest MB/s (median) | moonlet MB/s (median) | moonlet / perftest | runs perftest | runs moonlet |",
+             "| op | block | perftest MB/s (median) | moonlet MB/s (median) | moonlet / perftest "
+             "| runs perftest | runs moonlet |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for op, block, p, m, ratio, ref, ours in rows:
         lines.append(f"| {op} | {block >> 10} KiB | {p:.1f} | {m:.1f} | {ratio:.2f} | "

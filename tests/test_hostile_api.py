@@ -6,21 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import hashlib
 import json
 import math
-import mmap
 import os
 import signal
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 
-from moonlet import ConfigError, EngineConfig, Op, RegistrationError, Request, State, TransferEngine
-from moonlet import config
+from helpers.memory import random_mmap, sha
+from helpers.net import recv_exact
+from helpers.procs import open_fds
+from moonlet import ConfigError, EngineConfig, Op, RegistrationError, Request, State, TransferEngine, config
+from moonlet.batch import Batch
 from moonlet.errors import MemoryAccessError
 from moonlet.memory import Buffer, Denied, MemoryRegistry
 from moonlet.segment import Segment, SegmentDescriptor
@@ -32,26 +33,12 @@ REMOTE = 1 << 30  # where the fake target claims a buffer
 HELLO_OK = json.dumps({"name": "fake", "instance": "fake", "host": "elsewhere", "pidns": ""}).encode()
 
 
-def sha(data) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _recv_exact(c: socket.socket, n: int) -> bytes:
-    out = bytearray()
-    while len(out) < n:
-        chunk = c.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("initiator closed")
-        out += chunk
-    return bytes(out)
-
-
 def recv_frame(c: socket.socket) -> tuple[P.Prefix, bytes]:
     """One frame from the initiator: its prefix, and its table (a WRITE's payload is read and dropped)."""
-    p = P.parse_prefix(_recv_exact(c, P.PREFIX_SIZE))
-    table = _recv_exact(c, p.table_size)
+    p = P.parse_prefix(recv_exact(c, P.PREFIX_SIZE))
+    table = recv_exact(c, p.table_size)
     if p.payload_len:
-        _recv_exact(c, p.payload_len)
+        recv_exact(c, p.payload_len)
     return p, table
 
 
@@ -74,7 +61,7 @@ class FakeTarget:
                 try:
                     c, _ = self._ls.accept()
                     break
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     return
@@ -162,8 +149,7 @@ def wait_in_thread(batch, bound: float) -> tuple[list | None, BaseException | No
 def test_unregister_waits_for_a_read_in_flight(engine, peer):
     """A 64 MiB READ in flight, then unregister(local): it returns only once the READ has ended (all of it
     landed), and no byte lands afterwards."""
-    mem = mmap.mmap(-1, peer.size)
-    mem[:] = os.urandom(peer.size)
+    mem = random_mmap(peer.size)
     buf = engine.register(mem)
     seg = engine.open_segment(peer.name)
     expect = peer.digest(peer.addr, peer.size)
@@ -188,8 +174,7 @@ def test_unregister_ends_a_stalled_read_and_nothing_lands_after(fake_factory):
     fake = fake_factory(lambda n, c: trickle(c, stop))
     size = 8 << 20
     with TransferEngine(config=EngineConfig(transports=("tcp",), request_timeout=0.5)) as eng:
-        mem = mmap.mmap(-1, size)
-        mem[:] = os.urandom(size)
+        mem = random_mmap(size)
         buf = eng.register(mem)
         batch = eng.submit([Request(Op.READ, buf.addr, fake.segment(), REMOTE, size)], timeout=30)
         time.sleep(0.1)  # bytes are arriving
@@ -207,9 +192,13 @@ def test_unregister_ends_a_stalled_read_and_nothing_lands_after(fake_factory):
 
 
 def test_a_batch_pins_each_local_buffer_once(engine, peer):
-    """A running batch holds one pin per distinct local buffer (not one per request), released exactly once
+    """A running batch holds each distinct local buffer once (not once per request) and lets go exactly once,
     whichever way it ends (completed, failed at submit, failed in part): afterwards both buffers
-    unregister at once (a pin released twice would leave a negative count that unregister waits on)."""
+    unregister at once."""
+
+    def holds() -> tuple[int, ...]:
+        return tuple(sum(buf in b.pinned for b in engine._live) for buf in (ba, bb))
+
     a, b = bytearray(os.urandom(1 << 20)), bytearray(os.urandom(1 << 20))
     ba, bb = engine.register(a), engine.register(b)
     seg = engine.open_segment(peer.name)
@@ -218,17 +207,17 @@ def test_a_batch_pins_each_local_buffer_once(engine, peer):
             Request(Op.READ, ba.addr + 16384, seg, peer.addr + 8192, 4096)]
     for _ in range(3):
         batch = engine.submit(reqs)  # nobody has read the replies yet: it is still running
-        assert (ba._users, bb._users) == (1, 1)
+        assert holds() == (1, 1)
         assert all(s.ok for s in batch.wait())
-        assert (ba._users, bb._users) == (0, 0)
+        assert holds() == (0, 0)
         many = engine.submit_many(Op.WRITE, seg, [ba.addr, ba.addr + 4096], [peer.addr, peer.addr + 4096], [4096] * 2)
-        assert (ba._users, bb._users) == (1, 0)
+        assert holds() == (1, 0)
         assert all(s.ok for s in many.wait())
     bad = [Request(Op.WRITE, ba.addr, seg, peer.addr + peer.size, 4096)]  # no such remote range
     assert engine.submit(bad).wait()[0].state is State.FAILED
     part = engine.submit([Request(Op.WRITE, bb.addr, seg, peer.addr, 4096), *bad])
     assert [s.state for s in part.wait()] == [State.COMPLETED, State.FAILED]
-    assert (ba._users, bb._users) == (0, 0)
+    assert holds() == (0, 0)
     for buf in (ba, bb):
         t0 = time.monotonic()
         engine.unregister(buf)
@@ -240,7 +229,6 @@ def test_a_read_payload_for_an_ended_batch_lands_in_scratch():
     """The batch of a READ whose payload is half received ends (as close() ends batches): the rest of the
     payload is drained from the connection into scratch memory, never into the caller's, and the lane
     reads the next reply as usual."""
-    from moonlet.batch import Batch
     from moonlet.transport.tcp.client import Lane, OutFrame, Peer, Progress
 
     progress = Progress(0)
@@ -307,8 +295,7 @@ def test_unregister_waits_for_a_same_host_target_that_may_still_copy(peer_factor
     size = 4 << 20
     peer = peer_factory("--size", str(size))  # registered with register(mmap), not allocate(): no memfd
     with TransferEngine(config=EngineConfig(transports=("shm",), request_timeout=1.0)) as eng:
-        mem = mmap.mmap(-1, size)
-        mem[:] = os.urandom(size)
+        mem = random_mmap(size)
         buf = eng.register(mem)
         seg = eng.open_segment(peer.name)
         assert all("memfd" not in b for b in seg.descriptor.buffers)  # so the target copies, not us
@@ -507,7 +494,7 @@ def test_close_while_another_thread_waits(fake_factory):
     """20 times: a thread waits on a batch a silent peer never answers; close() from this thread hands it
     FAILED "engine closed" statuses, never an exception."""
     fake = fake_factory(lambda n, c: (hello(c), time.sleep(10)))
-    fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+    fds, threads = open_fds(), threading.active_count()
     for trial in range(20):
         eng = TransferEngine(config=EngineConfig(transports=("tcp",)))
         buf = eng.register(bytearray(1 << 16))
@@ -515,13 +502,13 @@ def test_close_while_another_thread_waits(fake_factory):
                             Request(Op.WRITE, buf.addr + 4096, fake.segment(), REMOTE, 4096)], timeout=30)
         out: dict = {}
 
-        def waiter() -> None:
+        def waiter(batch: Batch, out: dict) -> None:
             try:
                 out["st"] = batch.wait()
             except BaseException as e:  # noqa: BLE001 - reported to the test
                 out["exc"] = e
 
-        th = threading.Thread(target=waiter, daemon=True)
+        th = threading.Thread(target=waiter, args=(batch, out), daemon=True)
         th.start()
         time.sleep(0.02 + 0.005 * (trial % 5))  # the waiter is driving (polling the wake-up pipe)
         eng.close()
@@ -530,7 +517,7 @@ def test_close_while_another_thread_waits(fake_factory):
         assert "exc" not in out, f"trial {trial}: {out['exc']!r}"
         assert all(s.state is State.FAILED and "engine closed" in s.reason for s in out["st"]), out["st"]
     # Every engine released its sockets and wake-up pipe, and its threads ended (the fake holds 40 sockets).
-    assert len(os.listdir("/proc/self/fd")) <= fds + 40 + 5
+    assert open_fds() <= fds + 40 + 5
     assert threading.active_count() <= threads + 40 + 5
 
 
@@ -571,7 +558,7 @@ def test_every_timeout_argument_is_checked(tcp_engine, peer):
         "notify": lambda t: engine.notify(seg, "note", "text", timeout=t),
         "Batch.wait": lambda t: engine.submit(one).wait(timeout=t),
     }
-    for name, call in calls.items():
+    for call in calls.values():
         for bad in BAD_TIMEOUTS:
             with pytest.raises(ConfigError, match=f"timeout {RANGE}"):
                 call(bad)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from moonlet import EngineConfig, TransferEngine, TransferError
+from moonlet.errors import MoonletError
 
 
 def test_notes_arrive_in_order_and_are_taken_once():
@@ -31,6 +32,6 @@ def test_notes_need_the_cluster_secret():
         with TransferEngine(config=EngineConfig(secret=secret)) as a:
             a.notify(b.name, "ok", "1")
         with TransferEngine(config=EngineConfig(secret="another secret 0123456789")) as stranger:
-            with pytest.raises(Exception):
+            with pytest.raises(MoonletError, match="failed to prove it holds the cluster secret"):
                 stranger.notify(b.name, "forged", "2")
         assert b.notifications() == [("ok", "1")]

@@ -16,11 +16,15 @@ import asyncio
 import enum
 import threading
 import time
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 from .config import check_timeout
 from .errors import TransferError
+
+if TYPE_CHECKING:
+    from .memory import Buffer
 
 
 class Op(enum.IntEnum):
@@ -88,19 +92,20 @@ class Batch:
     _transport: list[str] = None  # type: ignore[assignment]
     _parts: list[int] = None  # type: ignore[assignment]
     #: what the engine pinned for the batch's life (its distinct local buffers), and who unpins them
-    pinned: Sequence = ()
-    _unpin: Callable[["Batch"], None] | None = None
+    pinned: Sequence[Buffer] = ()
+    _unpin: Callable[[Batch], None] | None = None
 
     def __init__(self, requests: list[Request] | int, deadline: float,
-                 expire: Callable[["Batch"], None] | None = None,
-                 driver: Callable[["Batch", bool], None] | None = None) -> None:
+                 expire: Callable[[Batch], None] | None = None,
+                 driver: Callable[[Batch, bool], None] | None = None) -> None:
         """``requests``: the requests, or their count when submitted in array form. ``expire``: called
         when a waiter finds the deadline passed, to tear down what is still moving. ``driver``: the first
         of :meth:`add_driver`, when the submitter knows it already."""
-        if type(requests) is int:
+        self.requests: list[Request] | None  # None for an array submit
+        if isinstance(requests, int):
             n, self.requests = requests, None
         else:
-            n, self.requests = len(requests), requests  # type: ignore[arg-type]
+            n, self.requests = len(requests), requests
         self._n = self._pending = n
         self.deadline = deadline
         self._expire = expire
@@ -109,7 +114,7 @@ class Batch:
         #: block waits on _cond. The common waiter drives its batch to the end itself and never blocks.
         #: A plain attribute: drivers test it on every turn of their loop.
         self.done = n == 0
-        self._drivers: list[Callable[["Batch", bool], None]] = [driver] if driver is not None else []
+        self._drivers: list[Callable[[Batch, bool], None]] = [driver] if driver is not None else []
 
     def __len__(self) -> int:
         return self._n
@@ -144,13 +149,13 @@ class Batch:
             raise RuntimeError("add_parts_all on a batch that already has parts announced")
         self._uniform = transport
 
-    def hold(self, pinned: Sequence, unpin: Callable[["Batch"], None]) -> None:
+    def hold(self, pinned: Sequence[Buffer], unpin: Callable[[Batch], None]) -> None:
         """Keep ``pinned`` until the batch ends, then call ``unpin(batch)`` once (set by the engine at
         submit, before any transport sees the batch)."""
         self.pinned = pinned
         self._unpin = unpin
 
-    def add_driver(self, drive: Callable[["Batch", bool], None]) -> None:
+    def add_driver(self, drive: Callable[[Batch, bool], None]) -> None:
         """Have waiters call ``drive`` to make progress (once per transport; :meth:`wait` also runs drivers
         added while it waits)."""
         if drive not in self._drivers:

@@ -1,14 +1,23 @@
-"""One typed configuration object for an engine.
+"""One typed configuration object for an engine, and how the environment sets it.
 
-All tunables live here rather than in scattered environment variables; the
-CLI maps its flags onto this object and tests construct it directly.
+All tunables live in :class:`EngineConfig`. ``EngineConfig(...)`` is exactly
+what the code says: it never reads the environment, so tests and programs that
+build one get the same object everywhere. :meth:`EngineConfig.from_env` (which
+:class:`~moonlet.engine.TransferEngine` uses when no ``config=`` is passed)
+also takes each field from ``MOONLET_<FIELD>`` (``MOONLET_LANES=4``): an
+explicit argument wins over the environment, which wins over the default.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import re
+import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from numbers import Real
+from typing import Any
 
 from .errors import ConfigError
 
@@ -25,7 +34,7 @@ def check_timeout(name: str, value: object) -> float:
     """``value`` as a float number of seconds; :class:`ConfigError` naming ``name`` unless it is a real
     number, finite and in (0, :data:`MAX_TIMEOUT`] (NaN, infinity, zero, negatives and bools are refused)."""
     if isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value) \
-            and 0 < value <= MAX_TIMEOUT:
+            and 0 < float(value) <= MAX_TIMEOUT:
         return float(value)
     raise ConfigError(f"{name} must be a finite number of seconds in (0, {MAX_TIMEOUT:g}], got {value!r}")
 
@@ -80,7 +89,10 @@ class EngineConfig:
             directions must prove it holds it. Never shown by repr or logs.
         secret_file: a file holding the secret, read when ``secret`` is None;
             with neither, ``$MOONLET_SECRET`` is used, and with no secret at all
-            the engine serves anyone who reaches it (and says so in a warning).
+            the engine serves anyone who reaches it (and says so in a warning,
+            once per process). ``secret`` is the one field :meth:`from_env`
+            does not read: ``$MOONLET_SECRET`` keeps its place last in that
+            order, read when the engine starts.
         max_connections: connections the listener holds at once; more are refused.
         max_unauthenticated: of those, how many may not yet have proved the
             cluster secret (without a secret: not yet sent a valid frame); a
@@ -184,10 +196,117 @@ class EngineConfig:
             raise ConfigError("transports must be a sequence of names, e.g. ('tcp',)")
         object.__setattr__(self, "transports", tuple(self.transports))
 
-    def with_(self, **changes: object) -> "EngineConfig":
+    def with_(self, **changes: Any) -> EngineConfig:
         """Return a copy with ``changes`` applied (validated like the original)."""
         known = {f.name for f in fields(self)}
         unknown = set(changes) - known
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
         return replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **explicit: Any) -> EngineConfig:
+        """A config from ``explicit`` fields, then ``MOONLET_<FIELD>`` variables of ``environ`` (default
+        ``os.environ``) for the others, then defaults. :class:`ConfigError` names the variable and its value
+        when one cannot be parsed or is out of range (see :func:`resolve` for the syntax)."""
+        return resolve(explicit, environ)[0]
+
+
+#: Where a field's value came from: passed by the caller, a ``MOONLET_`` variable, or the default.
+ARGUMENT, ENVIRONMENT, DEFAULT = "argument", "environment", "default"
+
+#: Fields :meth:`EngineConfig.from_env` does not read (``$MOONLET_SECRET`` is read by the engine itself,
+#: after ``secret`` and ``secret_file``, so that its meaning stays what it was).
+NOT_FROM_ENV = frozenset({"secret"})
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of an :class:`EngineConfig` field: ``lanes`` -> ``MOONLET_LANES``."""
+    return "MOONLET_" + field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    low = text.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("not a boolean (use 1/0, true/false, yes/no)")
+
+
+def _parse_int(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise ValueError("not an integer") from None
+
+
+def _parse_float(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise ValueError("not a number") from None
+
+
+def _parse_names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _parser(hint: Any) -> tuple[Callable[[str], Any], bool]:
+    """The text parser of a field's type, and whether an empty string means None."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if optional else hint
+    if typing.get_origin(base) is tuple:
+        return _parse_names, optional
+    parse: dict[Any, Callable[[str], Any]] = {bool: _parse_bool, int: _parse_int, float: _parse_float, str: str}
+    return parse[base], optional
+
+
+_HINTS = typing.get_type_hints(EngineConfig)
+_PARSERS = {f.name: _parser(_HINTS[f.name]) for f in fields(EngineConfig)}
+
+
+def resolve(explicit: Mapping[str, Any] | None = None,
+            environ: Mapping[str, str] | None = None) -> tuple[EngineConfig, dict[str, str]]:
+    """The config :meth:`EngineConfig.from_env` builds, and where each field came from
+    (:data:`ARGUMENT`, :data:`ENVIRONMENT` or :data:`DEFAULT`).
+
+    A variable's text is parsed by the field's type: integers and floats as Python writes them, booleans as
+    1/0, true/false, yes/no (or on/off), tuples of names comma-separated (``MOONLET_TRANSPORTS=shm,tcp``;
+    empty: none), and an empty string is None for fields that may be None (``MOONLET_SOCKET_BUFFER=``).
+    """
+    explicit = dict(explicit or {})
+    environ = os.environ if environ is None else environ
+    names = [f.name for f in fields(EngineConfig)]
+    unknown = set(explicit) - set(names)
+    if unknown:
+        raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = dict(explicit)
+    sources = {name: ARGUMENT if name in explicit else DEFAULT for name in names}  # in field order
+    from_env: dict[str, str] = {}  # field -> its variable's text
+    for name in names:
+        if name in explicit or name in NOT_FROM_ENV:
+            continue
+        text = environ.get(env_name(name))
+        if text is None:
+            continue
+        parse, optional = _PARSERS[name]
+        try:
+            values[name] = None if optional and not text.strip() else parse(text)
+        except ValueError as e:
+            raise ConfigError(f"{env_name(name)}={text!r}: {e}") from None
+        sources[name] = ENVIRONMENT
+        from_env[name] = text
+    try:
+        cfg = EngineConfig(**values)
+    except ConfigError as e:
+        # Name the variables the complaint is about (every field check names its field), else all of them.
+        named = [n for n in from_env if re.search(rf"\b{n}\b", str(e))] or sorted(from_env)
+        if not named:
+            raise
+        where = ", ".join(f"{env_name(n)}={from_env[n]!r}" for n in sorted(named))
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg, sources

@@ -8,21 +8,30 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from operator import add
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from . import gpu
 from . import metadata as md
 from .batch import Batch, Op, Request, RequestStatus, State
 from .config import EngineConfig, check_timeout
 from .errors import ConfigError, MemoryAccessError, MoonletError, ProtocolError, SegmentError, TransferError
-from .memory import (Buffer, MemoryRegistry, SharedMemory, address_of, check_range, host_numa_node, parse_location,
-                     view_at)
+from .memory import (
+    Buffer,
+    MemoryRegistry,
+    SharedMemory,
+    address_of,
+    check_range,
+    host_numa_node,
+    parse_location,
+    view_at,
+)
+from .metadata.mooncake import MooncakeMetadata, exchange
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
 from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
 from .transport.cuda_ipc import CudaIpcTransport
-from .metadata.mooncake import MooncakeMetadata, exchange
 from .transport.local import LocalTransport
 from .transport.mooncake import MooncakeTcpTransport
 from .transport.mooncake import protocol as MP
@@ -30,8 +39,8 @@ from .transport.rdma import RdmaTransport
 from .transport.rdma import verbs as rdma_verbs
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
-from .transport.tcp.auth import load_secret
 from .transport.tcp import protocol as P
+from .transport.tcp.auth import load_secret
 from .transport.tcp.dial import Security, dial, read_control, split_endpoint
 from .transport.tcp.tls import Tls
 
@@ -53,6 +62,18 @@ def available_transports() -> tuple[str, ...]:
 
 
 _READ, _WRITE = Op.READ, Op.WRITE  # module globals: the array submit tests them per call
+_NO_SEGMENT = object()  # what submit's loop has resolved before the first request: no segment reference at all
+
+#: The warning an engine without a cluster secret logs, once per process (a filter can match on it).
+NO_SECRET_WARNING = ("engine %s has NO cluster secret: any process that reaches %s can read and write its "
+                     "registered memory; set MOONLET_SECRET (or EngineConfig.secret_file) on every engine")
+_no_secret_warned = threading.Lock()  # taken once, by the first engine without a secret, and never released
+
+
+def _warn_no_secret(name: str, endpoint: str) -> None:
+    """Log :data:`NO_SECRET_WARNING` for the first engine of this process that has no secret."""
+    if _no_secret_warned.acquire(blocking=False):
+        log.warning(NO_SECRET_WARNING, name, endpoint)
 
 
 def _as_list(seq: Sequence[int]) -> list[int]:
@@ -71,9 +92,10 @@ class TransferEngine:
 
     def __init__(self, name: str | None = None, metadata: str = "p2p", *,
                  config: EngineConfig | None = None, **overrides: Any) -> None:
-        cfg = config or EngineConfig()
-        if overrides:
-            cfg = cfg.with_(**overrides)
+        if config is None:  # explicit overrides, then MOONLET_<FIELD> variables, then defaults
+            cfg = EngineConfig.from_env(**overrides)
+        else:  # a config object is taken as it is: the environment does not change it
+            cfg = config.with_(**overrides) if overrides else config
         self.config = cfg
         self._registry = MemoryRegistry()
         self._instance = new_instance_id()
@@ -82,7 +104,8 @@ class TransferEngine:
         if cfg.mooncake_wire and secret is not None:
             raise ConfigError("mooncake_wire cannot be combined with a cluster secret ($MOONLET_SECRET is set): "
                               "Mooncake peers cannot authenticate")
-        tls = Tls(cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file) if cfg.tls_cert_file else None  # type: ignore
+        cert, key, ca = cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file  # all three or none (EngineConfig)
+        tls = Tls(cert, key, ca) if cert and key and ca else None
         security = Security(secret, tls)
         self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl, security)
         if not self._meta.names_are_endpoints:
@@ -99,8 +122,9 @@ class TransferEngine:
         wanted = cfg.transports or here
         unknown = [t for t in wanted if t not in here]
         if unknown:
-            why = {"cuda_ipc": gpu.unavailable_reason, "rdma": rdma_verbs.unavailable_reason, "shm": lambda: (
-                "process_vm_readv is not available")}
+            why: dict[str, Callable[[], str]] = {
+                "cuda_ipc": gpu.unavailable_reason, "rdma": rdma_verbs.unavailable_reason,
+                "shm": lambda: "process_vm_readv is not available"}
             detail = "; ".join(f"{t}: {why[t]()}" for t in unknown if t in why)
             raise ConfigError(f"unknown or unavailable transport(s) {unknown}" + (f" ({detail})" if detail else "")
                               + f"; available here: {list(here)}")
@@ -159,9 +183,7 @@ class TransferEngine:
                 self._control.release()
             raise
         if secret is None:
-            log.warning("engine %s has NO cluster secret: any process that reaches %s can read and write its "
-                        "registered memory; set MOONLET_SECRET (or EngineConfig.secret_file) on every engine",
-                        self._name, tcp.endpoint())
+            _warn_no_secret(self._name, tcp.endpoint())
         self._stop = threading.Event()
         if self._meta.leased:
             threading.Thread(target=self._keepalive, name="moonlet-metadata-keepalive", daemon=True).start()
@@ -200,7 +222,7 @@ class TransferEngine:
     def metadata(self) -> str:
         return str(self._meta)
 
-    def _identity(self) -> dict:
+    def _identity(self) -> dict[str, Any]:
         """Who we are to peers (HELLO), and what our cluster-secret proofs cover (name and TCP endpoint)."""
         return {"name": self._name, "instance": self._instance, "host": self._host, "pidns": self._pidns,
                 "endpoint": self._tcp.endpoint()}
@@ -250,10 +272,11 @@ class TransferEngine:
         return buf
 
     @staticmethod
-    def _locate(target: Any, length: int | None, location: str | None) -> tuple[int, int, str, Any, dict | None]:
+    def _locate(target: Any, length: int | None,
+                location: str | None) -> tuple[int, int, str, Any, dict[str, Any] | None]:
         """Address, length, location, keep-alive object and peer-sharing info of memory to register."""
         keep: Any = None
-        share = None
+        share: dict[str, Any] | None = None
         if isinstance(target, int) and not isinstance(target, bool):
             if length is None:
                 raise MemoryAccessError("registering a raw address needs a length")
@@ -448,13 +471,15 @@ class TransferEngine:
         refreshed: set[str] = set()
         # One pass; the last local buffer, segment, remote buffer and group hit are kept in locals,
         # since the requests of a batch mostly share them (this loop is the hot path for small blocks).
-        local: Buffer | None = None
+        # ``local`` and ``seg`` are bound by the first request: its range is never inside the empty
+        # [l_lo, l_hi), and its segment reference is never the sentinel.
+        local: Buffer
+        seg: Segment
         held: list[Buffer] = []  # the distinct local buffers, pinned while the batch runs
         l_lo = l_hi = r_lo = r_hi = 0
-        ref_hit: object = None
-        seg: Segment | None = None
-        remote: dict | None = None
-        items: list | None = None
+        ref_hit: object = _NO_SEGMENT
+        remote: dict[str, Any] | None = None
+        items: list[WorkItem] | None = None
         for i, r in enumerate(reqs):
             op, la, ref, ra, n = r
             if op is not Op.WRITE and op is not Op.READ:
@@ -473,25 +498,25 @@ class TransferEngine:
             if ref is not ref_hit:
                 seg, ref_hit, remote, items = self._segment(ref), ref, None, None
             if remote is None or ra < r_lo or ra + n > r_hi:
-                remote = seg.find(ra, n)  # type: ignore[union-attr]
-                if remote is None and seg.name not in refreshed:  # type: ignore[union-attr]
-                    refreshed.add(seg.name)  # type: ignore[union-attr]
+                remote = seg.find(ra, n)
+                if remote is None and seg.name not in refreshed:
+                    refreshed.add(seg.name)
                     self._refresh(seg)  # the peer may have registered more: ask again once
-                    remote = seg.find(ra, n)  # type: ignore[union-attr]
+                    remote = seg.find(ra, n)
                 if remote is None:
                     batch.fail(i, f"remote range [{ra:#x}, +{n}) is not inside a registered "
-                                  f"buffer of segment {seg.name!r}")  # type: ignore[union-attr]
+                                  f"buffer of segment {seg.name!r}")
                     continue
                 r_lo, r_hi, items = remote["addr"], remote["_end"], None
             if items is None:
-                items = self._route(batch, groups, routes, local, seg, remote)  # type: ignore[arg-type]
-            if items is False:
-                why = "; ".join(f"{t.name}: {w}" for t in self._transports
-                                if (w := t.why_not(local, seg.descriptor, remote)))  # type: ignore[union-attr,arg-type]
-                batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
-                              f"{remote['location']} memory of {seg.name!r} from local "  # type: ignore[union-attr]
-                              f"{local.location}" + (f" ({why})" if why else ""))  # type: ignore[union-attr]
-                continue
+                items = self._route(batch, groups, routes, local, seg, remote)
+                if items is None:
+                    why = "; ".join(f"{t.name}: {w}" for t in self._transports
+                                    if (w := t.why_not(local, seg.descriptor, remote)))
+                    batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
+                                  f"{remote['location']} memory of {seg.name!r} from local "
+                                  f"{local.location}" + (f" ({why})" if why else ""))
+                    continue
             items.append((i, r, local, remote))
         if not batch.done:  # else every request failed here, and nothing is left to move
             self._hold(batch, held)
@@ -532,23 +557,30 @@ class TransferEngine:
         return batch
 
     def _hold(self, batch: Batch, local: list[Buffer]) -> None:
-        """Pin ``local`` (the batch's distinct local buffers) until ``batch`` ends, so that
-        :meth:`unregister` waits for it, and track the batch so that :meth:`close` ends it. Raises
-        MemoryAccessError when a buffer is being unregistered meanwhile (before anything moved)."""
-        self._registry.pin(local)
+        """Track ``batch`` with its distinct local buffers until it ends, so that :meth:`unregister` drives it
+        to its end before it lets a buffer go (:meth:`_settle`) and :meth:`close` ends it. Raises
+        MemoryAccessError when a buffer is being unregistered meanwhile (before anything moved).
+
+        No lock and no counter: the batch is tracked before its buffers are checked, and ``unregister``
+        marks a buffer draining before it looks at the tracked batches, so one of the two sees the other.
+        """
         batch.hold(local, self._release)
-        self._live.add(batch)
+        live = self._live
+        live.add(batch)
+        for buf in local:
+            if buf._dead:
+                live.discard(batch)
+                raise MemoryAccessError(f"local buffer [{buf.addr:#x}, +{buf.length}) is being unregistered")
         if self._closed:  # close() ran meanwhile and may have missed it
             batch.end_all(State.FAILED, "engine closed")
             self._check_open()
 
     def _release(self, batch: Batch) -> None:
-        """``batch`` ended (called once, under its lock): unpin its local buffers."""
+        """``batch`` ended (called once, under its lock): stop tracking it."""
         self._live.discard(batch)
-        self._registry.release(batch.pinned)
 
     def _bulk_route(self, seg: Segment, la: list[int], ra: list[int],
-                    ln: list[int]) -> tuple[Transport, Buffer, dict] | None:
+                    ln: list[int]) -> tuple[Transport, Buffer, dict[str, Any]] | None:
         """The transport, local buffer and remote buffer that carry every request of an array submit,
         or None when the requests span several buffers (or are malformed: :meth:`submit` says how)."""
         if len(ln) == 1:
@@ -570,22 +602,24 @@ class TransferEngine:
         t = self._pick(local, seg, remote)
         return None if t is None else (t, local, remote)
 
-    def _pick(self, local: Buffer, seg: Segment, remote: dict) -> Transport | None:
+    def _pick(self, local: Buffer, seg: Segment, remote: dict[str, Any]) -> Transport | None:
         descriptor = seg.descriptor
         for t in self._transports:
             if t.reaches(local, descriptor, remote):
                 return t
         return None
 
-    def _route(self, batch: Batch, groups: dict, routes: dict, local: Buffer, seg: Segment,
-               remote: dict) -> list | bool:
-        """The work list of the transport that carries local -> remote, or False if none does."""
+    def _route(self, batch: Batch, groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]],
+               routes: dict[tuple[int, int], Transport | None], local: Buffer, seg: Segment,
+               remote: dict[str, Any]) -> list[WorkItem] | None:
+        """The work list of the transport that carries local -> remote, or None if none does."""
         key = (id(local), id(remote))
-        t = routes.get(key, False)
-        if t is False:
+        if key in routes:
+            t = routes[key]
+        else:
             t = routes[key] = self._pick(local, seg, remote)
         if t is None:
-            return False
+            return None
         group = groups.get((id(t), id(seg)))
         if group is None:
             group = groups[(id(t), id(seg))] = (t, seg, [])
@@ -668,7 +702,7 @@ class TransferEngine:
             self._notes_size = 0
         return out
 
-    def _on_notify(self, body: dict) -> tuple[dict, Callable[[], None]]:
+    def _on_notify(self, body: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
         self._queue_note(body.get("name"), body.get("msg"))
         return {}, lambda: None
 
@@ -729,7 +763,7 @@ class TransferEngine:
         if self._control is not None:
             self._control.release()
 
-    def __enter__(self) -> "TransferEngine":
+    def __enter__(self) -> TransferEngine:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -6,6 +6,11 @@ knows which address, segment or peer was at fault without a debugger.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .batch import RequestStatus
+
 
 class MoonletError(Exception):
     """Base class of every error moonlet raises on purpose."""
@@ -38,6 +43,6 @@ class ProtocolError(MoonletError):
 class TransferError(MoonletError):
     """A transfer did not complete. ``statuses`` holds the per-request outcome."""
 
-    def __init__(self, message: str, statuses: list | None = None) -> None:
+    def __init__(self, message: str, statuses: list[RequestStatus] | None = None) -> None:
         super().__init__(message)
         self.statuses = statuses or []

@@ -18,7 +18,6 @@ from typing import Any
 from .errors import MoonletError
 from .sysfs import read as _sysfs
 
-
 log = logging.getLogger("moonlet.gpu")
 
 
@@ -43,7 +42,7 @@ def driver() -> Any:
                 from cuda.bindings import driver as d  # cuda-python >= 12.6
             except ImportError:
                 try:
-                    from cuda import cuda as d  # type: ignore[no-redef]  # older cuda-python
+                    from cuda import cuda as d  # older cuda-python
                 except ImportError:
                     _init_error = "cuda-python is not installed: pip install 'moonlet[cuda]'"
                     d = None
@@ -353,7 +352,7 @@ class Stream:
         use_device(self.device)
         return self._record()
 
-    def _record(self) -> "_Event":
+    def _record(self) -> _Event:
         d = driver()
         free = _free_events.setdefault(self.device, [])
         try:
@@ -382,7 +381,7 @@ class _Event:
 _free_events: dict[int, list[_Event]] = {}  # per device: events that fired, ready to record again
 
 
-def event_done(event: "_Event", block: bool) -> bool:
+def event_done(event: _Event, block: bool) -> bool:
     """Whether the copies before ``event`` finished (waiting for them if ``block``); the event is then
     recycled and must not be used again."""
     d = driver()
@@ -465,7 +464,8 @@ def _dma_buf_check(device: int) -> str:
     dev = check(d.cuDeviceGet(device), "cuDeviceGet")
     attr = d.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED
     if not check(d.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute"):
-        return "no: the driver reports CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED = 0 (needs a 5.12+ kernel and open GPU modules)"
+        return ("no: the driver reports CU_DEVICE_ATTRIBUTE_DMA_BUF_SUPPORTED = 0 "
+                "(needs a 5.12+ kernel and open GPU modules)")
     ptr = alloc(device, 2 << 20)
     try:
         import os
@@ -481,7 +481,7 @@ def _dma_buf_check(device: int) -> str:
 class Stage:
     """Host bytes standing in for GPU ranges while they cross a socket (one frame's worth)."""
 
-    def __init__(self, pool: "StagingPool | None", token: tuple[int, int] | None, view: memoryview, addr: int,
+    def __init__(self, pool: StagingPool | None, token: tuple[int, int] | None, view: memoryview, addr: int,
                  ranges: list[tuple[int, int, int]]) -> None:
         self._pool = pool
         self._token = token

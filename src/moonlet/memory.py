@@ -17,8 +17,9 @@ import platform
 import re
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from .errors import MemoryAccessError, RegistrationError
 
@@ -134,7 +135,7 @@ class Buffer:
     remote_read: bool = True
     remote_write: bool = True
     keepalive: Any = field(default=None, repr=False)
-    share: dict | None = None  # how same-host peers may map it ({"memfd": fd}), if they may
+    share: dict[str, Any] | None = None  # how same-host peers may map it ({"memfd": fd}), if they may
     _view: memoryview | None = field(default=None, repr=False)
     _users: int = field(default=0, repr=False)  # pins held by transfers (this engine's and peers')
     _dead: bool = field(default=False, repr=False)  # being unregistered (lookups skip it), or gone
@@ -155,7 +156,7 @@ class Buffer:
         off = addr - self.addr
         return self._view[off : off + length]
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """The JSON-able form published in the segment descriptor."""
         d = {
             "addr": self.addr,
@@ -226,7 +227,7 @@ class SharedMemory:
                 pass
             return not extra
 
-    def share(self) -> dict | None:
+    def share(self) -> dict[str, Any] | None:
         """What the descriptor may publish so same-host peers map the buffer: ``{"memfd": fd}``, or None
         when a mapping would give peers more than the buffer's rights (a mapping cannot stop reads, and an
         unsealed one cannot stop writes); such peers go through the target, which checks every access."""
@@ -402,7 +403,7 @@ class MemoryRegistry:
                         buf._users += 1
         return out, pinned
 
-    def pin_host(self, addr: int, length: int, write: bool) -> "Buffer | int":
+    def pin_host(self, addr: int, length: int, write: bool) -> Buffer | int:
         """:meth:`acquire` of one range that must be host memory: its buffer, pinned (hand ``[buf]`` to
         :meth:`release`), or the :class:`Denied` code saying why not."""
         (buf,), pinned = self.acquire(((addr, length),), write)
@@ -411,26 +412,16 @@ class MemoryRegistry:
         self.release(pinned)
         return buf if type(buf) is int else Denied.NOT_HOST_MEMORY
 
-    def pin(self, bufs: Sequence[Buffer]) -> None:
-        """Pin local buffers (found by :meth:`find`) for a batch until :meth:`release`; raise
-        :class:`MemoryAccessError` if one is being unregistered meanwhile."""
-        with self._lock:
-            for buf in bufs:
-                if buf._dead:
-                    raise MemoryAccessError(f"local buffer [{buf.addr:#x}, +{buf.length}) is being unregistered")
-            for buf in bufs:
-                buf._users += 1
-
     def pin_more(self, bufs: Sequence[Buffer]) -> None:
-        """Pin buffers once more that are pinned already (a running batch's local buffers), even while
-        they are being unregistered: the hold that outlives the batch while a same-host target may still
+        """Pin buffers that a running batch uses (its local buffers), even while they are being
+        unregistered: the hold that outlives the batch while a same-host target may still
         copy into or out of them (see ``transport.tcp.client.Pin``). Released by :meth:`release`."""
         with self._lock:
             for buf in bufs:
                 buf._users += 1
 
     def release(self, pinned: Sequence[Buffer]) -> None:
-        """Unpin buffers returned by :meth:`acquire` or given to :meth:`pin` or :meth:`pin_more`."""
+        """Unpin buffers returned by :meth:`acquire` or given to :meth:`pin_more`."""
         if not pinned:
             return
         with self._lock:

@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 import threading
-from typing import Sequence
+from collections.abc import Sequence
 
 from .batch import Batch, Op, Request, State
 from .config import EngineConfig
@@ -43,6 +43,9 @@ class TransferOpcode(enum.IntEnum):
     Write = 1
     READ = 0  # the spelling of Mooncake's documentation
     WRITE = 1
+
+
+_Opcode = TransferOpcode  # the enum's name in annotations inside TransferEngine (its attribute shadows it there)
 
 
 class TransferNotify:
@@ -95,7 +98,8 @@ class TransferEngine:
     # -- setup -----------------------------------------------------------------------
 
     def initialize(self, local_hostname: str, metadata_server: str, protocol: str, device_name: str) -> int:
-        """Start the engine: listen on ``local_hostname`` (``host`` or ``host:port``), publish to ``metadata_server``."""
+        """Start the engine: listen on ``local_hostname`` (``host`` or ``host:port``), publish to
+        ``metadata_server``."""
         return self.initialize_ext(local_hostname, metadata_server, protocol, device_name, "")
 
     def initialize_ext(self, local_hostname: str, metadata_server: str, protocol: str, device_name: str,
@@ -147,7 +151,7 @@ class TransferEngine:
                               location: str = "*") -> int:
         if len(buffer_addresses) != len(capacities):
             return self._fail("buffer_addresses and capacities differ in length")
-        done = []
+        done: list[int] = []
         for addr, cap in zip(buffer_addresses, capacities):
             if self.register_memory(addr, cap, location):
                 for a in done:  # all or nothing
@@ -210,7 +214,7 @@ class TransferEngine:
         return self.transfer_sync(target_hostname, buffer, peer_buffer_address, length, TransferOpcode.Read)
 
     def transfer_sync(self, target_hostname: str, buffer: int, peer_buffer_address: int, length: int,
-                      opcode: TransferOpcode, notify: TransferNotify | None = None, transport_hint: str = "") -> int:
+                      opcode: _Opcode, notify: TransferNotify | None = None, transport_hint: str = "") -> int:
         return self.batch_transfer_sync(target_hostname, [buffer], [peer_buffer_address], [length], opcode, notify)
 
     def batch_transfer_sync_write(self, target_hostname: str, buffers: Sequence[int],
@@ -226,7 +230,7 @@ class TransferEngine:
                                         TransferOpcode.Read)
 
     def batch_transfer_sync(self, target_hostname: str, buffers: Sequence[int], peer_buffer_addresses: Sequence[int],
-                            lengths: Sequence[int], opcode: TransferOpcode, notify: TransferNotify | None = None,
+                            lengths: Sequence[int], opcode: _Opcode, notify: TransferNotify | None = None,
                             transport_hint: str = "") -> int:
         batch = self._submit(target_hostname, buffers, peer_buffer_addresses, lengths, opcode)
         if batch is None:
@@ -252,7 +256,7 @@ class TransferEngine:
                                          TransferOpcode.Read)
 
     def batch_transfer_async(self, target_hostname: str, buffers: Sequence[int], peer_buffer_addresses: Sequence[int],
-                             lengths: Sequence[int], opcode: TransferOpcode, transport_hint: str = "") -> int:
+                             lengths: Sequence[int], opcode: _Opcode, transport_hint: str = "") -> int:
         """Start a batch; its id (0 when it could not start) goes to :meth:`get_batch_transfer_status`."""
         batch = self._submit(target_hostname, buffers, peer_buffer_addresses, lengths, opcode)
         return 0 if batch is None else self._keep(batch)
@@ -314,7 +318,7 @@ class TransferEngine:
         return bid
 
     def _submit(self, target: str, buffers: Sequence[int], peers: Sequence[int], lengths: Sequence[int],
-                opcode: TransferOpcode) -> Batch | None:
+                opcode: _Opcode) -> Batch | None:
         if not len(buffers) == len(peers) == len(lengths):
             self._fail("buffers, peer_buffer_addresses and lengths have different size")
             return None

@@ -16,10 +16,13 @@ import re
 import socket
 import threading
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import boundedjson
 from .errors import SegmentError
+
+if TYPE_CHECKING:
+    from .transport.shm import PeerMapping
 
 DESCRIPTOR_VERSION = 1
 
@@ -49,17 +52,17 @@ class SegmentDescriptor:
     host: str
     pid: int
     endpoints: dict[str, str]
-    buffers: list[dict] = field(default_factory=list)
+    buffers: list[dict[str, Any]] = field(default_factory=list)
     pidns: str = ""  # PID namespace: same-host copies need the same one
     generation: int = 0  # bumped by every unregister
-    control: dict | None = None  # {"memfd", "addr"}: a page whose first word is the live generation
-    nics: list[dict] = field(default_factory=list)  # RDMA NICs: name, port, gid, lid, mtu, numa
+    control: dict[str, Any] | None = None  # {"memfd", "addr"}: a page whose first word is the live generation
+    nics: list[dict[str, Any]] = field(default_factory=list)  # RDMA NICs: name, port, gid, lid, mtu, numa
 
     @property
     def transports(self) -> list[str]:
         return sorted(self.endpoints)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         """The JSON-able form (what :meth:`to_json` writes)."""
         return {
             "version": DESCRIPTOR_VERSION,
@@ -80,7 +83,7 @@ class SegmentDescriptor:
         return json.dumps(self.to_dict(), separators=(",", ":")).encode()
 
     @classmethod
-    def from_json(cls, data: bytes | str | dict) -> "SegmentDescriptor":
+    def from_json(cls, data: bytes | str | dict[str, Any]) -> SegmentDescriptor:
         """Parse and validate a descriptor; raise :class:`SegmentError` naming the field on anything malformed.
 
         The bytes come from a peer or a metadata store, so they are hostile
@@ -125,6 +128,7 @@ class SegmentDescriptor:
 
 # -- validation of descriptors from peers and stores ------------------------------------------------------
 # The checks take the field's path as a tuple, ("buffers", 3, "addr"), made into text only for an error.
+_Path = tuple[str | int, ...]
 
 #: Largest descriptor accepted (JSON bytes): some 100 to 300 bytes a buffer, so about 100,000 buffers.
 MAX_DESCRIPTOR_BYTES = 16 << 20
@@ -162,65 +166,70 @@ def _shown(value: object) -> str:
     return repr(value)[:80]
 
 
-def _fail(path: tuple, problem: str) -> NoReturn:
-    name = path[0]
+def _fail(path: _Path, problem: str) -> NoReturn:
+    name = str(path[0])
     for before, p in zip(path, path[1:]):
         name += f"[{p}]" if type(p) is int else f"[{p!r}]" if before in ("endpoints", "rkeys") else f".{p}"
     raise SegmentError(f"malformed segment descriptor: {name} {problem}")
 
 
-def _int(value: object, path: tuple, lo: int, hi: int) -> int:
+def _int(value: object, path: _Path, lo: int, hi: int) -> int:
     if type(value) is not int or not lo <= value <= hi:
         if value is _MISSING:
             _fail(path, "is missing")
         if type(value) is not int:
             _fail(path, f"must be an integer, got {type(value).__name__} {_shown(value)}")
         _fail(path, f"= {_shown(value)} is outside {lo}..{hi}")
-    return value  # type: ignore[return-value]
+    return value
 
 
-def _text(value: object, path: tuple, limit: int = MAX_TEXT) -> str:
+def _text(value: object, path: _Path, limit: int = MAX_TEXT) -> str:
     if type(value) is not str or len(value) > limit:
         if value is _MISSING:
             _fail(path, "is missing")
         if type(value) is not str:
             _fail(path, f"must be a string, got {type(value).__name__}")
-        _fail(path, f"is {len(value)} characters long, at most {limit}")  # type: ignore[arg-type]
-    return value  # type: ignore[return-value]
-
-
-def _hex(value: object, path: tuple, limit: int) -> str:
-    if not _HEX.fullmatch(_text(value, path, limit)):
-        _fail(path, f"must be hex bytes, got {_shown(value)}")
-    return value  # type: ignore[return-value]
-
-
-def _flag(value: object, path: tuple) -> bool:
-    if type(value) is not bool:
-        _fail(path, f"must be true or false, got {_shown(value)}")
-    return value  # type: ignore[return-value]
-
-
-def _sized(value: object, path: tuple, kind: type, limit: int) -> Any:
-    """``value`` if it is a ``kind`` (dict or list) of at most ``limit`` entries."""
-    if type(value) is not kind or len(value) > limit:  # type: ignore[arg-type]
-        if value is _MISSING:
-            _fail(path, "is missing")
-        if type(value) is not kind:
-            _fail(path, f"must be {'an object' if kind is dict else 'a list'}, got {type(value).__name__}")
-        _fail(path, f"has {len(value)} entries, at most {limit}")  # type: ignore[arg-type]
+        _fail(path, f"is {len(value)} characters long, at most {limit}")
     return value
 
 
-def _object(value: object, path: tuple, limit: int) -> dict:
-    return _sized(value, path, dict, limit)  # type: ignore[no-any-return]
+def _hex(value: object, path: _Path, limit: int) -> str:
+    text = _text(value, path, limit)
+    if not _HEX.fullmatch(text):
+        _fail(path, f"must be hex bytes, got {_shown(value)}")
+    return text
 
 
-def _list(value: object, path: tuple, limit: int) -> list:
-    return _sized(value, path, list, limit)  # type: ignore[no-any-return]
+def _flag(value: object, path: _Path) -> bool:
+    if type(value) is not bool:
+        _fail(path, f"must be true or false, got {_shown(value)}")
+    return value
 
 
-def _buffer(b: object, i: int) -> dict:
+def _object(value: object, path: _Path, limit: int) -> dict[str, Any]:
+    """``value`` if it is a dict of at most ``limit`` entries."""
+    if type(value) is dict and len(value) <= limit:
+        return value
+    _unsized(value, path, dict, limit)
+
+
+def _list(value: object, path: _Path, limit: int) -> list[Any]:
+    """``value`` if it is a list of at most ``limit`` entries."""
+    if type(value) is list and len(value) <= limit:
+        return value
+    _unsized(value, path, list, limit)
+
+
+def _unsized(value: object, path: _Path, kind: type[dict[str, Any]] | type[list[Any]], limit: int) -> NoReturn:
+    """Fail naming why ``value`` is not a ``kind`` (dict or list) of at most ``limit`` entries."""
+    if value is _MISSING:
+        _fail(path, "is missing")
+    if type(value) is not kind or not isinstance(value, (dict, list)):
+        _fail(path, f"must be {'an object' if kind is dict else 'a list'}, got {type(value).__name__}")
+    _fail(path, f"has {len(value)} entries, at most {limit}")
+
+
+def _buffer(b: object, i: int) -> dict[str, Any]:
     """One registered buffer, its rights, and the optional keys telling peers how to reach it directly:
     memfd (same-host mapping), gpu (UUID), ipc and ipc_base (CUDA IPC handle of the allocation), rkeys
     (RDMA remote keys per NIC name, best NIC first)."""
@@ -259,7 +268,7 @@ def _rkeys(keys: object, i: int, nic: str) -> list[int]:
             for k in _list(keys, path, MAX_BUFFERS)]
 
 
-def _nic(n: object, i: int) -> dict:
+def _nic(n: object, i: int) -> dict[str, Any]:
     if type(n) is not dict:
         _fail(("nics", i), f"must be an object, got {type(n).__name__}")
     return {"name": _text(n.get("name", _MISSING), ("nics", i, "name"), 64),
@@ -282,7 +291,7 @@ class Segment:
         self.name = name
         self._lock = threading.Lock()
         #: for a same-host peer: a mapping of its generation page (set by the engine)
-        self.watch = None
+        self.watch: PeerMapping | None = None
         self.update(descriptor)
 
     def stale(self) -> bool:
@@ -298,9 +307,9 @@ class Segment:
                           key=lambda b: b["addr"])
             self._starts = [b["addr"] for b in bufs]
             self._bufs = bufs
-            self._last: dict | None = None  # the last buffer find() returned
+            self._last: dict[str, Any] | None = None  # the last buffer find() returned
 
-    def find(self, addr: int, length: int) -> dict | None:
+    def find(self, addr: int, length: int) -> dict[str, Any] | None:
         """The cached remote buffer holding ``[addr, addr+length)``, or None."""
         b = self._last  # requests mostly hit the buffer the previous one did
         if b is not None and b["addr"] <= addr and addr + length <= b["_end"]:
@@ -316,7 +325,7 @@ class Segment:
             return b
 
     @property
-    def buffers(self) -> list[dict]:
+    def buffers(self) -> list[dict[str, Any]]:
         """The peer's registered buffers as last seen (addr, length, location, rights)."""
         return list(self.descriptor.buffers)
 

@@ -6,14 +6,15 @@ import os
 import platform
 import sys
 
-from .. import __version__
+from .. import __version__, gpu
+from ..config import DEFAULT, ENVIRONMENT, NOT_FROM_ENV, env_name, resolve
 from ..engine import available_transports
-from ..segment import host_identity
-from .. import gpu
-from ..sysfs import read as _read
 from ..errors import MoonletError
+from ..segment import host_identity
+from ..sysfs import read as _read
 from ..transport import cma
-from ..transport.rdma import gpudirect, nic as rdma_nic, verbs
+from ..transport.rdma import gpudirect, verbs
+from ..transport.rdma import nic as rdma_nic
 
 
 def _nics() -> list[str]:
@@ -69,6 +70,30 @@ def collect() -> dict:
     }
 
 
+def configuration() -> list[tuple[str, str, str]]:
+    """(field, value, source) of the configuration an engine started here without ``config=`` gets: each
+    EngineConfig field with its value and where a non-default value comes from (``MOONLET_<FIELD>``), then
+    whether ``$MOONLET_SECRET`` provides the cluster secret (never its value). A bad variable raises
+    :class:`~moonlet.errors.ConfigError` naming it."""
+    cfg, sources = resolve()
+    where = {name: f"environment {env_name(name)}" if source == ENVIRONMENT else source
+             for name, source in sources.items()}
+    out = []
+    for name in sources:
+        if name in NOT_FROM_ENV:
+            continue
+        value = getattr(cfg, name)
+        shown = ",".join(value) if isinstance(value, tuple) else "" if value is None else str(value)
+        out.append((name, shown or "-", where[name]))
+    secret_env = bool(os.environ.get("MOONLET_SECRET"))
+    if cfg.secret_file:
+        out.append(("secret", f"from the file {cfg.secret_file}", where["secret_file"]))
+    else:
+        out.append(("secret", "set (hidden)" if secret_env else "NONE: any process that reaches an engine may use "
+                    "its memory", "environment MOONLET_SECRET" if secret_env else DEFAULT))
+    return out
+
+
 def _gpudirect_verdict(info: dict) -> str:
     """Which path the RDMA transport would use to register GPU memory here, or why none works."""
     g = info["gpu"]
@@ -84,6 +109,7 @@ def _gpudirect_verdict(info: dict) -> str:
 
 
 def main(_args: object = None) -> int:
+    config = configuration()  # first: a bad MOONLET_ variable is the one error
     info = collect()
     print(f"moonlet {info['moonlet']} on Python {info['python']} ({info['platform']})")
     print(f"host id      {info['host_id']}")
@@ -104,4 +130,8 @@ def main(_args: object = None) -> int:
     print("GPUDirect    nvidia-peermem: " + g["gpudirect"]["nvidia_peermem"])
     print("             DMA-BUF: " + g["gpudirect"]["dma_buf"])
     print("             RDMA registration of GPU memory: " + _gpudirect_verdict(info))
+    width = max(len(name) for name, _, _ in config)
+    print("configuration (EngineConfig fields; MOONLET_<FIELD> sets one)")
+    for name, value, source in config:
+        print(f"  {name:<{width}}  {value}" + ("" if source == DEFAULT else f"  ({source})"))
     return 0

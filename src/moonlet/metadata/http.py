@@ -104,14 +104,15 @@ class HttpMetadata(MetadataBackend):
 
 
 class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
+    server: _Server
     protocol_version = "HTTP/1.1"
 
     def log_message(self, fmt: str, *args: object) -> None:  # keep stderr quiet
         pass
 
     def setup(self) -> None:
-        self.timeout = self.server.request_timeout  # on every read and write of the connection
+        # On every read and write of the connection (StreamRequestHandler reads it from the instance).
+        self.timeout = self.server.request_timeout  # type: ignore[misc]  # typeshed: a ClassVar
         super().setup()
 
     def handle_one_request(self) -> None:
@@ -343,14 +344,14 @@ class MetadataServer:
             raise ConfigError(f"metadata server limits must be positive: max_value={max_value}, "
                               f"max_total={max_total}, max_clients={max_clients}, timeout={timeout}")
         self._server = _Server((host, port), max_value, max_total, max_clients, timeout)
-        self.host, self.port = self._server.server_address[:2]
+        self.host, self.port = self._server.socket.getsockname()[:2]
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
         return f"http://{self.host}:{self.port}/metadata"
 
-    def start(self) -> "MetadataServer":
+    def start(self) -> MetadataServer:
         """Serve from a background thread; return self."""
         self._thread = threading.Thread(target=self._server.serve_forever, name="moonlet-metadata", daemon=True)
         self._thread.start()
@@ -365,7 +366,7 @@ class MetadataServer:
         if self._thread:
             self._thread.join(timeout=5)
 
-    def __enter__(self) -> "MetadataServer":
+    def __enter__(self) -> MetadataServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

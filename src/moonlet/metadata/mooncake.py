@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ..errors import MetadataError, ProtocolError, SegmentError
 from ..transport.mooncake import protocol as MP
@@ -47,10 +47,10 @@ def exchange(endpoint: str, kind: int, body: dict, timeout: float) -> tuple[int,
             left = deadline - time.monotonic()
             try:
                 if left <= 0:
-                    raise socket.timeout()
+                    raise TimeoutError()
                 sock.settimeout(left)
                 data = sock.recv(min(reader.need, 65536))
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError(f"no complete Mooncake handshake answer from {endpoint} within {timeout:g} s") \
                     from None
             if first and data.startswith(P.MAGIC_BYTES):

@@ -7,11 +7,9 @@ memory is seen as soon as it is asked again.
 
 from __future__ import annotations
 
-import socket
-
 from ..errors import MetadataError, ProtocolError, SegmentError
-from ..transport.tcp.dial import PLAIN, Security
 from ..transport.tcp.client import fetch_descriptor
+from ..transport.tcp.dial import PLAIN, Security
 from .base import MetadataBackend
 
 
@@ -32,7 +30,7 @@ class P2PMetadata(MetadataBackend):
             raise SegmentError(
                 f"segment name {name!r} is not host:port; in p2p mode open a segment by its engine's host:port"
             ) from None
-        except (OSError, ConnectionError, ProtocolError, socket.timeout) as e:
+        except (TimeoutError, OSError, ConnectionError, ProtocolError) as e:
             raise MetadataError(f"cannot fetch the descriptor of {name!r} from the peer itself: {e}") from None
 
     def remove(self, name: str) -> None:

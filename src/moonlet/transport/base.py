@@ -10,6 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from operator import add
+from typing import Any
 
 from ..batch import Batch, Request
 from ..config import EngineConfig
@@ -17,11 +18,10 @@ from ..memory import Buffer, MemoryRegistry
 from ..segment import Segment, SegmentDescriptor
 from .tcp.dial import PLAIN, Security
 
-
 #: One request as the engine hands it to a transport: (position in the batch, the request,
 #: the registered local buffer holding its local range, the peer's buffer entry holding its
 #: remote range). A plain tuple: it is made per request.
-WorkItem = tuple[int, Request, Buffer, dict]
+WorkItem = tuple[int, Request, Buffer, dict[str, Any]]
 
 
 def contiguous(local_addrs: list[int], remote_addrs: list[int], lengths: list[int]) -> bool:

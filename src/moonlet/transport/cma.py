@@ -109,7 +109,7 @@ def probe() -> tuple[bool, str]:
             scope = f.read().strip()
     except OSError:
         pass
-    hint = ("Yama ptrace_scope is %s (2 and 3 forbid it; set 0 or 1)" % scope) if scope in ("2", "3") else \
+    hint = f"Yama ptrace_scope is {scope} (2 and 3 forbid it; set 0 or 1)" if scope in ("2", "3") else \
         "the kernel refused ptrace access (different users, a seccomp/container policy, or no CAP_SYS_PTRACE)"
     return False, f"{err}; {hint}. Same-host requests will use TCP."
 
@@ -145,10 +145,10 @@ def socket_owned_by(sock: socket.socket, pid: int) -> bool:
 def _hexaddr(host: str, port: int) -> tuple[str, str]:
     packed = socket.inet_pton(socket.AF_INET6 if ":" in host else socket.AF_INET, host)
     if len(packed) == 4:
-        text = "%08X" % struct.unpack("<I", packed)[0]
+        text = f"{struct.unpack('<I', packed)[0]:08X}"
     else:
-        text = "".join("%08X" % w for w in struct.unpack("<4I", packed))
-    return text, "%04X" % port
+        text = "".join(f"{w:08X}" for w in struct.unpack("<4I", packed))
+    return text, f"{port:04X}"
 
 
 def _tcp_inode(local: tuple[str, int], remote: tuple[str, int]) -> int | None:

@@ -30,7 +30,7 @@ class LocalTransport(Transport):
             # The "remote" side is our own registry: check it as a target would, and pin it.
             (buf,), pinned = self._registry.acquire([(req.remote_addr, req.length)], write=bool(req.op))
             try:
-                if type(buf) is not Buffer:
+                if not isinstance(buf, Buffer):
                     batch.part_done(index, State.FAILED, f"[{req.remote_addr:#x}, +{req.length}): "
                                                          f"{Denied.REASONS[buf]}")
                     continue

@@ -35,7 +35,6 @@ import logging
 import mmap
 import os
 import stat
-from typing import Iterable
 
 from ..batch import Batch, State
 from ..memory import Buffer, Denied, MemoryRegistry, SharedMemory
@@ -67,8 +66,9 @@ class SameHostTransport(Transport):
         return self._tcp.endpoint()
 
     def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
-        return ("shm" in peer.endpoints and "tcp" in peer.endpoints and peer.host == self._host and peer.pidns == self._pidns
-                and peer.pid != self._pid and local.is_host and remote["location"].startswith("cpu:")
+        return ("shm" in peer.endpoints and "tcp" in peer.endpoints and peer.host == self._host
+                and peer.pidns == self._pidns and peer.pid != self._pid
+                and local.is_host and remote["location"].startswith("cpu:")
                 and (peer.name, peer.instance) not in self._refused)
 
     def _note_refused(self, peer: Peer) -> None:
@@ -189,7 +189,7 @@ class SameHostTransport(Transport):
                                                  f"+{remote['length']}) during the transfer")
         return True
 
-    def _mapping(self, peer: SegmentDescriptor, remote: dict) -> "PeerMapping | None":
+    def _mapping(self, peer: SegmentDescriptor, remote: dict) -> PeerMapping | None:
         key = (peer.instance, remote["addr"], remote["length"])
         mapped = self._maps.get(key)
         if mapped is not None and mapped.alive():
@@ -285,4 +285,4 @@ def _check_file(st: os.stat_result, size: int) -> os.stat_result:
     return st
 
 
-__all__: Iterable[str] = ["SameHostTransport", "PeerMapping"]
+__all__ = ["SameHostTransport", "PeerMapping"]

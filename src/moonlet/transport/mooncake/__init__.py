@@ -16,7 +16,7 @@ import queue
 import socket
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from ...batch import Batch, Op, State
 from ...errors import ProtocolError
@@ -40,7 +40,7 @@ class _Rejected(Exception):
 class _Lane:
     """One connection to a Mooncake data port, and the thread that runs requests on it."""
 
-    def __init__(self, peer: "_Peer") -> None:
+    def __init__(self, peer: _Peer) -> None:
         self.peer = peer
         self.sock: socket.socket | None = None
 
@@ -159,7 +159,7 @@ class _Lane:
             self._wait(batch)
             try:
                 r = sock.recv_into(view[done:], n - done) if receive else sock.send(view[done:])
-            except socket.timeout:
+            except TimeoutError:
                 continue
             if r == 0:
                 raise ConnectionError("the peer closed the connection")

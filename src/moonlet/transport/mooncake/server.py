@@ -29,7 +29,7 @@ import select
 import socket
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
 from ...errors import MoonletError, ProtocolError
 from ...memory import Buffer, Denied, MemoryRegistry
@@ -136,7 +136,7 @@ class MooncakeServer(Reactor):
             self._poll.register(shake.fd, _IN)
             self._serve_handshake(shake, _IN)  # the bytes the listener read first
 
-    def _serve_handshake(self, shake: "_Handshake", ev: int) -> None:
+    def _serve_handshake(self, shake: _Handshake, ev: int) -> None:
         """Read the message, send the answer, then wait for the peer to close, as Mooncake's server does.
 
         Whatever goes wrong (the peer's bytes, the engine's callbacks) ends this handshake only.
@@ -163,7 +163,7 @@ class MooncakeServer(Reactor):
             log.error("answering a Mooncake handshake failed", exc_info=True)
             self._drop(shake)
 
-    def _handshake(self, shake: "_Handshake", data: bytes) -> None:
+    def _handshake(self, shake: _Handshake, data: bytes) -> None:
         msg = shake.reader.feed(data)
         if msg is None:
             return
@@ -180,7 +180,8 @@ class MooncakeServer(Reactor):
         shake.out = [MP.encode_handshake(kind, reply)]
         self._send_answer(shake)
 
-    def _send_answer(self, shake: "_Handshake") -> None:
+    def _send_answer(self, shake: _Handshake) -> None:
+        assert shake.out is not None  # set by the caller: the answer to send
         sendmsg_some(shake.sock, shake.out)
         if shake.out:
             self._watch(shake, _OUT)
@@ -196,7 +197,7 @@ class MooncakeServer(Reactor):
     def _make_room(self) -> bool:
         return len(self._conns) - len(self._shakes) < self._max_conns  # handshakes have a budget of their own
 
-    def _admit(self, sock: socket.socket) -> "_DataConn":
+    def _admit(self, sock: socket.socket) -> _DataConn:
         sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return _DataConn(sock, time.monotonic())
@@ -228,8 +229,8 @@ class MooncakeServer(Reactor):
                 log.info("closing a Mooncake data connection idle for %.1f s", now - conn.quiet)
                 self._drop(conn)
 
-    def _serve(self, conn: "_DataConn | _Handshake", ev: int) -> None:
-        if type(conn) is _Handshake:
+    def _serve(self, conn: _DataConn | _Handshake, ev: int) -> None:
+        if isinstance(conn, _Handshake):
             self._serve_handshake(conn, ev)
             return
         try:
@@ -244,7 +245,7 @@ class MooncakeServer(Reactor):
                 log.info("Mooncake data connection closed: %s", e)
             self._drop(conn)
 
-    def _on_readable(self, conn: "_DataConn", now: float) -> None:
+    def _on_readable(self, conn: _DataConn, now: float) -> None:
         """Read what has arrived: a header, or a WRITE's payload straight into registered memory."""
         for _ in range(64):  # a fair share, then the other connections
             if conn.out:  # a reply is still going out: the peer sends nothing meanwhile
@@ -269,7 +270,7 @@ class MooncakeServer(Reactor):
             if conn.got == conn.view.nbytes:
                 self._finish(conn, [MP.encode_status(True)] if conn.v2 else [])
 
-    def _start(self, conn: "_DataConn", op: int, addr: int, size: int, v2: bool) -> None:
+    def _start(self, conn: _DataConn, op: int, addr: int, size: int, v2: bool) -> None:
         """A header is in: check and pin the range, then receive the payload or send the bytes."""
         conn.v2 = v2
         if size == 0:
@@ -277,7 +278,7 @@ class MooncakeServer(Reactor):
             return
         write = op == MP.WRITE
         buf = self._registry.pin_host(addr, size, write)
-        if type(buf) is int:
+        if isinstance(buf, int):
             why = ("not host memory (Mooncake peers reach host memory only)" if buf == Denied.NOT_HOST_MEMORY
                    else Denied.REASONS[buf])
             log.warning("refused a Mooncake peer's %s of [%#x, +%d): %s", "WRITE" if write else "READ", addr, size,
@@ -292,14 +293,14 @@ class MooncakeServer(Reactor):
         else:
             self._finish(conn, ([MP.encode_status(True)] if v2 else []) + [view])
 
-    def _finish(self, conn: "_DataConn", reply: list) -> None:
+    def _finish(self, conn: _DataConn, reply: list) -> None:
         """The request's bytes are in (or it was refused): send ``reply``, then unpin and take the next."""
         conn.view = None
         conn.got = 0
         conn.out = reply
         self._flush(conn)
 
-    def _flush(self, conn: "_DataConn") -> None:
+    def _flush(self, conn: _DataConn) -> None:
         if conn.out:
             sendmsg_some(conn.sock, conn.out)
         if conn.out:
@@ -312,15 +313,15 @@ class MooncakeServer(Reactor):
             return
         self._watch(conn, _IN)
 
-    def _watch(self, conn: "_DataConn | _Handshake", mask: int) -> None:
+    def _watch(self, conn: _DataConn | _Handshake, mask: int) -> None:
         if conn.mask != mask:
             conn.mask = mask
             self._poll.modify(conn.fd, mask)
 
-    def _drop(self, conn: "_DataConn | _Handshake") -> None:
+    def _drop(self, conn: _DataConn | _Handshake) -> None:
         if not self._forget(conn):
             return
-        if type(conn) is _Handshake:
+        if isinstance(conn, _Handshake):
             del self._shakes[conn.fd]
         else:
             self._registry.release(conn.pinned)

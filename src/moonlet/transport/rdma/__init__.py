@@ -32,8 +32,9 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable
+from typing import TYPE_CHECKING
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, TransferError
@@ -45,6 +46,9 @@ from ..tcp.client import OutFrame
 from ..tcp.dial import Security, dial, read_control
 from . import gpudirect, verbs
 from .nic import Nic, discover, load_matrix, tiers
+
+if TYPE_CHECKING:
+    from ..tcp import TcpTransport
 
 log = logging.getLogger("moonlet.rdma")
 
@@ -76,7 +80,7 @@ def span(length: int, pieces: int) -> int:
 class _Qp:
     """An initiator queue pair, its control connection, and the slices it carries in posting order."""
 
-    def __init__(self, qp: verbs.QueuePair, sock: socket.socket, endpoint: "_Endpoint") -> None:
+    def __init__(self, qp: verbs.QueuePair, sock: socket.socket, endpoint: _Endpoint) -> None:
         self.qp = qp
         self.sock = sock
         self.endpoint = endpoint
@@ -99,8 +103,9 @@ class _Device:
 
     def __init__(self, nic: Nic, cfg) -> None:
         self.nic = nic
-        self.ctx = nic.ctx
-        assert self.ctx is not None
+        ctx = nic.ctx
+        assert ctx is not None  # discover() opened it
+        self.ctx = ctx
         self.depth = min(cfg.rdma_queue_depth, self.ctx.max_qp_wr)
         self.cq_depth = min(self.ctx.max_cqe, 1 << 16)
         self.cq = verbs.CompletionQueue(self.ctx, self.cq_depth)
@@ -114,7 +119,7 @@ class _Device:
         self.closed = False
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
-        self.retry: list[tuple["_Endpoint", list[Slice]]] = []
+        self.retry: list[tuple[_Endpoint, list[Slice]]] = []
         self.retried = 0  # slices re-posted after a queue pair error
         #: takes slices whose RDMA path is gone (another transport carries them); returns those it could not
         self.rescue: Callable[[list[Slice]], list[Slice]] = lambda slices: slices
@@ -232,7 +237,7 @@ class _Device:
         if not q.broken:
             q.fail(verbs.wc_status_str(status))
 
-    def _queue_retry(self, ep: "_Endpoint", s: Slice) -> None:
+    def _queue_retry(self, ep: _Endpoint, s: Slice) -> None:
         self.retried += 1
         if self.retry and self.retry[-1][0] is ep:
             self.retry[-1][1].append(s)
@@ -436,7 +441,7 @@ class RdmaTransport(Transport):
     name = "rdma"
 
     def __init__(self, ctx: HostContext, tcp, nics: list[Nic], instance: str,
-                 fallback: Transport | None = None) -> None:
+                 fallback: TcpTransport | None = None) -> None:
         cfg = self._cfg = ctx.config
         self._instance = instance
         self._security = ctx.security
@@ -454,7 +459,7 @@ class RdmaTransport(Transport):
         tcp.server.services["rdma"] = self._accept
 
     @classmethod
-    def open(cls, ctx: HostContext, tcp, instance: str, fallback: Transport | None = None) -> "RdmaTransport":
+    def open(cls, ctx: HostContext, tcp, instance: str, fallback: TcpTransport | None = None) -> RdmaTransport:
         """Discover the NICs (per config) and serve RDMA connects on ``tcp``'s listener."""
         nics, why = discover(ctx.config.rdma_devices, ctx.config.rdma_gid_index)
         if not nics:
@@ -609,8 +614,8 @@ class RdmaTransport(Transport):
                                   f"{Denied.REASONS[Denied.NO_PERMISSION]}")
                 continue
             key = (id(local), id(remote))
-            route = routes.get(key, False)
-            if route is False:
+            route = routes.get(key)
+            if route is None:
                 route = routes[key] = self._route(segment, local, remote, nics)
             if isinstance(route, str):
                 fallback.append(item)

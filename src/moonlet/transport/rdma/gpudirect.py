@@ -82,7 +82,7 @@ def export(addr: int) -> tuple[int, int]:
     return gpu.dmabuf_fd(start, end - start), start
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def gpu_topology(location: str) -> tuple[str, int]:
     """(sysfs PCI path, NUMA node) of the GPU at ``location`` (``cuda:N``), or ("", -1)."""
     if not location.startswith("cuda:") or not gpu.available():

@@ -37,7 +37,7 @@ class Nic:
     mtu: int  # enum ibv_mtu of the active MTU
     numa: int = -1
     pci_path: str = ""
-    ctx: "verbs.Context | None" = field(default=None, repr=False)
+    ctx: verbs.Context | None = field(default=None, repr=False)
 
     def describe(self) -> dict:
         """The JSON form published in the segment descriptor."""
@@ -86,6 +86,7 @@ def discover(devices: tuple[str, ...] = (), gid_index: int | None = None) -> tup
                 notes.append(f"{name} port {port}: not active")
                 continue
             ethernet = attr["link_layer"] == verbs.LINK_LAYER_ETHERNET
+            index: int | None
             if gid_index is not None:
                 index = gid_index
             else:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import ctypes as C
 import ctypes.util
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 u8, u16, u32, u64 = C.c_uint8, C.c_uint16, C.c_uint32, C.c_uint64
 vp = C.c_void_p
@@ -251,13 +251,13 @@ class Context:
         _check(self._lib.ibv_query_gid(self.ctx, port, index, out), "ibv_query_gid")
         return bytes(out)
 
-    def reg_mr(self, addr: int, length: int, access: int) -> "MemoryRegion":
+    def reg_mr(self, addr: int, length: int, access: int) -> MemoryRegion:
         mr = self._lib.ibv_reg_mr(self.pd, addr, length, access)
         if not mr:
             raise _fail(f"ibv_reg_mr([{addr:#x}, +{length}))")
         return MemoryRegion(self._lib, mr)
 
-    def reg_dmabuf_mr(self, offset: int, length: int, iova: int, fd: int, access: int) -> "MemoryRegion":
+    def reg_dmabuf_mr(self, offset: int, length: int, iova: int, fd: int, access: int) -> MemoryRegion:
         mr = self._lib.ibv_reg_dmabuf_mr(self.pd, offset, length, iova, fd, access)
         if not mr:
             raise _fail(f"ibv_reg_dmabuf_mr(fd {fd}, [{iova:#x}, +{length}))")
@@ -284,7 +284,7 @@ class MemoryRegion:
     def close(self) -> None:
         if self.mr:
             self._lib.ibv_dereg_mr(self.mr)
-            self.mr = None
+            self.mr = 0
 
 
 class CompletionQueue:

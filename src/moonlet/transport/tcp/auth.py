@@ -41,7 +41,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 from ...errors import ConfigError, ProtocolError
 from . import protocol as P

@@ -39,11 +39,12 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Iterator, NamedTuple, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, SegmentError
-from ...gpu import GpuError
+from ...gpu import GpuError, Stage
 from ...memory import Buffer, Denied, MemoryRegistry
 from . import protocol as P
 from .dial import PLAIN, Security, dial, read_control
@@ -111,7 +112,7 @@ class OutFrame:
         self.batch = batch
         self.nbytes = nbytes
         self.attempts = 1
-        self.stage = None  # a gpu.Stage when some local ranges are GPU memory
+        self.stage: Stage | None = None  # when some local ranges are GPU memory
         self.staged_at: list[int] = []  # which entries the stage carries
         self.pin = pin
 
@@ -131,7 +132,7 @@ def frame_bounds(lengths: list[int], max_bytes: int, max_entries: int) -> Iterat
 class Lane:
     """One persistent connection to a peer."""
 
-    def __init__(self, peer: "Peer", sock: socket.socket) -> None:
+    def __init__(self, peer: Peer, sock: socket.socket) -> None:
         self.peer = peer
         self.sock = sock
         self.fd = sock.fileno()
@@ -561,7 +562,7 @@ class Peer:
 
     def __init__(self, name: str, endpoint: str, instance: str, lanes: int, connect_timeout: float,
                  send_timeout: float, socket_buffer: int | None, progress: Progress,
-                 on_stale: Callable[[str], None], hello: dict, on_refused: Callable[["Peer"], None],
+                 on_stale: Callable[[str], None], hello: dict, on_refused: Callable[[Peer], None],
                  security: Security = PLAIN, stats: dict | None = None) -> None:
         self.name = name
         self.security = security

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass, field
-from typing import NamedTuple, Union
+from typing import NamedTuple
 
 from ... import boundedjson
 from ...errors import ProtocolError
@@ -79,7 +79,7 @@ class Prefix(NamedTuple):
     """The fixed part of a frame (a tuple: it is built once per frame on the hot path)."""
 
     kind: int
-    count: int
+    count: int  # type: ignore[assignment]  # the wire format's name for it; shadows tuple.count, unused here
     req_id: int
     payload_len: int
 
@@ -292,7 +292,7 @@ class Payload:
     data: bytes
 
 
-Event = Union[Frame, Payload]
+Event = Frame | Payload
 
 
 class FrameParser:

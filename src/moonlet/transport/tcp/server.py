@@ -35,15 +35,16 @@ import select
 import socket
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-from ...errors import ProtocolError
-from ...memory import Buffer, Denied, MemoryRegistry
-from . import protocol as P
 from ... import gpu
+from ...errors import ProtocolError
 from ...gpu import GpuError, Stage, StagingPool
+from ...memory import Buffer, Denied, MemoryRegistry
 from .. import cma
 from ..reactor import Reactor
+from . import protocol as P
 from .auth import TargetAuth
 from .dial import PLAIN, Security
 from .sockio import recv_some, recv_some_into, sendmsg_some, wake_later
@@ -111,7 +112,7 @@ class _Conn:
         self.views: list[memoryview] = _NONE  # type: ignore[assignment]
         self.pinned: list[Buffer] = _NONE  # type: ignore[assignment]
         self.statuses = b""
-        self.stage = None  # host staging of the GPU entries of the frame being received
+        self.stage: Stage | None = None  # host staging of the GPU entries of the frame being received
         self.since = 0.0  # when a sweep first saw this frame under way (0: none has)
 
 
@@ -437,7 +438,7 @@ class TcpServer(Reactor):
         """Serve a lone WRITE or READ of host memory, the latency-bound case, in few steps; False leaves
         it to the general path (a refusal or GPU memory, which it explains or stages)."""
         buf = self._registry.pin_host(addr, length, kind == P.WRITE)
-        if type(buf) is int:
+        if isinstance(buf, int):
             return False
         conn.req_id = req_id
         view = buf.view(addr, length)
@@ -459,14 +460,14 @@ class TcpServer(Reactor):
             if self._secret is None:
                 raise ProtocolError("this engine has no cluster secret and cannot prove itself; set the same "
                                     "MOONLET_SECRET on both sides")
-            body = bytes(conn.buf or b"")
+            proof = bytes(conn.buf or b"")
             conn._reset()
             if conn.auth is None:
                 conn.auth = TargetAuth(self._secret, self._identity())
-                challenge = conn.auth.challenge(body)
+                challenge = conn.auth.challenge(proof)
                 self._queue(conn, [challenge], len(challenge))
             else:
-                conn.auth.verify(body)
+                conn.auth.verify(proof)
                 self._promote(conn)
             return
         elif p.kind == P.CONNECT:
@@ -536,9 +537,11 @@ class TcpServer(Reactor):
             if write:
                 views.append(length)  # swallowed by the scratch buffer, a MiB at a time (_drain_next)
         statuses = bytes(refused) if refused is not None else bytes(len(entries))
-        stage = None
+        stage: Stage | None = None
         if gpu_ranges:
-            stage = self._staging().take(gpu_ranges)  # type: ignore[union-attr]
+            pool = self._staging()
+            assert pool is not None  # GPU entries were taken only with a pool
+            stage = pool.take(gpu_ranges)
             for slot, v in zip(gpu_slots, stage.views()):
                 views[slot] = v
         if write:
@@ -558,7 +561,7 @@ class TcpServer(Reactor):
         head = P.encode_response(p.req_id, statuses, total)
         self._queue(conn, [head, *views], len(head) + total, pinned, stage)
 
-    def _staging(self) -> "StagingPool | None":
+    def _staging(self) -> StagingPool | None:
         """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
         if self._stage_pool is None and gpu.available():
             self._stage_pool = StagingPool(_STAGE_BYTES)
@@ -569,7 +572,7 @@ class TcpServer(Reactor):
         if not conn.attach_pid:
             return P.STATUS_BYTES[Denied.ATTACH_REFUSED]
         buf = self._registry.pin_host(addr, length, pull)
-        if type(buf) is int:
+        if isinstance(buf, int):
             return P.STATUS_BYTES[buf]
         try:
             cma.copy(conn.attach_pid, [addr, length], [peer_addr, length], into_local=pull)
@@ -657,8 +660,8 @@ class TcpServer(Reactor):
 
     # -- output --------------------------------------------------------------------
 
-    def _queue(self, conn: _Conn, bufs: list, nbytes: int, pinned: "list[Buffer] | tuple" = _NONE,
-               stage: "Stage | None" = None) -> None:
+    def _queue(self, conn: _Conn, bufs: list, nbytes: int, pinned: list[Buffer] | tuple = _NONE,
+               stage: Stage | None = None) -> None:
         """Send ``bufs`` (``nbytes`` in all) after what is queued; keep ``pinned`` and ``stage`` until sent."""
         if not conn.out:  # the usual case: the socket takes the whole reply at once
             nbytes -= sendmsg_some(conn.sock, bufs, nbytes)

@@ -21,6 +21,7 @@ import socket
 import ssl
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from ...errors import ConfigError
 
@@ -29,6 +30,7 @@ log = logging.getLogger("moonlet.tls")
 _CHUNK = 1 << 20
 _CAP = 8 << 20  # bytes buffered per direction before the relay stops reading that side
 _TLS_AGAIN = (ssl.SSLWantReadError, ssl.SSLWantWriteError)  # a non-blocking TLS call that must be retried
+_Again = type[OSError] | tuple[type[OSError], ...]  # what a non-blocking call raises when it would block
 
 
 class Tls:
@@ -118,7 +120,7 @@ class _Queue:
         return self.size > 0
 
 
-def _fill(q: _Queue, recv, again: type | tuple) -> bool:
+def _fill(q: _Queue, recv: Callable[[int], bytes], again: _Again) -> bool:
     """Read chunks into ``q`` until the source would block or ``q`` is full; False once the source closed."""
     while q.size < _CAP:
         try:
@@ -131,7 +133,7 @@ def _fill(q: _Queue, recv, again: type | tuple) -> bool:
     return True
 
 
-def _flush(sock, q: _Queue, again: type | tuple) -> None:
+def _flush(sock: socket.socket, q: _Queue, again: _Again) -> None:
     """Send from ``q`` until it is empty or ``sock`` would block."""
     while q:
         try:
@@ -169,7 +171,7 @@ def _pump(tls: ssl.SSLSocket, plain: socket.socket) -> None:
                         sel.modify(sock, mask)
                     masks[sock] = mask
             if tls.pending() and want[tls] & selectors.EVENT_READ:
-                ready = {tls: selectors.EVENT_READ}  # decrypted bytes already buffered inside ssl
+                ready: dict[object, int] = {tls: selectors.EVENT_READ}  # decrypted bytes already buffered inside ssl
             else:
                 ready = {key.fileobj: ev for key, ev in sel.select(timeout=1.0)}
             if ready.get(tls, 0) & selectors.EVENT_READ:
