@@ -328,14 +328,16 @@ class Batch:
         if deadline < self.deadline:
             self.deadline = deadline
 
-    def check(self) -> None:
-        """Wait, then raise :class:`TransferError` if any request did not complete."""
+    def check(self) -> list[RequestStatus]:
+        """Wait, then return the statuses (every one COMPLETED, with the transport that carried it), or
+        raise :class:`TransferError` (holding them all) if any request did not complete."""
         statuses = self.wait()
         bad = [(i, s) for i, s in enumerate(statuses) if not s.ok]
         if bad:
             i, s = bad[0]
             more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
             raise TransferError(f"request {i} {s.state.name}: {s.reason}{more}", statuses)
+        return statuses
 
     def __await__(self) -> Generator[object, None, list[RequestStatus]]:
         """``await batch``: waits in a worker thread, so the event loop never blocks."""

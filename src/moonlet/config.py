@@ -60,7 +60,7 @@ class EngineConfig:
             finite and in (0, :data:`MAX_TIMEOUT`] seconds.
         connect_timeout: deadline of a TCP connect + hello, in seconds.
         metadata_timeout: deadline of one metadata-service call, in seconds.
-        metadata_ttl: lifetime of this engine's descriptor in etcd or Redis
+        metadata_ttl: lifetime of this engine's descriptor in etcd, Redis or the HTTP metadata server
             unless renewed (the engine renews it every third of it); a
             crashed engine disappears from the cluster within this time.
         socket_buffer: SO_SNDBUF/SO_RCVBUF size, None keeps the OS default.

@@ -9,7 +9,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from operator import add
+from operator import add, index
 from typing import Any
 
 from . import gpu
@@ -258,7 +258,8 @@ class TransferEngine:
 
         ``target`` is an address (``int``, with ``length``) or an object
         exposing the buffer protocol (bytearray, numpy array, mmap).
-        ``location`` (``"cpu:N"``) is detected when not given.
+        ``location`` (``"cpu:N"``) is detected when not given.  All or nothing:
+        if a transport or the metadata store refuses it, nothing stays registered.
         """
         self._check_open()
         addr, length, location, keep, share = self._locate(target, length, location)
@@ -266,10 +267,7 @@ class TransferEngine:
             share = {"gpu": share["gpu"]}  # a CUDA IPC mapping is read-write: peers come through us, we check
         buf = Buffer(addr, length, location, remote_read, remote_write, keep, share=share)
         self._registry.add(buf)
-        for t in self._all_transports:
-            t.register(buf)
-        self._publish()
-        return buf
+        return self._offer(buf)
 
     @staticmethod
     def _locate(target: Any, length: int | None,
@@ -335,13 +333,49 @@ class TransferEngine:
         """
         self._check_open()
         shared = SharedMemory(length, self._instance, remote_read, remote_write)
-        buf = Buffer(shared.addr, length, f"cpu:{host_numa_node(shared.addr)}", remote_read, remote_write,
-                     shared, share=shared.share())
-        self._registry.add(buf)
-        for t in self._all_transports:
-            t.register(buf)
-        self._publish()
+        try:
+            buf = Buffer(shared.addr, length, f"cpu:{host_numa_node(shared.addr)}", remote_read, remote_write,
+                         shared, share=shared.share())
+            self._registry.add(buf)
+        except BaseException:
+            shared.release()
+            raise
+        return self._offer(buf)
+
+    def _offer(self, buf: Buffer) -> Buffer:
+        """Register ``buf``, just added to the registry, with every transport and publish it: all or nothing.
+
+        If a transport or the metadata store refuses it, the buffer is withdrawn
+        (registry, the transports that took it, an :meth:`allocate` buffer's
+        memory) and the error re-raised, so the same call works once the cause
+        is gone (no "already registered" from a half-done one).
+        """
+        taken: list[Transport] = []
+        try:
+            for t in self._all_transports:
+                t.register(buf)
+                taken.append(t)
+            self._publish()
+        except BaseException:
+            # A peer may have seen it meanwhile (p2p descriptors are served live): withdraw it as unregister does.
+            self._registry.remove(buf.addr, self.config.request_timeout, self._settle)
+            self._forget(buf, taken)
+            try:
+                self._publish()  # the store keeps (and keepalive renews) the last descriptor handed to it
+            except MoonletError as e:
+                log.info("descriptor of %s not republished after a refused registration: %s", self._name, e)
+            if isinstance(buf.keepalive, SharedMemory):
+                buf.keepalive.release()
+            raise
         return buf
+
+    def _forget(self, buf: Buffer, transports: list[Transport]) -> None:
+        """Withdraw ``buf``, removed from the registry, from ``transports``, and tell same-host peers."""
+        for t in transports:
+            t.unregister(buf)
+        self._generation += 1
+        if self._control is not None:
+            view_at(self._control.addr, 8)[:] = self._generation.to_bytes(8, "little")
 
     def unregister(self, buf: Buffer | int) -> None:
         """Unregister a buffer (by object or start address) once no transfer uses it; all or nothing.
@@ -360,11 +394,7 @@ class TransferEngine:
         self._check_open()
         addr = buf.addr if isinstance(buf, Buffer) else buf
         removed = self._registry.remove(addr, self.config.request_timeout, self._settle)
-        for t in self._all_transports:
-            t.unregister(removed)
-        self._generation += 1
-        if self._control is not None:
-            view_at(self._control.addr, 8)[:] = self._generation.to_bytes(8, "little")
+        self._forget(removed, self._all_transports)
         self._publish()
         if isinstance(removed.keepalive, SharedMemory):
             removed.keepalive.release()
@@ -485,6 +515,12 @@ class TransferEngine:
             if op is not Op.WRITE and op is not Op.READ:
                 raise TransferError(f"request {i}: op must be Op.READ or Op.WRITE, got {op!r}")
             if type(la) is not int or type(ra) is not int or type(n) is not int or n <= 0 or la < 0 or ra < 0:
+                try:
+                    if type(la) is not int or type(ra) is not int or type(n) is not int:
+                        la, ra, n = index(la), index(ra), index(n)  # numpy integers and the like
+                        r = reqs[i] = Request(op, la, ref, ra, n)
+                except TypeError:
+                    pass  # check_range names the argument that is not an integer
                 try:
                     check_range(la, n)
                     check_range(ra, n)
@@ -637,16 +673,12 @@ class TransferEngine:
     def write(self, local_addr: int, segment: object, remote_addr: int, length: int,
               timeout: float | None = None) -> RequestStatus:
         """Copy ``length`` bytes from local memory to the peer; raise :class:`TransferError` on failure."""
-        batch = self._one(Op.WRITE, local_addr, segment, remote_addr, length, timeout)
-        batch.check()
-        return batch.status(0)
+        return self._one(Op.WRITE, local_addr, segment, remote_addr, length, timeout).check()[0]
 
     def read(self, local_addr: int, segment: object, remote_addr: int, length: int,
              timeout: float | None = None) -> RequestStatus:
         """Copy ``length`` bytes from the peer into local memory; raise :class:`TransferError` on failure."""
-        batch = self._one(Op.READ, local_addr, segment, remote_addr, length, timeout)
-        batch.check()
-        return batch.status(0)
+        return self._one(Op.READ, local_addr, segment, remote_addr, length, timeout).check()[0]
 
     async def _one_async(self, op: Op, local_addr: int, segment: object, remote_addr: int, length: int,
                          timeout: float | None) -> RequestStatus:

@@ -369,8 +369,21 @@ class MemoryRegistry:
         check_range(addr, length)
         buf = self.find(addr, length)
         if buf is None:
-            raise MemoryAccessError(f"{what} range [{addr:#x}, +{length}) is not inside a registered buffer")
+            raise MemoryAccessError(f"{what} range [{addr:#x}, +{length}) is not inside a registered buffer: "
+                                    f"{self._miss(addr, length)}")
         return buf
+
+    def _miss(self, addr: int, length: int) -> str:
+        """Why no buffer holds ``[addr, addr+length)``: by how much it overruns the buffer its start lies in."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, addr) - 1
+            buf = self._by_start[self._starts[i]] if i >= 0 else None
+        if buf is None or addr >= buf.end:
+            return f"no registered buffer holds its start {addr:#x}"
+        if buf._dead:
+            return f"buffer [{buf.addr:#x}, +{buf.length}) is being unregistered"
+        return (f"it overruns registered buffer [{buf.addr:#x}, +{buf.length}) by {addr + length - buf.end} "
+                f"byte(s)")
 
     def acquire(self, ranges: Iterable[tuple[int, int]], write: bool) -> tuple[list[Buffer | int], list[Buffer]]:
         """Resolve and pin the buffers behind ``ranges`` for a remote access.

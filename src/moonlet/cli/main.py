@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from importlib import metadata as importlib_metadata
 
@@ -27,12 +28,15 @@ def version() -> str:
 
 def _metadata_server(args: argparse.Namespace) -> int:
     srv = MetadataServer(args.host, args.port, max_value=args.max_value, max_total=args.max_total_mib << 20,
-                         max_clients=args.max_clients, timeout=args.timeout)
+                         max_clients=args.max_clients, timeout=args.timeout, persist=args.persist)
     print(f"moonlet metadata server on {srv.url}", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # end as on Ctrl-C: the persist file is written
     try:
         srv.serve_forever()
     except KeyboardInterrupt:
         pass
+    finally:
+        srv.stop()
     return 0
 
 
@@ -83,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", parents=[common],
                        help="show GPUs, NICs, NUMA, which transports work here and the effective configuration")
     i.set_defaults(func=info.main)
-    m = sub.add_parser("metadata-server", parents=[common], help="run an HTTP metadata server (Mooncake's REST shape)")
+    m = sub.add_parser("metadata-server", parents=[common], help="run an HTTP metadata server (Mooncake's REST shape)",
+                       description="Run an HTTP metadata server (Mooncake's REST shape). moonlet engines PUT their "
+                                   "descriptor with a TTL (metadata_ttl) and renew it, so a crashed engine's "
+                                   "entry expires; other keys never expire.")
     m.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     m.add_argument("--port", type=int, default=8080, help="port (default 8080)")
     m.add_argument("--max-value", type=int, default=MAX_VALUE, metavar="BYTES",
@@ -94,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"connections served at once; more are refused (default {MAX_CLIENTS})")
     m.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
                    help=f"seconds one request may take before it is dropped (default {REQUEST_TIMEOUT:g})")
+    m.add_argument("--persist", metavar="FILE",
+                   help="keep the store in FILE (written at most once a second and on exit, read at start; "
+                        "entries keep their expiry). No replication: use etcd for metadata that must outlive "
+                        "a host")
     m.set_defaults(func=_metadata_server)
     return p
 

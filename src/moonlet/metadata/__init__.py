@@ -14,7 +14,7 @@ from .signed import SignedMetadata
 
 def connect(spec: str, timeout: float, ttl: float, security: Security = PLAIN) -> MetadataBackend:
     """Backend for ``spec``: ``"p2p"``, ``"http://host:port[/metadata]"``, ``"etcd://host:port[,...][/cluster]"``
-    or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of etcd and Redis entries.
+    or ``"redis://[user:pass@]host:port[/db][?cluster=ID]"``; ``ttl`` is the lease of HTTP, etcd and Redis entries.
     ``security`` (TLS, cluster secret) applies to peer-to-peer descriptor fetches; with a cluster secret,
     every backend seals the descriptors it publishes and refuses those not sealed with it (signed.py)."""
     backend = _backend(spec, timeout, ttl, security)
@@ -25,7 +25,7 @@ def _backend(spec: str, timeout: float, ttl: float, security: Security) -> Metad
     if spec.lower() in ("p2p", "p2phandshake"):
         return P2PMetadata(timeout, security)
     if spec.startswith("http://"):
-        return HttpMetadata(spec, timeout)
+        return HttpMetadata(spec, timeout, ttl)
     if spec.startswith("etcd://"):
         return EtcdMetadata(spec, timeout, ttl)
     if spec.startswith(("redis://", "rediss://")):

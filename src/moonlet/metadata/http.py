@@ -12,18 +12,35 @@ of them together ``max_total`` (bodies being received count), at most
 closed, without a thread), and a request that is not done within ``timeout``
 seconds is dropped.  Whoever can PUT can still rewrite any descriptor: with a
 cluster secret, engines seal theirs and refuse forged ones (see signed.py).
+
+Leases: moonlet's client PUTs its descriptor with an ``X-Moonlet-TTL: SECONDS``
+header and PUTs it again every third of that (the engine's keepalive, as with
+etcd and Redis), so the server forgets an engine killed without a goodbye
+within the TTL; a clean close DELETEs it at once.  An expired key reads as
+absent, and the server drops expired keys as it goes (a bounded number per
+poll).  A PUT without the header (Mooncake's keys, other clients) never
+expires.  With ``persist`` the store is written to a file (a temporary file
+renamed over it, at most once a second, and on stop) and read back at start,
+each entry keeping its expiry (in wall-clock time; expired ones are dropped).
+The server is one process: it has no replication and no failover; use etcd
+where the metadata must outlive a host.
 """
 
 from __future__ import annotations
 
+import base64
+import heapq
 import http.client
+import json
 import logging
+import os
 import socket
 import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from ..config import MAX_TIMEOUT
 from ..errors import ConfigError, MetadataError
 from .base import MAX_VALUE, MetadataBackend
 
@@ -34,12 +51,20 @@ MAX_TOTAL = 256 << 20  # bytes of all keys and values a metadata server keeps
 MAX_CLIENTS = 64  # connections a metadata server serves at once, a thread each
 REQUEST_TIMEOUT = 10.0  # seconds a metadata server gives one request
 _ENTRY_COST = 256  # bytes an entry costs beyond its key and value (dict slot, objects), counted in MAX_TOTAL
+TTL_HEADER = "X-Moonlet-TTL"  # seconds a PUT value lives unless PUT again; absent: it never expires
+MAX_TTL = MAX_TIMEOUT  # the longest lease a metadata server grants, seconds (the longest metadata_ttl)
+PERSIST_INTERVAL = 1.0  # seconds between two writes of a metadata server's --persist file
+_SWEEP_BATCH = 4096  # expired keys a metadata server drops per poll of its listener
+_PERSIST_VERSION = 1
 
 
 class HttpMetadata(MetadataBackend):
-    """Client of an HTTP metadata server at ``url`` (``http://host:port[/metadata]``)."""
+    """Client of an HTTP metadata server at ``url`` (``http://host:port[/metadata]``); the descriptor it
+    publishes lives ``ttl`` seconds unless :meth:`keepalive` PUTs it again."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    leased = True
+
+    def __init__(self, url: str, timeout: float, ttl: float = 10.0) -> None:
         u = urllib.parse.urlsplit(url)
         if u.scheme != "http" or not u.hostname:
             raise MetadataError(f"metadata URL {url!r} is not of the form http://host:port[/metadata]")
@@ -48,12 +73,20 @@ class HttpMetadata(MetadataBackend):
         self._path = u.path.rstrip("/") or "/metadata"
         self._timeout = timeout
         self._url = url
+        if not 0 < ttl <= MAX_TTL:
+            raise MetadataError(f"metadata TTL of {ttl} s is out of range: 0 < TTL <= {MAX_TTL:g}")
+        self._ttl = f"{ttl:.3f}"
+        self._lock = threading.Lock()
+        self._published: tuple[str, bytes] | None = None
 
-    def _call(self, method: str, key: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def _call(self, method: str, key: str, body: bytes | None = None,
+              ttl: str | None = None) -> tuple[int, bytes]:
         query = urllib.parse.urlencode({"key": key})
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
         try:
             headers = {"Content-Type": "application/json"} if body is not None else {}
+            if ttl is not None:
+                headers[TTL_HEADER] = ttl
             conn.request(method, f"{self._path}?{query}", body=body, headers=headers)
             resp = conn.getresponse()
             if resp.length is not None and resp.length > MAX_VALUE:
@@ -70,19 +103,33 @@ class HttpMetadata(MetadataBackend):
             conn.close()
 
     def publish(self, name: str, descriptor: bytes) -> None:
-        self.put_key(KEY_PREFIX + name, descriptor)
+        with self._lock:
+            self._published = (name, descriptor)
+            self._put(KEY_PREFIX + name, descriptor, self._ttl)
+
+    def keepalive(self) -> None:
+        """PUT the descriptor again with a fresh TTL (it is back if the server lost it meanwhile)."""
+        with self._lock:
+            if self._published is not None:
+                name, descriptor = self._published
+                self._put(KEY_PREFIX + name, descriptor, self._ttl)
 
     def fetch(self, name: str) -> bytes | None:
         return self.get_key(KEY_PREFIX + name)
 
     def remove(self, name: str) -> None:
-        self.delete_key(KEY_PREFIX + name)
+        with self._lock:
+            self._published = None
+            self.delete_key(KEY_PREFIX + name)
 
     def put_key(self, key: str, value: bytes) -> None:
+        self._put(key, value, None)
+
+    def _put(self, key: str, value: bytes, ttl: str | None) -> None:
         if len(value) > MAX_VALUE:
             raise MetadataError(f"value of {len(value)} bytes for {key!r} is larger than a metadata server "
                                 f"keeps ({MAX_VALUE} bytes)")
-        status, text = self._call("PUT", key, value)
+        status, text = self._call("PUT", key, value, ttl)
         if status != 200:
             raise MetadataError(f"metadata server {self._url} refused PUT {key!r}: HTTP {status} {text[:200]!r}")
 
@@ -156,8 +203,7 @@ class _Handler(BaseHTTPRequestHandler):
         key = self._key()
         if key is None:
             return
-        with self.server.lock:
-            value = self.server.store.get(key)
+        value = self.server.get(key)
         if value is None:
             self._reply(404, b"metadata not found")
         else:
@@ -181,6 +227,14 @@ class _Handler(BaseHTTPRequestHandler):
         if n > srv.max_value:
             self._refuse(413, f"value of {n} bytes refused: at most {srv.max_value} bytes a value", n)
             return
+        ttl_text = self.headers.get(TTL_HEADER)
+        try:
+            ttl = None if ttl_text is None else float(ttl_text)
+        except ValueError:
+            ttl = float("nan")
+        if ttl is not None and not 0 < ttl <= MAX_TTL:
+            self._refuse(400, f"{TTL_HEADER}: {ttl_text!r} refused: seconds, 0 < TTL <= {MAX_TTL:g}", n)
+            return
         cost = len(key) + n + _ENTRY_COST
         if not srv.reserve(cost):
             self._refuse(507, f"metadata store full: it keeps at most {srv.max_total} bytes in all; "
@@ -194,7 +248,7 @@ class _Handler(BaseHTTPRequestHandler):
             if len(value) != n:
                 self._refuse(400, f"body cut off before the {n} bytes announced were in: nothing stored")
                 return
-            srv.put(key, value, cost)
+            srv.put(key, value, cost, ttl)
         finally:
             srv.release(cost)
         self._reply(200, b"metadata updated")
@@ -215,18 +269,25 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 128  # the listen backlog: connections over the limit are accepted and refused at once
 
     def __init__(self, addr: tuple[str, int], max_value: int, max_total: int, max_clients: int,
-                 timeout: float) -> None:
+                 timeout: float, persist: str | None) -> None:
         super().__init__(addr, _Handler)
         self.max_value = max_value
         self.max_total = max_total
         self.max_clients = max_clients
         self.request_timeout = timeout
         self.store: dict[str, bytes] = {}
+        self.expiry: dict[str, float] = {}  # key -> time.monotonic() it expires at; keys PUT without a TTL: absent
+        self._due: list[tuple[float, str]] = []  # heap of (expiry, key); stale pairs (renewed keys) skipped
         self.lock = threading.Lock()
         self.used = 0  # bytes the entries cost (keys, values, _ENTRY_COST each)
         self.reserved = 0  # bytes of PUT bodies being received
         self.refused = 0  # connections turned away at max_clients
         self._conns: dict[socket.socket, float] = {}  # connection -> deadline of its current request
+        self.persist = persist
+        self._dirty = False  # the store changed since the persist file was last written
+        self._saved_at = 0.0  # time.monotonic() of that write
+        self._save_lock = threading.Lock()  # one writer of the persist file at a time
+        self._save_failed = False
 
     # -- the store
 
@@ -242,18 +303,135 @@ class _Server(ThreadingHTTPServer):
         with self.lock:
             self.reserved -= cost
 
-    def put(self, key: str, value: bytes, cost: int) -> None:
+    def get(self, key: str) -> bytes | None:
+        """The value of ``key``; None if there is none or it expired."""
+        with self.lock:
+            self._expire(key, time.monotonic())
+            return self.store.get(key)
+
+    def put(self, key: str, value: bytes, cost: int, ttl: float | None) -> None:
+        """Store ``value`` under ``key``, to expire ``ttl`` seconds from now (never if None)."""
         with self.lock:
             old = self.store.get(key)
             self.store[key] = value
             self.used += cost - (len(key) + len(old) + _ENTRY_COST if old is not None else 0)
+            if ttl is None:
+                self.expiry.pop(key, None)
+            else:
+                self._lease(key, time.monotonic() + ttl)
+            self._dirty = True
 
     def delete(self, key: str) -> bool:
+        """Remove ``key``; False if there was none (or it had expired)."""
         with self.lock:
-            old = self.store.pop(key, None)
-            if old is not None:
-                self.used -= len(key) + len(old) + _ENTRY_COST
-            return old is not None
+            self._expire(key, time.monotonic())
+            return self._drop(key)
+
+    def sweep(self) -> None:
+        """Drop expired keys, at most _SWEEP_BATCH of them (the rest at the next poll)."""
+        now = time.monotonic()
+        with self.lock:
+            for _ in range(_SWEEP_BATCH):
+                if not self._due or self._due[0][0] > now:
+                    break
+                due, key = heapq.heappop(self._due)
+                if self.expiry.get(key) == due:
+                    self._drop(key)
+
+    def _lease(self, key: str, due: float) -> None:
+        """Let ``key`` expire at ``due`` (lock held); the heap is rebuilt when stale pairs outnumber live ones."""
+        self.expiry[key] = due
+        heapq.heappush(self._due, (due, key))
+        if len(self._due) > 2 * len(self.expiry) + 64:
+            self._due = [(d, k) for k, d in self.expiry.items()]
+            heapq.heapify(self._due)
+
+    def _expire(self, key: str, now: float) -> None:
+        """Drop ``key`` if it has expired (lock held)."""
+        due = self.expiry.get(key)
+        if due is not None and due <= now:
+            self._drop(key)
+
+    def _drop(self, key: str) -> bool:
+        """Remove ``key`` and its expiry (lock held); False if it was not there."""
+        old = self.store.pop(key, None)
+        self.expiry.pop(key, None)
+        if old is None:
+            return False
+        self.used -= len(key) + len(old) + _ENTRY_COST
+        self._dirty = True
+        return True
+
+    # -- the persist file
+
+    def load(self) -> None:
+        """Read the persist file, if there is one, into the (empty) store; expired entries are left out."""
+        assert self.persist is not None
+        try:
+            with open(self.persist, "rb") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"metadata server cannot read its persist file {self.persist!r}: {e}") from None
+        if not isinstance(doc, dict) or doc.get("version") != _PERSIST_VERSION or \
+                not isinstance(doc.get("entries"), list):
+            raise ConfigError(f"{self.persist!r} is not a metadata server persist file (version "
+                              f"{_PERSIST_VERSION})")
+        wall, now = time.time(), time.monotonic()
+        for entry in doc["entries"]:
+            try:
+                key, text, expires = entry
+                value = base64.b64decode(text, validate=True)
+                if not isinstance(key, str) or not (expires is None or isinstance(expires, (int, float))):
+                    raise ValueError("not [key, base64 value, expiry or null]")
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"persist file {self.persist!r} holds a bad entry: {e}") from None
+            if expires is not None and expires <= wall:
+                continue
+            cost = len(key) + len(value) + _ENTRY_COST
+            if len(value) > self.max_value or self.used + cost > self.max_total:
+                raise ConfigError(f"persist file {self.persist!r} holds more than this server keeps "
+                                  f"(at most {self.max_value} bytes a value, {self.max_total} in all)")
+            self.put(key, value, cost, None)
+            if expires is not None:
+                self._lease(key, now + (expires - wall))
+        self._dirty = False
+
+    def save(self, force: bool = False) -> None:
+        """Write the store to the persist file if it changed (and, unless ``force``, PERSIST_INTERVAL has
+        passed since the last write): a temporary file beside it, renamed over it."""
+        assert self.persist is not None
+        with self._save_lock:
+            now = time.monotonic()
+            with self.lock:
+                if not self._dirty or (not force and now - self._saved_at < PERSIST_INTERVAL):
+                    return
+                wall = time.time()
+                entries = [(k, v, self.expiry.get(k)) for k, v in self.store.items()]
+                self._dirty = False
+                self._saved_at = now
+            tmp = f"{self.persist}.tmp"
+            try:
+                with open(tmp, "w") as f:
+                    f.write(f'{{"version": {_PERSIST_VERSION}, "entries": [')
+                    for i, (key, value, due) in enumerate(entries):
+                        expires = None if due is None else wall + (due - now)
+                        f.write(("," if i else "") + json.dumps([key, base64.b64encode(value).decode(), expires]))
+                    f.write("]}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, self.persist)
+            except OSError as e:
+                with self.lock:
+                    self._dirty = True  # try again at the next poll
+                if not self._save_failed:
+                    log.warning("metadata server cannot write its persist file %r: %s", self.persist, e)
+                self._save_failed = True
+                return
+            if self._save_failed:
+                log.warning("metadata server writes its persist file %r again", self.persist)
+            self._save_failed = False
 
     # -- connections
 
@@ -309,6 +487,9 @@ class _Server(ThreadingHTTPServer):
                 self._conns[c] = float("inf")  # cut once; the thread forgets it as it ends
         for c in late:
             _cut(c)
+        self.sweep()
+        if self.persist is not None:
+            self.save()
 
     def handle_error(self, request: object, client_address: object) -> None:
         log.debug("metadata server: a connection failed", exc_info=True)
@@ -334,16 +515,23 @@ class MetadataServer:
 
     ``max_value``: bytes of one value; ``max_total``: bytes of all keys and
     values (and of bodies being received); ``max_clients``: connections
-    served at once; ``timeout``: seconds one request may take.
+    served at once; ``timeout``: seconds one request may take; ``persist``:
+    a file the store is kept in across restarts (see the module docstring).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 8080, *, max_value: int = MAX_VALUE,
                  max_total: int = MAX_TOTAL, max_clients: int = MAX_CLIENTS,
-                 timeout: float = REQUEST_TIMEOUT) -> None:
+                 timeout: float = REQUEST_TIMEOUT, persist: str | None = None) -> None:
         if min(max_value, max_total, max_clients) < 1 or not timeout > 0:
             raise ConfigError(f"metadata server limits must be positive: max_value={max_value}, "
                               f"max_total={max_total}, max_clients={max_clients}, timeout={timeout}")
-        self._server = _Server((host, port), max_value, max_total, max_clients, timeout)
+        self._server = _Server((host, port), max_value, max_total, max_clients, timeout, persist)
+        if persist is not None:
+            try:
+                self._server.load()
+            except ConfigError:
+                self._server.server_close()
+                raise
         self.host, self.port = self._server.socket.getsockname()[:2]
         self._thread: threading.Thread | None = None
 
@@ -361,10 +549,13 @@ class MetadataServer:
         self._server.serve_forever()
 
     def stop(self) -> None:
+        """Stop serving; with a persist file, write what changed since its last write."""
         self._server.shutdown()
         self._server.server_close()
         if self._thread:
             self._thread.join(timeout=5)
+        if self._server.persist is not None:
+            self._server.save(force=True)
 
     def __enter__(self) -> MetadataServer:
         return self.start()

@@ -30,7 +30,10 @@ class P2PMetadata(MetadataBackend):
             raise SegmentError(
                 f"segment name {name!r} is not host:port; in p2p mode open a segment by its engine's host:port"
             ) from None
-        except (TimeoutError, OSError, ConnectionError, ProtocolError) as e:
+        except TimeoutError:
+            raise MetadataError(f"cannot fetch the descriptor of {name!r} from the peer itself: it did not answer "
+                                f"within {self._timeout:g} s (is a moonlet engine listening there?)") from None
+        except (OSError, ProtocolError) as e:
             raise MetadataError(f"cannot fetch the descriptor of {name!r} from the peer itself: {e}") from None
 
     def remove(self, name: str) -> None:

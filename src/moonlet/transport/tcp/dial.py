@@ -36,9 +36,19 @@ def split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def read_control(sock: socket.socket, expect: int, what: str) -> bytes:
-    """Read one control frame of kind ``expect`` (blocking); an ERROR frame raises with the peer's message."""
+    """Read one control frame of kind ``expect`` (blocking); an ERROR frame raises with the peer's message.
+
+    The magic is checked as soon as it arrives, so a peer that is not moonlet
+    (another service on that port) is named at once, even when it answers
+    with fewer bytes than a frame prefix and then waits.
+    """
     pre = bytearray(P.PREFIX_SIZE)
-    recv_exact(sock, memoryview(pre))
+    view = memoryview(pre)
+    recv_exact(sock, view[:len(P.MAGIC_BYTES)])
+    if pre[:len(P.MAGIC_BYTES)] != P.MAGIC_BYTES:
+        raise ProtocolError(f"the peer does not speak moonlet's protocol (bad magic: its reply to {what} "
+                            f"starts with {bytes(pre[:len(P.MAGIC_BYTES)])!r}, not {P.MAGIC_BYTES!r})")
+    recv_exact(sock, view[len(P.MAGIC_BYTES):])
     p = P.parse_prefix(pre)
     body = bytearray(p.payload_len)
     if p.payload_len:

@@ -1,0 +1,136 @@
+"""API rough edges: all-or-nothing registration, numpy integers as arguments, Batch.check's statuses, a p2p name
+that points at something other than moonlet, and how far a local range overruns its buffer."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from helpers.engines import initiator
+from helpers.memory import register_random, sha
+from helpers.procs import open_fds
+from moonlet import MemoryAccessError, MetadataError, MetadataServer, MoonletError, Op, Request, State
+
+
+def test_register_with_the_metadata_server_down_is_all_or_nothing() -> None:
+    srv = MetadataServer(port=0).start()
+    port = srv.port
+    with initiator("edges-reg", srv.url, metadata_timeout=2.0) as eng:
+        kept, _ = register_random(eng, 4096)
+        srv.stop()
+        before = [(b.addr, b.length) for b in eng.buffers()]
+        fds = open_fds()
+        data = bytearray(os.urandom(8192))
+        with pytest.raises(MetadataError):
+            eng.register(data)
+        with pytest.raises(MetadataError):
+            eng.allocate(1 << 20)
+        assert [(b.addr, b.length) for b in eng.buffers()] == before
+        assert open_fds() == fds  # the allocate()'s shared memory was released
+        srv = MetadataServer(port=port).start()  # back, on the same port
+        try:
+            buf = eng.register(data)  # no "already registered"
+            shared = eng.allocate(1 << 20)
+            assert [(b.addr, b.length) for b in eng.buffers()] == sorted(
+                [(kept.addr, kept.length), (buf.addr, buf.length), (shared.addr, shared.length)])
+            with initiator(metadata=srv.url, name="edges-reader") as peer:
+                seg = peer.open_segment("edges-reg")
+                assert seg.find(buf.addr, len(data)) is not None
+                assert seg.find(shared.addr, 1 << 20) is not None
+        finally:
+            eng.close()
+            srv.stop()
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple]:
+    """An initiator with random local memory and a target with random memory, connected over TCP."""
+    with initiator() as target, initiator() as eng:
+        rbuf, rview = register_random(target, 1 << 16)
+        lbuf, lview = register_random(eng, 1 << 16)
+        yield eng, eng.open_segment(target.name), lbuf, lview, rbuf, rview
+
+
+def test_write_and_read_take_numpy_integers(pair: tuple) -> None:
+    eng, seg, lbuf, lview, rbuf, rview = pair
+    n = np.int64(4096)
+    status = eng.write(np.int64(lbuf.addr), seg, np.uint64(rbuf.addr + 8192), n)
+    assert status.ok
+    assert sha(rview[8192:12288]) == sha(lview[:4096])
+    status = eng.read(np.int64(lbuf.addr + 16384), seg, np.int64(rbuf.addr), np.int32(2048))
+    assert status.ok
+    assert sha(lview[16384:16384 + 2048]) == sha(rview[:2048])
+    with pytest.raises(MemoryAccessError, match="must be integers"):
+        eng.write(float(lbuf.addr), seg, rbuf.addr, 16)
+
+
+def test_batch_check_returns_the_statuses(pair: tuple) -> None:
+    eng, seg, lbuf, lview, rbuf, rview = pair
+    batch = eng.submit([Request(Op.WRITE, lbuf.addr + i * 1024, seg, rbuf.addr + i * 2048, 1024) for i in range(4)])
+    statuses = batch.check()
+    assert statuses is not None and len(statuses) == 4
+    assert all(s.state is State.COMPLETED and s.transport == "tcp" for s in statuses)
+    for i in range(4):
+        assert sha(rview[i * 2048:i * 2048 + 1024]) == sha(lview[i * 1024:(i + 1) * 1024])
+
+
+def test_local_overrun_says_by_how_many_bytes(pair: tuple) -> None:
+    eng, seg, lbuf, lview, rbuf, rview = pair
+    with pytest.raises(MemoryAccessError, match=rf"overruns registered buffer \[{lbuf.addr:#x}, \+65536\) "
+                                                r"by 100 byte\(s\)"):
+        eng.write(lbuf.addr + 65536 - 1000, seg, rbuf.addr, 1100)
+    with pytest.raises(MemoryAccessError, match="no registered buffer holds its start"):
+        eng.write(lbuf.addr + 65536, seg, rbuf.addr, 16)
+
+
+class _Impostor:
+    """A plain TCP listener that is not moonlet: it answers each connection with ``reply`` (none: it never
+    accepts, so the kernel completes the handshake and nothing ever answers) and holds it open."""
+
+    def __init__(self, reply: bytes | None) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.name = f"127.0.0.1:{self.sock.getsockname()[1]}"
+        self._held: list[socket.socket] = []
+        if reply is not None:
+            threading.Thread(target=self._serve, args=(reply,), daemon=True).start()
+
+    def _serve(self, reply: bytes) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed: the test is over
+                return
+            self._held.append(conn)
+            conn.sendall(reply)
+
+    def close(self) -> None:
+        self.sock.close()
+        for conn in self._held:
+            conn.close()
+
+
+@pytest.mark.parametrize("reply", [b"+OK\r\n", None], ids=["junk", "silent"])
+def test_p2p_name_of_a_port_that_is_not_moonlet(reply: bytes | None) -> None:
+    impostor = _Impostor(reply)
+    try:
+        with initiator(metadata_timeout=1.0, connect_timeout=1.0) as eng:
+            t0 = time.monotonic()
+            with pytest.raises(MoonletError) as err:
+                eng.open_segment(impostor.name)
+            took = time.monotonic() - t0
+    finally:
+        impostor.close()
+    msg = str(err.value)
+    assert impostor.name in msg
+    if reply is None:
+        assert "did not answer within 1 s" in msg
+        assert 0.9 < took < 2.0
+    else:
+        assert "does not speak moonlet's protocol (bad magic" in msg and "b'+O'" in msg
+        assert took < 0.9  # at once, not after the timeout
