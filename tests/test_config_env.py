@@ -30,6 +30,7 @@ NON_DEFAULT = {
     "socket_buffer": (None, ""),
     "spin_us": (0, "0"),
     "gpu_kernel_max_block": (0, "0"),
+    "rdma": ("off", "off"),
     "rdma_devices": (("mlx5_0", "mlx5_1"), "mlx5_0, mlx5_1"),
     "rdma_gid_index": (3, "3"),
     "rdma_nic_matrix": ('{"cpu:0": ["mlx5_0"]}', '{"cpu:0": ["mlx5_0"]}'),

@@ -72,6 +72,10 @@ class EngineConfig:
             this many bytes are moved by one gather-copy kernel (fast for small
             scattered blocks, but it borrows SMs); larger ones by the copy
             engines. 0 always uses the copy engines.
+        rdma: whether the engine uses RDMA: "auto" where a usable NIC reaches
+            the peer, else the next transport (the engine warns once, naming
+            why RDMA is missing); "required" refuses to start without a usable
+            NIC; "off" never uses it.
         rdma_devices: RDMA devices to use (e.g. ``("mlx5_0",)``); empty: every
             device with an active port.
         rdma_gid_index: GID index on every NIC; None picks one (RoCE v2 first).
@@ -106,7 +110,8 @@ class EngineConfig:
             every connection is TLS, and both ends must present a certificate
             signed by the CA (mutual TLS).
         transports: transport names in order of preference; empty means all
-            installed ones, picked per request.
+            installed ones, picked per request. ``cuda_ipc``, ``shm`` and
+            ``rdma`` are skipped (with a warning) where this host lacks them.
         mooncake_wire: also speak Mooncake's wire, so Mooncake engines can
             open this engine's segment (handshake on the listener's port, data
             on a port of its own) and this engine can open theirs (transport
@@ -129,6 +134,7 @@ class EngineConfig:
     socket_buffer: int | None = 4 * MiB
     spin_us: int = 1000
     gpu_kernel_max_block: int = 1 * MiB
+    rdma: str = "auto"
     rdma_devices: tuple[str, ...] = field(default_factory=tuple)
     rdma_gid_index: int | None = None
     rdma_nic_matrix: str | None = None
@@ -174,6 +180,8 @@ class EngineConfig:
             raise ConfigError(f"rdma_register_threads must be in 1..256, got {self.rdma_register_threads}")
         if self.rdma_gpu not in ("auto", "dmabuf", "peermem", "off"):
             raise ConfigError(f"rdma_gpu must be 'auto', 'dmabuf', 'peermem' or 'off', got {self.rdma_gpu!r}")
+        if self.rdma not in ("auto", "required", "off"):
+            raise ConfigError(f"rdma must be 'auto', 'required' or 'off', got {self.rdma!r}")
         if self.rdma_gid_index is not None and not 0 <= self.rdma_gid_index < 256:
             raise ConfigError(f"rdma_gid_index must be in 0..255, got {self.rdma_gid_index}")
         if isinstance(self.rdma_devices, str):

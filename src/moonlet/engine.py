@@ -61,6 +61,19 @@ def available_transports() -> tuple[str, ...]:
     return tuple(t for t in ALL_TRANSPORTS if usable[t])
 
 
+def _rdma_missing(devices: tuple[str, ...]) -> str:
+    """Why RDMA on ``devices`` (empty: any) cannot start here, or '' when it can."""
+    why = rdma_verbs.unavailable_reason()
+    absent = [d for d in devices if d not in rdma_verbs.device_names()] if not why else list(devices)
+    if absent:
+        return f"RDMA device(s) {absent} not found" + (f" ({why})" if why else
+                                                       f"; present: {rdma_verbs.device_names()}")
+    return why
+
+
+#: The warning an engine logs once when transports of its order are missing here (a filter can match on it).
+TRANSPORT_SKIPPED_WARNING = "engine %s runs without transport(s) this host lacks (%s); using %s"
+
 _READ, _WRITE = Op.READ, Op.WRITE  # module globals: the array submit tests them per call
 _NO_SEGMENT = object()  # what submit's loop has resolved before the first request: no segment reference at all
 
@@ -118,16 +131,7 @@ class TransferEngine:
         self._live: set[Batch] = set()  # batches not ended yet (each pins its local buffers): close() ends them
         self._pidns = cma.pid_namespace()
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
-        here = available_transports()
-        wanted = cfg.transports or here
-        unknown = [t for t in wanted if t not in here]
-        if unknown:
-            why: dict[str, Callable[[], str]] = {
-                "cuda_ipc": gpu.unavailable_reason, "rdma": rdma_verbs.unavailable_reason,
-                "shm": lambda: "process_vm_readv is not available"}
-            detail = "; ".join(f"{t}: {why[t]()}" for t in unknown if t in why)
-            raise ConfigError(f"unknown or unavailable transport(s) {unknown}" + (f" ({detail})" if detail else "")
-                              + f"; available here: {list(here)}")
+        wanted, skipped = self._pick_transports(cfg)
         # Same-host peers map this page to learn at once when an unregister made their cache stale. Only where
         # the kernel keeps them from writing it (sealed): a peer could otherwise fake or hide unregisters.
         self._generation = 0
@@ -156,9 +160,14 @@ class TransferEngine:
                 available["rdma"] = self._rdma = RdmaTransport.open(ctx, tcp, self._instance,
                                                                     tcp if "tcp" in wanted else None)
             except (OSError, MoonletError) as e:
-                for t in available.values():
-                    t.close()
-                raise ConfigError(f"RDMA transport cannot start: {e}") from None
+                rest = tuple(t for t in wanted if t != "rdma")
+                if cfg.rdma == "required" or not rest:
+                    for t in available.values():
+                        t.close()
+                    raise ConfigError(f"RDMA transport cannot start: {e}") from None
+                wanted, skipped = rest, [*skipped, f"rdma: {e}"]
+        if skipped:  # one warning per engine, naming every transport left out and why
+            log.warning(TRANSPORT_SKIPPED_WARNING, tcp.endpoint(), "; ".join(skipped), list(wanted))
         self._notes: deque[tuple[str, str]] = deque()
         self._notes_size = 0  # bytes the unread notes hold
         self._notes_lock = threading.Lock()
@@ -242,6 +251,37 @@ class TransferEngine:
             control={"memfd": self._control.fd, "addr": self._control.addr} if self._control else None,
             nics=self._rdma.describe() if self._rdma is not None else [],
         )
+
+    @staticmethod
+    def _pick_transports(cfg: EngineConfig) -> tuple[tuple[str, ...], list[str]]:
+        """The transports to start, in order, and why those this host lacks were left out.
+
+        An order may name ``cuda_ipc``, ``shm`` or ``rdma`` where the host has none: they are skipped (the
+        engine warns, naming why). ``cfg.rdma`` decides RDMA: "off" never starts it, "required" refuses to
+        start without it, "auto" adds it to the default order so that its absence is said, not silent.
+        :class:`ConfigError` for unknown names, a missing required RDMA, or an order nothing of is left of.
+        """
+        here = available_transports()
+        default = tuple(t for t in ALL_TRANSPORTS if t in here or t == "rdma")
+        order = tuple(t for t in (cfg.transports or default) if cfg.rdma != "off" or t != "rdma")
+        unknown = [t for t in order if t not in ALL_TRANSPORTS]
+        if unknown:
+            raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {list(here)}")
+        if cfg.rdma == "required" and "rdma" not in order:
+            raise ConfigError("rdma='required' but the transport order leaves RDMA out: "
+                              f"{list(cfg.transports)}")
+        why: dict[str, Callable[[], str]] = {
+            "cuda_ipc": gpu.unavailable_reason, "shm": lambda: "process_vm_readv is not available",
+            "rdma": lambda: _rdma_missing(cfg.rdma_devices)}
+        missing = [t for t in order if t not in here or (t == "rdma" and cfg.rdma_devices and why[t]())]
+        detail = "; ".join(f"{t}: {why[t]()}" for t in missing)
+        if "rdma" in missing and cfg.rdma == "required":
+            raise ConfigError(f"rdma='required' but RDMA cannot start: {why['rdma']()}")
+        wanted = tuple(t for t in order if t not in missing)
+        if not wanted:
+            raise ConfigError(f"unknown or unavailable transport(s) {missing} ({detail}); "
+                              f"available here: {list(here)}")
+        return wanted, [f"{t}: {why[t]()}" for t in missing]
 
     def _descriptor_json(self) -> bytes:
         """Our descriptor as published and served peer to peer: sealed with the cluster secret, if set."""
