@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from importlib import metadata as importlib_metadata
 
 from .. import __version__
@@ -29,12 +30,15 @@ def version() -> str:
 def _metadata_server(args: argparse.Namespace) -> int:
     srv = MetadataServer(args.host, args.port, max_value=args.max_value, max_total=args.max_total_mib << 20,
                          max_clients=args.max_clients, timeout=args.timeout, persist=args.persist)
+    # The server runs in its own thread and the main thread only waits for SIGINT or SIGTERM, so a signal never
+    # lands inside a request or a write of the persist file: stop() then writes the store whole.
+    done = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: done.set())
+    srv.start()
     print(f"moonlet metadata server on {srv.url}", flush=True)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # end as on Ctrl-C: the persist file is written
     try:
-        srv.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        done.wait()
     finally:
         srv.stop()
     return 0

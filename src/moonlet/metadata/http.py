@@ -422,9 +422,11 @@ class _Server(ThreadingHTTPServer):
                     f.flush()
                     os.fsync(f.fileno())
                 os.replace(tmp, self.persist)
-            except OSError as e:
+            except BaseException as e:
                 with self.lock:
-                    self._dirty = True  # try again at the next poll
+                    self._dirty = True  # try again at the next poll, or at stop()
+                if not isinstance(e, OSError):
+                    raise
                 if not self._save_failed:
                     log.warning("metadata server cannot write its persist file %r: %s", self.persist, e)
                 self._save_failed = True
