@@ -34,10 +34,10 @@ from hypothesis import strategies as st
 
 from helpers.net import connect, raw_read
 from moonlet import EngineConfig, MoonletError, TransferEngine
+from moonlet.security import Secret
 from moonlet.segment import host_identity
 from moonlet.transport import cma
 from moonlet.transport.tcp import protocol as P
-from moonlet.transport.tcp.auth import Secret
 from moonlet.transport.tcp.dial import authenticate
 
 EXAMPLES = int(os.environ.get("MOONLET_FUZZ_EXAMPLES", "100"))

@@ -17,8 +17,9 @@ from moonlet import EngineConfig, MetadataServer, TransferEngine
 from moonlet import engine as engine_module
 from moonlet.batch import Op, Request, State
 from moonlet.errors import ConfigError, MetadataError
+from moonlet.security import Secret, load_secret
+from moonlet.security.auth import InitiatorAuth, TargetAuth
 from moonlet.transport.tcp import protocol as P
-from moonlet.transport.tcp.auth import InitiatorAuth, Secret, TargetAuth, load_secret
 from moonlet.transport.tcp.dial import read_control as _read_control
 
 SECRET = "correct horse battery staple"
@@ -79,9 +80,9 @@ def test_a_recorded_proof_cannot_be_replayed():
         secret = Secret(SECRET.encode())
         with connect(target.name) as s:  # an honest session, recorded
             auth = InitiatorAuth(secret, target.name)
-            opening = auth.start()
+            opening = P.encode_control(P.AUTH, auth.start())
             s.sendall(opening)
-            proof = auth.finish(_read_control(s, P.AUTH, "auth"))
+            proof = P.encode_control(P.AUTH, auth.finish(_read_control(s, P.AUTH, "auth")))
             s.sendall(proof)
             s.sendall(P.encode_get_desc())
             assert json.loads(_read_control(s, P.DESC, "GET_DESC"))["name"] == target.name
@@ -116,8 +117,8 @@ def test_connection_limit():
         held = [connect(target.name) for _ in range(3)]
         for s in held:  # authenticated: a newcomer displaces only connections that are not
             auth = InitiatorAuth(Secret(SECRET.encode()), target.name)
-            s.sendall(auth.start())
-            s.sendall(auth.finish(_read_control(s, P.AUTH, "auth")))
+            s.sendall(P.encode_control(P.AUTH, auth.start()))
+            s.sendall(P.encode_control(P.AUTH, auth.finish(_read_control(s, P.AUTH, "auth"))))
         time.sleep(0.2)
         with connect(target.name) as extra:
             with pytest.raises(Exception, match="too many connections"):
@@ -143,11 +144,11 @@ def test_secret_sources(tmp_path, monkeypatch):
     monkeypatch.setenv("MOONLET_SECRET", OTHER)
     me = {"endpoint": "10.0.0.1:7000", "name": "t"}
     a, b = TargetAuth(load_secret(None, str(f)), me), InitiatorAuth(Secret(SECRET.encode()), me["endpoint"])
-    a.verify(b.finish(a.challenge(b.start()[P.PREFIX_SIZE:])[P.PREFIX_SIZE:])[P.PREFIX_SIZE:])
+    a.verify(b.finish(a.challenge(b.start())))
     env = TargetAuth(load_secret(None, None), me)  # from $MOONLET_SECRET: OTHER
     with pytest.raises(Exception, match="failed to prove"):
         b2 = InitiatorAuth(Secret(SECRET.encode()), me["endpoint"])
-        b2.finish(env.challenge(b2.start()[P.PREFIX_SIZE:])[P.PREFIX_SIZE:])
+        b2.finish(env.challenge(b2.start()))
     with pytest.raises(ConfigError, match="cannot read the cluster secret file"):
         load_secret(None, str(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="at least 16 bytes"):

@@ -12,7 +12,7 @@ import pytest
 from moonlet import EngineConfig, TransferEngine
 from moonlet.config import ARGUMENT, DEFAULT, ENVIRONMENT, env_name, resolve
 from moonlet.errors import ConfigError
-from moonlet.transport.tcp.auth import Secret, load_secret
+from moonlet.security import Secret, load_secret
 
 #: A valid value other than the default for every field, and how it is written in a variable.
 NON_DEFAULT = {

@@ -68,10 +68,10 @@ from helpers.stores import Store
 from moonlet import EngineConfig, MetadataServer, MoonletError, ProtocolError, SegmentError, TransferEngine
 from moonlet.metadata import connect as connect_metadata
 from moonlet.metadata.mooncake import exchange
+from moonlet.security.auth import InitiatorAuth
 from moonlet.segment import SegmentDescriptor
 from moonlet.transport.mooncake import protocol as MP
 from moonlet.transport.tcp import protocol as P
-from moonlet.transport.tcp.auth import InitiatorAuth
 
 # pyproject's 120 s per test is for the default case count; a long run (the lab guest's) gets time to match
 pytestmark = pytest.mark.timeout(120 + EXAMPLES // 2)
@@ -230,7 +230,7 @@ def test_control_frames_with_a_cluster_secret(secret_target, case, auth):
     """Unauthenticated, half-authenticated (our AUTH opening only) and authenticated peers."""
     frames, ending = case
     target = secret_target.ready()
-    opening = InitiatorAuth(target.secret, target.name).start() if auth == "opening" else b""
+    opening = P.encode_control(P.AUTH, InitiatorAuth(target.secret, target.name).start()) if auth == "opening" else b""
     _throw(target, frames, ending, opening, auth=auth == "honest")
     target.check(lambda: _check_notes(target))
 

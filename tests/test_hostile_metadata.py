@@ -20,10 +20,10 @@ from helpers.stores import Store
 from moonlet import MetadataServer, SegmentError
 from moonlet.errors import ProtocolError
 from moonlet.metadata import EtcdMetadata, HttpMetadata, RedisMetadata
+from moonlet.security import Secret, Security
 from moonlet.segment import SegmentDescriptor
 from moonlet.transport.tcp import protocol as P
-from moonlet.transport.tcp.auth import Secret
-from moonlet.transport.tcp.dial import Security, dial
+from moonlet.transport.tcp.dial import dial
 
 SECRET = "correct horse battery staple"
 TIMEOUT = 5.0
@@ -297,7 +297,7 @@ def test_a_relayed_handshake_fails_on_both_sides(peer_factory):
 def test_a_proof_made_for_the_relay_is_refused_by_the_target(peer_factory):
     """The target's half: even a careless initiator that sends its proof without checking the target's
     (made for the endpoint it dialed: the relay's) does not get the relayed connection authenticated."""
-    from moonlet.transport.tcp.auth import _INITIATOR, NONCE
+    from moonlet.security.auth import _INITIATOR, NONCE
 
     target = peer_factory("--config", json.dumps({"secret": SECRET}))
     relay = Relay(target.name, target.addr)

@@ -21,10 +21,10 @@ from helpers.net import connect, raw_read, unanswered
 from helpers.procs import rss_kib
 from moonlet import Op, TransferEngine
 from moonlet.errors import MoonletError, ProtocolError
+from moonlet.security import Secret, Security
 from moonlet.transport.tcp import protocol as P
-from moonlet.transport.tcp.auth import Secret
 from moonlet.transport.tcp.client import fetch_descriptor
-from moonlet.transport.tcp.dial import Security, read_control
+from moonlet.transport.tcp.dial import read_control
 
 SECRET = "correct horse battery staple"
 

@@ -28,6 +28,7 @@ from .memory import (
     view_at,
 )
 from .metadata.mooncake import MooncakeMetadata, exchange
+from .security import Security
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
 from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
@@ -40,9 +41,7 @@ from .transport.rdma import verbs as rdma_verbs
 from .transport.shm import PeerMapping, SameHostTransport
 from .transport.tcp import TcpTransport
 from .transport.tcp import protocol as P
-from .transport.tcp.auth import load_secret
-from .transport.tcp.dial import Security, dial, read_control, split_endpoint
-from .transport.tcp.tls import Tls
+from .transport.tcp.dial import dial, read_control, split_endpoint
 
 log = logging.getLogger("moonlet")
 
@@ -113,13 +112,11 @@ class TransferEngine:
         self._registry = MemoryRegistry()
         self._instance = new_instance_id()
         self._host = host_identity()
-        secret = load_secret(cfg.secret, cfg.secret_file)
+        security = Security.from_config(cfg)
+        secret = security.secret
         if cfg.mooncake_wire and secret is not None:
             raise ConfigError("mooncake_wire cannot be combined with a cluster secret ($MOONLET_SECRET is set): "
                               "Mooncake peers cannot authenticate")
-        cert, key, ca = cfg.tls_cert_file, cfg.tls_key_file, cfg.tls_ca_file  # all three or none (EngineConfig)
-        tls = Tls(cert, key, ca) if cert and key and ca else None
-        security = Security(secret, tls)
         self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl, security)
         if not self._meta.names_are_endpoints:
             if not name or any(c.isspace() for c in name) or "/" in name:

@@ -31,7 +31,7 @@ from .engine import TransferEngine as _Engine
 from .engine import available_transports
 from .errors import MoonletError
 from .memory import view_at
-from .transport.tcp.auth import load_secret
+from .security import load_secret
 
 log = logging.getLogger("moonlet.mooncake")
 

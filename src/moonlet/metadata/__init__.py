@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..transport.tcp.dial import PLAIN, Security
+from ..security import PLAIN, Security
 from .base import MetadataBackend
 from .etcd import EtcdMetadata
 from .http import HttpMetadata, MetadataServer

@@ -8,8 +8,8 @@ memory is seen as soon as it is asked again.
 from __future__ import annotations
 
 from ..errors import MetadataError, ProtocolError, SegmentError
+from ..security import PLAIN, Security
 from ..transport.tcp.client import fetch_descriptor
-from ..transport.tcp.dial import PLAIN, Security
 from .base import MetadataBackend
 
 

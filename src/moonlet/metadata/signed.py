@@ -15,7 +15,7 @@ is sealed too, so one rule holds everywhere.
 What a seal does not stop: a store writer can delete descriptors, or put
 back one the same engine published earlier.  An old descriptor gains it
 nothing: the connection handshake proves the peer is the engine that
-advertises the endpoint dialed (``transport/tcp/auth.py``), and the engine
+advertises the endpoint dialed (``security/auth.py``), and the engine
 checks the instance it reaches and owns the rights to its memory.
 
 Without a secret nothing is sealed or checked, and whoever can write to the
@@ -37,7 +37,7 @@ import hmac
 import re
 
 from ..errors import SegmentError
-from ..transport.tcp.auth import Secret
+from ..security import Secret
 from .base import MetadataBackend
 
 _LABEL = b"moonlet-descriptor-1"

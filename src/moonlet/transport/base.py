@@ -15,8 +15,8 @@ from typing import Any
 from ..batch import Batch, Request
 from ..config import EngineConfig
 from ..memory import Buffer, MemoryRegistry
+from ..security import PLAIN, Security
 from ..segment import Segment, SegmentDescriptor
-from .tcp.dial import PLAIN, Security
 
 #: One request as the engine hands it to a transport: (position in the batch, the request,
 #: the registered local buffer holding its local range, the peer's buffer entry holding its

@@ -39,11 +39,12 @@ from typing import TYPE_CHECKING
 from ...batch import Batch, State
 from ...errors import ProtocolError, TransferError
 from ...memory import Buffer, Denied
+from ...security import Security
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from ..tcp import protocol as P
 from ..tcp.client import OutFrame
-from ..tcp.dial import Security, dial, read_control
+from ..tcp.dial import dial, read_control
 from . import gpudirect, verbs
 from .nic import Nic, discover, load_matrix, tiers
 

@@ -46,8 +46,9 @@ from ...batch import Batch, State
 from ...errors import ProtocolError, SegmentError
 from ...gpu import GpuError, Stage
 from ...memory import Buffer, Denied, MemoryRegistry
+from ...security import PLAIN, Security
 from . import protocol as P
-from .dial import PLAIN, Security, dial, read_control
+from .dial import dial, read_control
 from .server import tune_socket
 from .sockio import recv_exact, recv_some, recv_some_into, send_all, wake_later
 

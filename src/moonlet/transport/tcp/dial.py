@@ -7,24 +7,12 @@ RDMA queue-pair setup) goes through :func:`dial`, so none can skip a step.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
 from ...errors import ProtocolError, SegmentError
+from ...security import PLAIN, Secret, Security
+from ...security.auth import InitiatorAuth
 from . import protocol as P
-from .auth import InitiatorAuth, Secret
 from .sockio import recv_exact
-from .tls import Tls
-
-
-@dataclass(frozen=True)
-class Security:
-    """What each connection must do before any traffic: TLS (optional), then prove the secret (if set)."""
-
-    secret: Secret | None = None
-    tls: Tls | None = None
-
-
-PLAIN = Security()
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -64,13 +52,14 @@ def authenticate(sock: socket.socket, secret: Secret | None, endpoint: str, name
     """Run the cluster-secret handshake on a fresh connection to ``endpoint`` (nothing to do without a secret).
 
     The proofs cover ``endpoint`` and, when given, the segment ``name`` meant:
-    a peer that relays the handshake to another engine fails it (see auth.py).
+    a peer that relays the handshake to another engine fails it (see ``security/auth.py``); each of its
+    messages travels in an AUTH control frame.
     """
     if secret is None:
         return
     auth = InitiatorAuth(secret, endpoint, name)
-    sock.sendall(auth.start())
-    sock.sendall(auth.finish(read_control(sock, P.AUTH, "authentication")))
+    sock.sendall(P.encode_control(P.AUTH, auth.start()))
+    sock.sendall(P.encode_control(P.AUTH, auth.finish(read_control(sock, P.AUTH, "authentication"))))
 
 
 def dial(endpoint: str, timeout: float, security: Security = PLAIN, name: str | None = None) -> socket.socket:

@@ -42,11 +42,11 @@ from ... import gpu
 from ...errors import ProtocolError
 from ...gpu import GpuError, Stage, StagingPool
 from ...memory import Buffer, Denied, MemoryRegistry
+from ...security import PLAIN, Security
+from ...security.auth import TargetAuth
 from .. import cma
 from ..reactor import Reactor
 from . import protocol as P
-from .auth import TargetAuth
-from .dial import PLAIN, Security
 from .sockio import recv_some, recv_some_into, sendmsg_some, wake_later
 
 log = logging.getLogger("moonlet.tcp")
@@ -464,7 +464,7 @@ class TcpServer(Reactor):
             conn._reset()
             if conn.auth is None:
                 conn.auth = TargetAuth(self._secret, self._identity())
-                challenge = conn.auth.challenge(proof)
+                challenge = P.encode_control(P.AUTH, conn.auth.challenge(proof))
                 self._queue(conn, [challenge], len(challenge))
             else:
                 conn.auth.verify(proof)

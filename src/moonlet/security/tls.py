@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
-from ...errors import ConfigError
+from ..errors import ConfigError
 
 log = logging.getLogger("moonlet.tls")
 

@@ -1,5 +1,8 @@
 """Mutual challenge-response authentication of a connection with the cluster secret, sans-IO.
 
+The three messages are bodies: the transport that carries them frames them (moonlet's TCP carries
+each in an AUTH control frame).
+
 Both ends prove they hold the secret without sending it.  Each proof is an
 HMAC-SHA256 over both ends' fresh random nonces, so a recorded proof is
 worthless on any later connection (no replay); the two directions use
@@ -43,57 +46,13 @@ import hmac
 import os
 from collections.abc import Mapping
 
-from ...errors import ConfigError, ProtocolError
-from . import protocol as P
+from ..errors import ProtocolError
+from .secret import Secret
 
 NONCE = 32
 MAC = 32
 _TARGET = b"moonlet-auth-2 target"
 _INITIATOR = b"moonlet-auth-2 initiator"
-
-
-class Secret:
-    """The cluster secret. Its repr never shows it, so it cannot end up in a log or a traceback."""
-
-    __slots__ = ("_key",)
-
-    def __init__(self, key: bytes) -> None:
-        if len(key) < 16:
-            raise ConfigError("the cluster secret must be at least 16 bytes long")
-        self._key = key
-
-    def mac(self, label: bytes, *parts: bytes) -> bytes:
-        """HMAC-SHA256 under the secret of ``label`` and ``parts``, each length-prefixed (unambiguous).
-
-        Every use has its own label (the two AUTH directions, descriptors), so
-        no MAC made for one use is valid for another.
-        """
-        h = hmac.new(self._key, digestmod=hashlib.sha256)
-        for part in (label, *parts):
-            h.update(len(part).to_bytes(8, "little"))
-            h.update(part)
-        return h.digest()
-
-    def __repr__(self) -> str:
-        return "Secret(<hidden>)"
-
-
-def load_secret(value: str | None, path: str | None) -> Secret | None:
-    """The secret from ``value``, else the file at ``path``, else ``$MOONLET_SECRET``; None when none is set."""
-    if value:
-        return Secret(value.encode())
-    if path:
-        try:
-            with open(path, "rb") as f:
-                return Secret(f.read().strip())
-        except OSError as e:
-            raise ConfigError(f"cannot read the cluster secret file {path!r}: {e.strerror}") from None
-    env = os.environ.get("MOONLET_SECRET")
-    return Secret(env.encode()) if env else None
-
-
-def _frame(body: bytes) -> bytes:
-    return P.encode_control(P.AUTH, body)
 
 
 def _name_hash(name: str) -> bytes:
@@ -113,11 +72,11 @@ class InitiatorAuth:
         self._opening = os.urandom(NONCE) + (_name_hash(name) if name else b"")
 
     def start(self) -> bytes:
-        """The first AUTH frame."""
-        return _frame(self._opening)
+        """The first message."""
+        return self._opening
 
     def finish(self, body: bytes) -> bytes:
-        """Check the target's proof; returns our proof (the last AUTH frame)."""
+        """Check the target's proof; returns our proof (the last message)."""
         if len(body) != NONCE + MAC:
             raise ProtocolError(f"AUTH answer of {len(body)} bytes, expected {NONCE + MAC}")
         nonce_t, proof = body[:NONCE], body[NONCE:]
@@ -128,11 +87,11 @@ class InitiatorAuth:
                 "advertises that endpoint: it has another secret, or it relays another engine's handshake, or "
                 "the engine there advertises another host:port (dial it, or open its segment, by the name it "
                 "reports)")
-        return _frame(self._secret.mac(_INITIATOR, self._opening, nonce_t, endpoint))
+        return self._secret.mac(_INITIATOR, self._opening, nonce_t, endpoint)
 
 
 class TargetAuth:
-    """The target's side: :meth:`challenge` on the first AUTH frame, :meth:`verify` on the second.
+    """The target's side: :meth:`challenge` on the first message (returns the answer), :meth:`verify` on the last.
 
     ``identity``: this engine's ``"endpoint"`` (the ``host:port`` it
     advertises) and ``"name"`` (its segment name).
@@ -152,7 +111,7 @@ class TargetAuth:
             raise ProtocolError(f"this is engine {self._name!r} at {self._endpoint}; the connection was meant for "
                                 "another segment (a stale or forged descriptor?)")
         self._theirs = body
-        return _frame(self._nonce + self._secret.mac(_TARGET, body, self._nonce, self._endpoint.encode()))
+        return self._nonce + self._secret.mac(_TARGET, body, self._nonce, self._endpoint.encode())
 
     @property
     def started(self) -> bool:
