@@ -67,10 +67,10 @@ from helpers.procs import wait_threads
 from helpers.stores import Store
 from moonlet import EngineConfig, MetadataServer, MoonletError, ProtocolError, SegmentError, TransferEngine
 from moonlet.metadata import connect as connect_metadata
-from moonlet.metadata.mooncake import exchange
+from moonlet.metadata.mooncake_keys import exchange
 from moonlet.security.auth import InitiatorAuth
 from moonlet.segment import SegmentDescriptor
-from moonlet.transport.mooncake import protocol as MP
+from moonlet.transport.mooncake_wire import protocol as MP
 from moonlet.transport.tcp import protocol as P
 
 # pyproject's 120 s per test is for the default case count; a long run (the lab guest's) gets time to match

@@ -25,7 +25,7 @@ from helpers.net import connect, recv_exact
 from helpers.procs import cpu_seconds, proc_status, rss_kib
 from moonlet import EngineConfig, TransferEngine
 from moonlet.errors import MetadataError, ProtocolError
-from moonlet.transport.mooncake import protocol as MP
+from moonlet.transport.mooncake_wire import protocol as MP
 
 
 def message(kind: int, body: bytes) -> bytes:

@@ -23,7 +23,7 @@ from helpers.memory import sha
 from mooncake_peer import NO_MOONCAKE, MooncakePeer, mooncake_python
 from moonlet import EngineConfig, MetadataServer, Op, TransferEngine
 from moonlet.errors import ConfigError, ProtocolError, TransferError
-from moonlet.transport.mooncake import protocol as MP
+from moonlet.transport.mooncake_wire import protocol as MP
 
 needs_mooncake = pytest.mark.skipif(mooncake_python() is None, reason=NO_MOONCAKE)
 

@@ -13,8 +13,9 @@ import pytest
 from moonlet import EngineConfig
 from moonlet.errors import ConfigError, ProtocolError, SegmentError
 from moonlet.segment import SegmentDescriptor
-from moonlet.transport.rdma import chunks, span, verbs
+from moonlet.transport.rdma import verbs
 from moonlet.transport.rdma.nic import Nic, load_matrix, pick_gid_index, tiers
+from moonlet.transport.rdma.transport import chunks, span
 from moonlet.transport.tcp import protocol as P
 
 

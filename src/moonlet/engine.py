@@ -27,21 +27,21 @@ from .memory import (
     parse_location,
     view_at,
 )
-from .metadata.mooncake import MooncakeMetadata, exchange
+from .metadata.mooncake_keys import MooncakeMetadata, exchange
 from .security import Security
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
 from .transport import cma
 from .transport.base import HostContext, Transport, WorkItem
 from .transport.cuda_ipc import CudaIpcTransport
 from .transport.local import LocalTransport
-from .transport.mooncake import MooncakeTcpTransport
-from .transport.mooncake import protocol as MP
-from .transport.rdma import RdmaTransport
+from .transport.mooncake_wire import protocol as MP
+from .transport.mooncake_wire.transport import MooncakeTcpTransport
 from .transport.rdma import verbs as rdma_verbs
+from .transport.rdma.transport import RdmaTransport
 from .transport.shm import PeerMapping, SameHostTransport
-from .transport.tcp import TcpTransport
 from .transport.tcp import protocol as P
 from .transport.tcp.dial import dial, read_control, split_endpoint
+from .transport.tcp.transport import TcpTransport
 
 log = logging.getLogger("moonlet")
 

@@ -40,9 +40,9 @@ from ..batch import Batch, State
 from ..memory import Buffer, Denied, MemoryRegistry, SharedMemory
 from ..segment import Segment, SegmentDescriptor
 from .base import Transport, WorkItem, contiguous
-from .tcp import TcpTransport
 from .tcp import protocol as P
 from .tcp.client import OutFrame, Peer, Pin, frame_bounds
+from .tcp.transport import TcpTransport
 
 log = logging.getLogger("moonlet.shm")
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 
 from ..errors import MetadataError, ProtocolError, SegmentError
-from ..transport.mooncake import protocol as MP
+from ..transport.mooncake_wire import protocol as MP
 from ..transport.tcp import protocol as P
 from ..transport.tcp.dial import split_endpoint
 from .base import MetadataBackend
@@ -33,7 +33,7 @@ def exchange(endpoint: str, kind: int, body: dict, timeout: float) -> tuple[int,
     None when the peer answered with a moonlet frame: a moonlet engine that
     does not serve Mooncake's wire.  The whole exchange ends within ``timeout``
     (a peer that trickles its answer gets no more), and the answer is read
-    bounded (:class:`~moonlet.transport.mooncake.protocol.HandshakeReader`):
+    bounded (:class:`~moonlet.transport.mooncake_wire.protocol.HandshakeReader`):
     :class:`ProtocolError` for one too long, too deep or malformed.
     """
     host, port = split_endpoint(endpoint)

@@ -3,7 +3,7 @@
 Enabled by ``EngineConfig.mooncake_wire``.  As an initiator it carries
 requests to peers whose descriptor came from a Mooncake engine (they publish
 no moonlet endpoint); as a target it serves Mooncake peers from the data port
-of :class:`~moonlet.transport.mooncake.server.MooncakeServer`.  Requests run
+of :class:`~moonlet.transport.mooncake_wire.server.MooncakeServer`.  Requests run
 one at a time per connection, as Mooncake's protocol requires, on up to
 ``EngineConfig.lanes`` connections per peer, each driven by its own thread
 (blocking ``send``/``recv_into`` straight between the socket and registered

@@ -1,0 +1,255 @@
+"""TCP transport: any host, host memory on both ends (GPU memory is staged by later layers).
+
+Small requests of one submit bound for one peer are coalesced into frames of
+up to ``config.frame_entries`` entries / ``config.frame_bytes`` bytes; large
+requests are cut into ``config.slice_size`` slices so several lanes carry
+them in parallel.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+from ... import gpu
+from ...batch import Batch, State
+from ...gpu import GpuError, StagingPool
+from ...memory import Buffer
+from ...segment import Segment, SegmentDescriptor
+from ..base import HostContext, Transport, WorkItem, contiguous
+from . import protocol as P
+from .client import OutFrame, Peer, Progress, frame_bounds
+from .server import TcpServer
+
+_WATCHDOG_PERIOD = 0.05
+_STAGE_BYTES = 256 << 20  # pinned staging for local GPU memory sent or received over TCP
+
+
+def _flat(addrs: list[int], lengths: list[int]) -> list[int]:
+    """``[addrs[0], lengths[0], addrs[1], ...]``: a WRITE/READ frame's table."""
+    if len(addrs) == 1:
+        return [addrs[0], lengths[0]]
+    table = [0] * (2 * len(addrs))
+    table[0::2] = addrs
+    table[1::2] = lengths
+    return table
+
+
+class TcpTransport(Transport):
+    """Listener for peers' requests plus pooled, pipelined connections to peers."""
+
+    name = "tcp"
+
+    def __init__(self, ctx: HostContext, describe: Callable[[], bytes], identity: Callable[[], dict],
+                 on_stale: Callable[[str], None], attach: dict | None = None) -> None:
+        """``attach`` (our pid, host and pidns) enables same-host copies in both directions."""
+        cfg = ctx.config
+        self._cfg = cfg
+        self._on_stale = on_stale
+        self._hello = attach or {}
+        #: called when a peer refused to copy our memory directly (the same-host transport listens)
+        self.on_attach_refused: Callable[[Peer], None] = lambda peer: None
+        self.security = ctx.security
+        #: counters: frames retried on another connection, connections opened
+        self.stats = {"retries": 0, "connects": 0}
+        self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer,
+                                cfg.spin_us, bool(attach), ctx.security, cfg.max_connections, cfg.connect_timeout,
+                                request_timeout=cfg.request_timeout, idle_timeout=cfg.idle_timeout,
+                                max_unauthenticated=cfg.max_unauthenticated)
+        self.progress = Progress(cfg.spin_us)
+        self.progress.on_tick = self._expire_overdue
+        host = cfg.advertise_host or self.server.address[0]
+        if host in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.gethostname()
+        self._endpoint = f"[{host}]:{self.server.address[1]}" if ":" in host else f"{host}:{self.server.address[1]}"
+        self._peers: dict[tuple[str, str], Peer] = {}
+        self._stage_pool: StagingPool | None = None
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, name="moonlet-tcp-watchdog", daemon=True)
+        self._watchdog.start()
+
+    @property
+    def config(self):
+        return self._cfg
+
+    def endpoint(self) -> str:
+        return self._endpoint
+
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+        # GPU memory is staged through pinned host memory: locally if we have CUDA, remotely if the peer does.
+        return ("tcp" in peer.endpoints and (local.is_host or gpu.available())
+                and (remote["location"].startswith("cpu:") or "tcp_gpu" in peer.endpoints))
+
+    def peer(self, segment: Segment) -> Peer:
+        """The connection pool to ``segment`` (shared with the same-host transport)."""
+        d = segment.descriptor
+        key = (segment.name, d.endpoints["tcp"])
+        peer = self._peers.get(key)  # the usual case, without the lock: a live pool for this instance
+        if peer is not None and not peer.closed and peer.instance == d.instance:
+            return peer
+        with self._lock:
+            peer = self._peers.get(key)
+            if peer is None or peer.closed:
+                peer = self._peers[key] = Peer(segment.name, d.endpoints["tcp"], d.instance, self._cfg.lanes,
+                                               self._cfg.connect_timeout, self._cfg.request_timeout,
+                                               self._cfg.socket_buffer, self.progress, self._on_stale,
+                                               self._hello, lambda p: self.on_attach_refused(p), self.security,
+                                               self.stats)
+            elif peer.instance != d.instance:
+                peer.instance = d.instance
+        return peer
+
+    def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
+        peer = self.peer(segment)
+        cfg = self._cfg
+        slice_size, max_bytes, max_entries = cfg.slice_size, cfg.frame_bytes, cfg.frame_entries
+        # Announce every slice before the first frame leaves, so no reply can finish a request early.
+        batch.add_parts([(index, -(-req.length // slice_size)) for index, req, *_ in items], self.name)
+        lag: list = []  # a staged WRITE frame whose GPU copy is in flight
+        for kind in (P.READ, P.WRITE):
+            table: list[int] = []  # addr, length, addr, length, ...
+            views: list = []
+            refs: list = []
+            staged: list[tuple[int, int, int]] = []  # GPU ranges of this frame (local GPU memory)
+            nbytes = 0
+            for index, req, local, _ in items:
+                if (P.WRITE if req.op else P.READ) != kind:
+                    continue
+                length = req.length
+                if length <= slice_size:
+                    pieces: Iterable = ((req.remote_addr, req.local_addr, length),)
+                else:
+                    pieces = [(req.remote_addr + off, req.local_addr + off, min(slice_size, length - off))
+                              for off in range(0, length, slice_size)]
+                for remote_addr, local_addr, n in pieces:
+                    table += (remote_addr, n)
+                    if local.is_host:
+                        views.append(local.view(local_addr, n))
+                    else:
+                        views.append(len(staged))  # an index into the stage, replaced in _send
+                        staged.append((local_addr, n, int(local.location.split(":")[1])))
+                    refs.append(index)
+                    nbytes += n
+                    if nbytes >= max_bytes or len(refs) >= max_entries:
+                        self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged, lag)
+                        table, views, refs, staged, nbytes = [], [], [], [], 0
+            if refs:
+                self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged, lag)
+        self._flush_lag(peer, lag)
+
+    def _send(self, peer: Peer, frame: OutFrame, staged: list[tuple[int, int, int]], lag: list) -> None:
+        """Send ``frame``; GPU ranges travel through a pinned stage.
+
+        A WRITE's stage is filled by an asynchronous GPU copy, and the frame is
+        sent only when the next frame's copy has been started: the PCIe copy of
+        frame k+1 overlaps the socket send of frame k (``lag`` holds the frame
+        waiting its turn; :meth:`_flush_lag` sends the last one).
+        """
+        if not staged:
+            peer.send(frame)
+            return
+        if self._stage_pool is None:
+            self._stage_pool = StagingPool(_STAGE_BYTES)
+        stage = self._stage_pool.take(staged)
+        stage_views = stage.views()
+        frame.stage = stage
+        frame.staged_at = [k for k, v in enumerate(frame.views) if type(v) is int]
+        frame.views = [stage_views[v] if type(v) is int else v for v in frame.views]
+        if frame.kind != P.WRITE:
+            peer.send(frame)
+            return
+        try:
+            events = stage.start_to_host()
+        except GpuError as e:
+            self._fail_staged(frame, e)
+            return
+        self._flush_lag(peer, lag)
+        lag.append((frame, events))
+
+    def _flush_lag(self, peer: Peer, lag: list) -> None:
+        while lag:
+            frame, events = lag.pop(0)
+            try:
+                for event in events:
+                    gpu.event_done(event, True)
+            except GpuError as e:
+                self._fail_staged(frame, e)
+                continue
+            peer.send(frame)
+
+    @staticmethod
+    def _fail_staged(frame: OutFrame, error: Exception) -> None:
+        if frame.stage is not None:
+            frame.stage.release()
+            frame.stage = None
+        for index in frame.refs:
+            frame.batch.part_done(index, State.FAILED, f"copying GPU memory to the host failed: {error}")
+
+    def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+        cfg = self._cfg
+        count = len(lengths)
+        if count == 1:  # a lone request, the latency-bound case: no per-entry passes
+            total = biggest = lengths[0]
+        else:
+            total, biggest = sum(lengths), max(lengths)
+        if biggest > cfg.slice_size or not local.is_host:  # slicing and GPU staging: the general path
+            super().submit_many(segment, batch, op, local_addrs, remote_addrs, lengths, local, remote)
+            return
+        peer = self.peer(segment)
+        kind = P.WRITE if op else P.READ
+        batch.add_parts_all(self.name)
+        view = local.view
+        max_bytes, max_entries = cfg.frame_bytes, cfg.frame_entries
+        if total <= max_bytes and count <= max_entries:  # the usual case: the whole batch is one frame
+            if count == 1 or contiguous(local_addrs, remote_addrs, lengths):  # one range: one entry
+                peer.send(OutFrame(kind, [remote_addrs[0], total], [view(local_addrs[0], total)], range(count),
+                                   batch, total, None if count == 1 else [count]))
+                return
+            peer.send(OutFrame(kind, _flat(remote_addrs, lengths), [view(a, n) for a, n in zip(local_addrs, lengths)],
+                               range(count), batch, total))
+            return
+        views = [view(a, n) for a, n in zip(local_addrs, lengths)]
+        for start, end, nbytes in frame_bounds(lengths, max_bytes, max_entries):
+            peer.send(OutFrame(kind, _flat(remote_addrs[start:end], lengths[start:end]), views[start:end],
+                               range(start, end), batch, nbytes))
+
+    def drive(self, batch: Batch, block: bool) -> None:
+        self.progress.wait(batch, block)
+
+    def expire(self, batch: Batch) -> None:
+        with self._lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            peer.expire(batch, time.monotonic())
+
+    def _expire_overdue(self, now: float) -> None:
+        with self._lock:
+            peers = list(self._peers.values())
+        for peer in peers:
+            peer.expire(None, now)
+
+    def _watch(self) -> None:
+        """Enforce deadlines while no waiting thread is driving (e.g. nobody waits at all)."""
+        while not self._closed.wait(_WATCHDOG_PERIOD):
+            self.progress.try_tick()
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            peers = list(self._peers.values())
+            self._peers.clear()
+        for peer in peers:
+            peer.close()
+        self._watchdog.join(timeout=2)
+        self.progress.close()
+        self.server.close()
+        if self._stage_pool is not None:
+            self._stage_pool.close()
+
+
+__all__ = ["TcpTransport"]
