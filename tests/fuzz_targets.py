@@ -32,11 +32,12 @@ from functools import cache, lru_cache
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 
+from helpers.engines import transport
 from helpers.net import connect, raw_read
 from moonlet import EngineConfig, MoonletError, TransferEngine
 from moonlet.security import Secret
 from moonlet.segment import host_identity
-from moonlet.transport import cma
+from moonlet.transport.shm import cma
 from moonlet.transport.tcp import protocol as P
 from moonlet.transport.tcp.dial import authenticate
 
@@ -392,7 +393,7 @@ class LiveTarget:
         self.local = bytearray(os.urandom(2 * HONEST_SPAN))
         self.local_buf = self.honest.register(self.local)
         self.broken = False
-        self.server = self.engine._tcp.server
+        self.server = transport(self.engine, "tcp").server
 
     def close(self) -> None:
         for eng in (self.honest, self.engine):

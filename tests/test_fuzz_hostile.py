@@ -62,6 +62,7 @@ from fuzz_targets import (
     values,
     weighted,
 )
+from helpers.engines import transport
 from helpers.net import metadata_http
 from helpers.procs import wait_threads
 from helpers.stores import Store
@@ -374,7 +375,7 @@ def _through_store(put, consumer: _Consumer, target: LiveTarget, text: bytes) ->
 
 
 def _store_poison(target: LiveTarget, consumer: _Consumer) -> st.SearchStrategy[bytes]:
-    return _poisoned(target, [f"127.0.0.1:{consumer.engine._tcp.server.address[1]}"])
+    return _poisoned(target, [f"127.0.0.1:{transport(consumer.engine, 'tcp').server.address[1]}"])
 
 
 @fuzz_settings(0.5)

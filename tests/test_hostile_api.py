@@ -25,7 +25,7 @@ from moonlet.batch import Batch
 from moonlet.errors import MemoryAccessError
 from moonlet.memory import Buffer, Denied, MemoryRegistry
 from moonlet.segment import Segment, SegmentDescriptor
-from moonlet.transport import cma
+from moonlet.transport.shm import cma
 from moonlet.transport.tcp import protocol as P
 
 MAX_TIMEOUT = 1e6  # the documented cap on every timeout (config.MAX_TIMEOUT)

@@ -22,7 +22,7 @@ from moonlet import EngineConfig, MoonletError, Op, Request, State, TransferEngi
 from moonlet.errors import ProtocolError
 from moonlet.memory import SharedMemory
 from moonlet.metadata.http import KEY_PREFIX
-from moonlet.transport import cma
+from moonlet.transport.shm import cma
 from moonlet.transport.tcp import protocol as P
 from moonlet.transport.tcp.dial import dial, read_control
 

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from helpers.engines import initiator
+from helpers.engines import initiator, transport
 from helpers.memory import sha
 from helpers.net import connect, raw_read, unanswered
 from helpers.procs import rss_kib
@@ -110,7 +110,7 @@ def test_a_bug_while_serving_one_connection_ends_that_connection_only():
     mem = bytearray(os.urandom(1 << 16))
     with initiator() as target:
         buf = target.register(mem)
-        server = target._tcp.server
+        server = transport(target, "tcp").server
         with connect(target.name) as bystander:
             assert read_32(bystander, buf.addr) == mem[:32]
             server._describe = lambda: 1 // 0  # a bug reached through a peer's frame
@@ -125,7 +125,7 @@ def test_a_bug_while_serving_one_connection_ends_that_connection_only():
 def test_a_reactor_that_dies_says_so(caplog):
     caplog.set_level(logging.CRITICAL, logger="moonlet")
     with initiator() as target:
-        server = target._tcp.server
+        server = transport(target, "tcp").server
 
         def broken(now: float) -> None:
             raise RuntimeError("a bug in the loop itself")

@@ -16,7 +16,7 @@ from helpers.memory import sha
 from helpers.net import connect
 from moonlet import EngineConfig, Op, Request, TransferEngine
 from moonlet.memory import Denied
-from moonlet.transport import cma
+from moonlet.transport.shm import cma
 from moonlet.transport.tcp import protocol as P
 
 pytestmark = pytest.mark.skipif(not cma.AVAILABLE, reason="process_vm_readv/writev need Linux")

@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from operator import add, index
 from typing import Any
 
@@ -27,21 +27,12 @@ from .memory import (
     parse_location,
     view_at,
 )
-from .metadata.mooncake_keys import MooncakeMetadata, exchange
 from .security import Security
 from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
-from .transport import cma
+from .transport import registry
 from .transport.base import HostContext, Transport, WorkItem
-from .transport.cuda_ipc import CudaIpcTransport
-from .transport.local import LocalTransport
-from .transport.mooncake_wire import protocol as MP
-from .transport.mooncake_wire.transport import MooncakeTcpTransport
-from .transport.rdma import verbs as rdma_verbs
-from .transport.rdma.transport import RdmaTransport
-from .transport.shm import PeerMapping, SameHostTransport
-from .transport.tcp import protocol as P
-from .transport.tcp.dial import dial, read_control, split_endpoint
-from .transport.tcp.transport import TcpTransport
+from .transport.shm import cma
+from .transport.shm.mapping import PeerMapping
 
 log = logging.getLogger("moonlet")
 
@@ -49,25 +40,9 @@ _NOTE_MAX = 32 * 1024  # characters of name + message of one notification
 _NOTES_KEPT = 65536  # unread notifications an engine queues before refusing more
 _NOTES_BYTES = 16 << 20  # memory the unread notifications may hold before more are refused
 
-#: Transport names in the default order of preference: same process, same host, RDMA NIC, anywhere.
-ALL_TRANSPORTS = ("local", "cuda_ipc", "shm", "rdma", "tcp")
-
-
 def available_transports() -> tuple[str, ...]:
     """The transports this host can run, in the default order of preference."""
-    usable = {"local": True, "cuda_ipc": gpu.available(), "shm": cma.AVAILABLE,
-              "rdma": not rdma_verbs.unavailable_reason(), "tcp": True}
-    return tuple(t for t in ALL_TRANSPORTS if usable[t])
-
-
-def _rdma_missing(devices: tuple[str, ...]) -> str:
-    """Why RDMA on ``devices`` (empty: any) cannot start here, or '' when it can."""
-    why = rdma_verbs.unavailable_reason()
-    absent = [d for d in devices if d not in rdma_verbs.device_names()] if not why else list(devices)
-    if absent:
-        return f"RDMA device(s) {absent} not found" + (f" ({why})" if why else
-                                                       f"; present: {rdma_verbs.device_names()}")
-    return why
+    return registry.available()
 
 
 #: The warning an engine logs once when transports of its order are missing here (a filter can match on it).
@@ -137,50 +112,24 @@ class TransferEngine:
             control.release()
             control = None
         self._control = control
-        ctx = HostContext(cfg, self._registry, security)
-        self._rdma = None
-        attach = None
-        if "shm" in wanted:
-            attach = {"pid": os.getpid(), "host": self._host, "pidns": self._pidns}
-            cma.allow_peers()
-        tcp = self._tcp = TcpTransport(ctx, self._descriptor_json, self._identity, self._stale.add, attach)
-        self._server = tcp.server  # its ``failure`` is checked before new work
-        self._name = tcp.endpoint() if self._meta.names_are_endpoints else str(name)
-        available: dict[str, Transport] = {"local": LocalTransport(self._registry, self._instance), "tcp": tcp}
-        if attach:
-            available["shm"] = SameHostTransport(tcp, self._registry, self._host, self._pidns)
-        if "cuda_ipc" in wanted:
-            available["cuda_ipc"] = CudaIpcTransport(self._host, self._pidns, self._instance,
-                                                     cfg.gpu_kernel_max_block)
-        if "rdma" in wanted:
-            try:
-                available["rdma"] = self._rdma = RdmaTransport.open(ctx, tcp, self._instance,
-                                                                    tcp if "tcp" in wanted else None)
-            except (OSError, MoonletError) as e:
-                rest = tuple(t for t in wanted if t != "rdma")
-                if cfg.rdma == "required" or not rest:
-                    for t in available.values():
-                        t.close()
-                    raise ConfigError(f"RDMA transport cannot start: {e}") from None
-                wanted, skipped = rest, [*skipped, f"rdma: {e}"]
-        if skipped:  # one warning per engine, naming every transport left out and why
-            log.warning(TRANSPORT_SKIPPED_WARNING, tcp.endpoint(), "; ".join(skipped), list(wanted))
         self._notes: deque[tuple[str, str]] = deque()
         self._notes_size = 0  # bytes the unread notes hold
         self._notes_lock = threading.Lock()
-        if cfg.mooncake_wire:
-            host, port = split_endpoint(tcp.endpoint())
-            mc = MooncakeTcpTransport(ctx, cfg.listen_host, host, lambda: self.descriptor().to_dict(),
-                                      self._queue_note)
-            available["mooncake_tcp"] = mc
-            wanted = (*wanted, "mooncake_tcp")
-            tcp.server.foreign = mc.server
-            self._meta = MooncakeMetadata(self._meta, cfg.metadata_timeout, mc.server.descriptor,
-                                          lambda: MP.rpc_meta(host, port))
-        self._all_transports = list(available.values())
+        ctx = HostContext(cfg, self._registry, security, self._instance, self._host, self._pidns, wanted,
+                          describe=self._descriptor_json, descriptor=lambda: self.descriptor().to_dict(),
+                          identity=self._identity, on_stale=self._stale.add, on_note=self._queue_note)
+        wanted, skipped = self._start_transports(ctx, wanted, skipped)
+        listener = self._listener = ctx.started[next(s.name for s in registry.TRANSPORTS if s.listener)]
+        self._endpoint = str(listener.endpoint())  # the listener's host:port: the engine's address
+        self._name = self._endpoint if self._meta.names_are_endpoints else str(name)
+        if skipped:  # one warning per engine, naming every transport left out and why
+            log.warning(TRANSPORT_SKIPPED_WARNING, self._endpoint, "; ".join(skipped), list(wanted))
+        self._started = ctx.started  # every transport running, by name (routing uses self._transports)
+        self._all_transports = list(ctx.started.values())
+        for t in self._all_transports:
+            self._meta = t.wrap_metadata(self._meta)
         self._security = security
-        tcp.server.services["notify"] = self._on_notify
-        self._transports = [available[t] for t in wanted]
+        self._transports = [ctx.started[t] for t in wanted]
         try:
             self._publish()
         except MoonletError:
@@ -189,7 +138,7 @@ class TransferEngine:
                 self._control.release()
             raise
         if secret is None:
-            _warn_no_secret(self._name, tcp.endpoint())
+            _warn_no_secret(self._name, self._endpoint)
         self._stop = threading.Event()
         if self._meta.leased:
             threading.Thread(target=self._keepalive, name="moonlet-metadata-keepalive", daemon=True).start()
@@ -197,9 +146,9 @@ class TransferEngine:
     def stats(self) -> dict[str, int]:
         """Counters since start: TCP connections opened and frames retried on another connection,
         RDMA queue pairs connected and slices re-posted after a queue pair error."""
-        out = {"tcp_connects": self._tcp.stats["connects"], "tcp_retries": self._tcp.stats["retries"]}
-        if self._rdma is not None:
-            out.update(self._rdma.stats())
+        out: dict[str, int] = {}
+        for t in self._all_transports:
+            out.update(t.stats())
         return out
 
     def _keepalive(self) -> None:
@@ -231,54 +180,85 @@ class TransferEngine:
     def _identity(self) -> dict[str, Any]:
         """Who we are to peers (HELLO), and what our cluster-secret proofs cover (name and TCP endpoint)."""
         return {"name": self._name, "instance": self._instance, "host": self._host, "pidns": self._pidns,
-                "endpoint": self._tcp.endpoint()}
+                "endpoint": self._endpoint}
 
     def descriptor(self) -> SegmentDescriptor:
         """This engine's current segment descriptor."""
+        endpoints: dict[str, str] = {}
+        fields: dict[str, Any] = {}
+        for t in self._all_transports:
+            endpoints.update(t.published())
+            fields.update(t.descriptor_fields())
         return SegmentDescriptor(
             name=self._name,
             instance=self._instance,
             host=self._host,
             pid=os.getpid(),
-            endpoints={t.name: ep for t in self._all_transports if (ep := t.endpoint())}
-            | ({"tcp_gpu": self._tcp.endpoint()} if gpu.available() else {}),  # we stage GPU memory over TCP
+            endpoints=endpoints,
             buffers=[b.describe() for b in self._registry.buffers()],
             pidns=self._pidns,
             generation=self._generation,
             control={"memfd": self._control.fd, "addr": self._control.addr} if self._control else None,
-            nics=self._rdma.describe() if self._rdma is not None else [],
+            **fields,
         )
 
     @staticmethod
     def _pick_transports(cfg: EngineConfig) -> tuple[tuple[str, ...], list[str]]:
         """The transports to start, in order, and why those this host lacks were left out.
 
-        An order may name ``cuda_ipc``, ``shm`` or ``rdma`` where the host has none: they are skipped (the
-        engine warns, naming why). ``cfg.rdma`` decides RDMA: "off" never starts it, "required" refuses to
-        start without it, "auto" adds it to the default order so that its absence is said, not silent.
-        :class:`ConfigError` for unknown names, a missing required RDMA, or an order nothing of is left of.
+        An order may name transports this host cannot run (``cuda_ipc``, ``shm``, ``rdma`` without the
+        hardware): they are skipped (the engine warns, naming why). A transport's policy decides the rest
+        (``cfg.rdma`` for RDMA): "off" never starts it, "required" refuses to start without it, "auto" uses it
+        where it can run; an ``announce`` transport is in the default order even where it cannot run, so that
+        its absence is said, not silent. :class:`ConfigError` for unknown names, a missing required
+        transport, or an order nothing of is left of.
         """
-        here = available_transports()
-        default = tuple(t for t in ALL_TRANSPORTS if t in here or t == "rdma")
-        order = tuple(t for t in (cfg.transports or default) if cfg.rdma != "off" or t != "rdma")
-        unknown = [t for t in order if t not in ALL_TRANSPORTS]
+        specs = registry.by_name()
+        here = registry.available()
+        named = registry.default_order()
+        default = tuple(t for t in named if t in here or specs[t].announce)
+        order = tuple(t for t in (cfg.transports or default) if t not in specs or specs[t].policy(cfg) != "off")
+        unknown = [t for t in order if t not in named]
         if unknown:
             raise ConfigError(f"unknown or unavailable transport(s) {unknown}; available here: {list(here)}")
-        if cfg.rdma == "required" and "rdma" not in order:
-            raise ConfigError("rdma='required' but the transport order leaves RDMA out: "
-                              f"{list(cfg.transports)}")
-        why: dict[str, Callable[[], str]] = {
-            "cuda_ipc": gpu.unavailable_reason, "shm": lambda: "process_vm_readv is not available",
-            "rdma": lambda: _rdma_missing(cfg.rdma_devices)}
-        missing = [t for t in order if t not in here or (t == "rdma" and cfg.rdma_devices and why[t]())]
-        detail = "; ".join(f"{t}: {why[t]()}" for t in missing)
-        if "rdma" in missing and cfg.rdma == "required":
-            raise ConfigError(f"rdma='required' but RDMA cannot start: {why['rdma']()}")
+        for t in named:
+            if specs[t].policy(cfg) == "required" and t not in order:
+                raise ConfigError(f"{t}='required' but the transport order leaves {t.upper()} out: "
+                                  f"{list(cfg.transports)}")
+        why = {t: specs[t].missing(cfg) for t in order}
+        missing = [t for t in order if why[t]]
+        for t in missing:
+            if specs[t].policy(cfg) == "required":
+                raise ConfigError(f"{t}='required' but {t.upper()} cannot start: {why[t]}")
         wanted = tuple(t for t in order if t not in missing)
+        detail = "; ".join(f"{t}: {why[t]}" for t in missing)
         if not wanted:
             raise ConfigError(f"unknown or unavailable transport(s) {missing} ({detail}); "
                               f"available here: {list(here)}")
-        return wanted, [f"{t}: {why[t]()}" for t in missing]
+        wanted += tuple(spec.name for spec in registry.TRANSPORTS if spec.extra is not None and spec.extra(cfg))
+        return wanted, [f"{t}: {why[t]}" for t in missing]
+
+    @staticmethod
+    def _start_transports(ctx: HostContext, wanted: tuple[str, ...],
+                          skipped: list[str]) -> tuple[tuple[str, ...], list[str]]:
+        """Start the listener, then each transport of ``wanted`` (into ``ctx.started``); one that fails to
+        start is left out, named in the skipped list, unless it is required or nothing else is left."""
+        for spec in sorted(registry.TRANSPORTS, key=lambda spec: not spec.listener):
+            if not spec.listener and spec.name not in wanted:
+                continue
+            try:
+                ctx.started[spec.name] = spec.start(ctx)
+            except (OSError, MoonletError) as e:
+                rest = tuple(t for t in wanted if t != spec.name)
+                if spec.listener or spec.policy(ctx.config) == "required" or not rest:
+                    for t in ctx.started.values():
+                        t.close()
+                    if spec.listener:  # the engine has no address (its port is taken...): the error as it is
+                        raise
+                    raise ConfigError(f"{spec.name.upper()} transport cannot start: {e}") from None
+                wanted, skipped = rest, [*skipped, f"{spec.name}: {e}"]
+                ctx.order = wanted
+        return wanted, skipped
 
     def _descriptor_json(self) -> bytes:
         """Our descriptor as published and served peer to peer: sealed with the cluster secret, if set."""
@@ -608,7 +588,7 @@ class TransferEngine:
         the transport gets whole arrays, so many small blocks cost little
         Python each.  Otherwise this is :meth:`submit` of the same requests.
         """
-        if self._closed or self._server.failure:
+        if self._closed or self._listener.failure():
             self._check_open()
         la = local_addrs if type(local_addrs) is list else _as_list(local_addrs)
         ra = remote_addrs if type(remote_addrs) is list else _as_list(remote_addrs)
@@ -749,19 +729,11 @@ class TransferEngine:
             raise TransferError(f"a notification is two strings of at most {_NOTE_MAX} characters together")
         timeout = self.config.request_timeout if timeout is None else check_timeout("timeout", timeout)
         seg = self._segment(segment)
-        rpc = seg.descriptor.endpoints.get("mooncake_rpc")
-        if "tcp" not in seg.descriptor.endpoints and rpc is not None:  # a Mooncake engine
-            try:
-                exchange(rpc, MP.NOTIFY, {"name": name, "notify_msg": message}, timeout)
-            except (OSError, MoonletError) as e:
-                raise TransferError(f"notification to {seg.name} (Mooncake) not delivered: {e}") from None
-            return
-        try:
-            with dial(seg.descriptor.endpoints["tcp"], timeout, self._security) as sock:
-                sock.sendall(P.encode_connect({"service": "notify", "name": name, "msg": message}))
-                read_control(sock, P.CONNECT, "notification")
-        except (OSError, MoonletError, KeyError) as e:
-            raise TransferError(f"notification to {seg.name} not delivered: {e}") from None
+        for t in self._all_transports:
+            if t.notify(seg.descriptor, name, message, timeout):
+                return
+        raise TransferError(f"notification to {seg.name} not delivered: no transport here carries notes to it "
+                            f"(it publishes {sorted(seg.descriptor.endpoints)})")
 
     def notifications(self) -> list[tuple[str, str]]:
         """Notes peers sent with :meth:`notify` since the last call, oldest first (and forget them)."""
@@ -770,10 +742,6 @@ class TransferEngine:
             self._notes.clear()
             self._notes_size = 0
         return out
-
-    def _on_notify(self, body: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
-        self._queue_note(body.get("name"), body.get("msg"))
-        return {}, lambda: None
 
     def _queue_note(self, name: object, msg: object) -> None:
         """Queue a note a peer sent (natively or over Mooncake's NOTIFY); a ProtocolError, which the sender
@@ -799,8 +767,9 @@ class TransferEngine:
         peers can no longer reach it, so it says so rather than carry on half deaf)."""
         if self._closed:
             raise MoonletError("engine is closed")
-        if self._server.failure:
-            raise MoonletError(f"engine is broken and must be closed: {self._server.failure}")
+        failure = self._listener.failure()
+        if failure:
+            raise MoonletError(f"engine is broken and must be closed: {failure}")
 
     def _close_transports(self) -> None:
         for t in self._all_transports:

@@ -22,7 +22,7 @@ from . import boundedjson
 from .errors import SegmentError
 
 if TYPE_CHECKING:
-    from .transport.shm import PeerMapping
+    from .transport.shm.mapping import PeerMapping
 
 DESCRIPTOR_VERSION = 1
 

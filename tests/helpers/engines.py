@@ -14,3 +14,8 @@ def initiator(name: str | None = None, metadata: str = "p2p", *, transports: tup
     the other ``config`` fields as given."""
     return TransferEngine(name, metadata, config=EngineConfig(transports=transports, request_timeout=request_timeout,
                                                               **config))
+
+
+def transport(engine: TransferEngine, name: str) -> Any:
+    """The running transport ``name`` of ``engine`` (to reach into its server in tests of what peers see)."""
+    return engine._started[name]

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers.engines import initiator
+from helpers.engines import initiator, transport
 from helpers.memory import random_mmap, register_random, sha
 from helpers.procs import PeerProcess, open_fds
 from moonlet import EngineConfig, TransferEngine
@@ -268,7 +268,7 @@ def test_a_broken_rdma_path_moves_its_requests_to_tcp(target):
         buf, m = register_random(eng, 64 << 20)
         seg = eng.open_segment(target.name)
         eng.write(buf.addr, seg, target.addr, 4096)  # queue pairs up
-        rdma = eng._rdma
+        rdma = transport(eng, "rdma")
         for ep in rdma._endpoints.values():  # from now on the target refuses new queue pairs for this NIC
             ep.nic = dict(ep.nic, name="no-such-nic")
         reqs = [Request(Op.WRITE, buf.addr + i * (1 << 20), seg, target.addr + i * (1 << 20), 1 << 20)

@@ -12,9 +12,9 @@ from ..engine import available_transports
 from ..errors import MoonletError
 from ..segment import host_identity
 from ..sysfs import read as _read
-from ..transport import cma
 from ..transport.rdma import gpudirect, verbs
 from ..transport.rdma import nic as rdma_nic
+from ..transport.shm import cma
 
 
 def _nics() -> list[str]:

@@ -1,20 +1,24 @@
-"""The one interface every transport implements.
+"""The one interface every transport implements, and what an engine tells a transport it starts.
 
 The engine resolves segments, validates local memory, picks a transport per
 request and hands each transport the requests it carries.  A transport moves
 the bytes and reports every slice's end to the :class:`~moonlet.batch.Batch`.
+Which transports exist, and how each starts, is in :mod:`.registry`.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from operator import add
 from typing import Any
 
 from ..batch import Batch, Request
 from ..config import EngineConfig
+from ..errors import ProtocolError
 from ..memory import Buffer, MemoryRegistry
+from ..metadata.base import MetadataBackend
 from ..security import PLAIN, Security
 from ..segment import Segment, SegmentDescriptor
 
@@ -33,13 +37,31 @@ def contiguous(local_addrs: list[int], remote_addrs: list[int], lengths: list[in
     return local_addrs[1:] == ends and remote_addrs[1:] == list(map(add, remote_addrs[:-1], lengths[:-1]))
 
 
+def _no_note(name: object, message: object) -> None:
+    """The note sink of a context without an engine (tests): refuses every note."""
+    raise ProtocolError("this engine takes no notifications")
+
+
 @dataclass
 class HostContext:
-    """What a transport may know about the engine it serves."""
+    """What a transport may know about the engine it serves (handed to each transport's factory)."""
 
     config: EngineConfig
     registry: MemoryRegistry
     security: Security = PLAIN  # TLS and the cluster secret every connection must pass
+    instance: str = ""  # this engine's instance id (a fresh one per engine)
+    host: str = ""  # this host's identity (segment.host_identity)
+    pidns: str = ""  # this process's PID namespace
+    #: the transport names the engine routes over, in order (a transport may lean on a later one)
+    order: tuple[str, ...] = ()
+    #: the transports started so far, by name: the listener first (one that rides another finds it here)
+    started: dict[str, Transport] = field(default_factory=dict)
+    describe: Callable[[], bytes] = bytes  # the engine's descriptor, sealed, as served peer to peer
+    descriptor: Callable[[], dict[str, Any]] = dict  # ... unsealed, as a dict (for other engines' formats)
+    identity: Callable[[], dict[str, Any]] = dict  # who the engine is to peers (name, instance, endpoint...)
+    on_stale: Callable[[str], None] = lambda name: None  # a peer said our view of segment ``name`` is stale
+    #: a peer sent a note (name, message); raises ProtocolError, which the peer is told, when refused
+    on_note: Callable[[object, object], None] = _no_note
 
 
 class Transport(ABC):
@@ -58,6 +80,33 @@ class Transport(ABC):
     @abstractmethod
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         """Start moving ``items``; report each one's end to ``batch`` (never block on the network)."""
+
+    def published(self) -> dict[str, str]:
+        """The entries of the descriptor's ``endpoints`` this transport publishes (its name: its endpoint)."""
+        ep = self.endpoint()
+        return {self.name: ep} if ep else {}
+
+    def descriptor_fields(self) -> dict[str, Any]:
+        """Other fields of the descriptor this transport fills (RDMA: ``nics``)."""
+        return {}
+
+    def notify(self, peer: SegmentDescriptor, name: str, message: str, timeout: float) -> bool:
+        """Deliver a note to ``peer``; False when this transport carries none to it, TransferError when it
+        does and the note was not taken."""
+        return False
+
+    def wrap_metadata(self, meta: MetadataBackend) -> MetadataBackend:
+        """The metadata store the engine uses, given the one it opened (a transport for another engine's
+        wire also speaks that engine's metadata)."""
+        return meta
+
+    def stats(self) -> dict[str, int]:
+        """Counters since start (:meth:`TransferEngine.stats`)."""
+        return {}
+
+    def failure(self) -> str | None:
+        """Why this transport can no longer serve (its reactor died), or None."""
+        return None
 
     def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> str:
         """Why :meth:`reaches` is False for this pair, when there is more to say than "not this kind"."""

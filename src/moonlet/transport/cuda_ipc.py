@@ -34,7 +34,8 @@ from .. import gpu
 from ..batch import Batch, State
 from ..memory import Buffer
 from ..segment import Segment, SegmentDescriptor
-from .base import Transport, WorkItem
+from .base import HostContext, Transport, WorkItem
+from .spec import TransportSpec
 
 log = logging.getLogger("moonlet.cuda_ipc")
 
@@ -233,3 +234,9 @@ def _open_handle(handle: str, device: int) -> tuple[int, int]:
         gpu.ipc_close(base, device)
         raise
     return base, int(size)
+
+def _start(ctx: HostContext) -> CudaIpcTransport:
+    return CudaIpcTransport(ctx.host, ctx.pidns, ctx.instance, ctx.config.gpu_kernel_max_block)
+
+
+SPEC = TransportSpec("cuda_ipc", _start, missing=lambda cfg: gpu.unavailable_reason())

@@ -19,10 +19,15 @@ import time
 from collections.abc import Callable
 
 from ...batch import Batch, Op, State
-from ...errors import ProtocolError
+from ...errors import MoonletError, ProtocolError, TransferError
 from ...memory import Buffer, MemoryRegistry
+from ...metadata.base import MetadataBackend
+from ...metadata.mooncake_keys import MooncakeMetadata, exchange
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
+from ..spec import TransportSpec
+from ..tcp.dial import split_endpoint
+from ..tcp.transport import TcpTransport
 from . import protocol as MP
 from .server import MooncakeServer
 
@@ -185,11 +190,13 @@ class MooncakeTcpTransport(Transport):
     name = "mooncake_tcp"
 
     def __init__(self, ctx: HostContext, host: str, advertise: str, describe: Callable[[], dict],
-                 on_notify: Callable[[str, str], None]) -> None:
+                 on_notify: Callable[[str, str], None], rpc: tuple[str, int] = ("", 0)) -> None:
         """Serve Mooncake peers on ``host`` (advertised as ``advertise``); ``describe`` and ``on_notify``:
-        see :class:`MooncakeServer`."""
+        see :class:`MooncakeServer`; ``rpc``: host and port of our RPC port (the listener's)."""
         cfg = ctx.config
         self._registry: MemoryRegistry = ctx.registry
+        self._metadata_timeout = cfg.metadata_timeout
+        self._rpc = rpc
         self._lanes = cfg.lanes
         self._connect_timeout = cfg.connect_timeout
         self._peers: dict[str, _Peer] = {}
@@ -199,6 +206,22 @@ class MooncakeTcpTransport(Transport):
 
     def endpoint(self) -> str | None:
         return self.server.endpoint
+
+    def notify(self, peer: SegmentDescriptor, name: str, message: str, timeout: float) -> bool:
+        """Mooncake's NOTIFY handshake, to a Mooncake engine (one that publishes no moonlet endpoint)."""
+        rpc = peer.endpoints.get("mooncake_rpc")
+        if "tcp" in peer.endpoints or rpc is None:
+            return False
+        try:
+            exchange(rpc, MP.NOTIFY, {"name": name, "notify_msg": message}, timeout)
+        except (OSError, MoonletError) as e:
+            raise TransferError(f"notification to {peer.name} (Mooncake) not delivered: {e}") from None
+        return True
+
+    def wrap_metadata(self, meta: MetadataBackend) -> MetadataBackend:
+        """Mooncake's keys and handshake beside ``meta``: Mooncake engines find us, and we them."""
+        return MooncakeMetadata(meta, self._metadata_timeout, self.server.descriptor,
+                                lambda: MP.rpc_meta(*self._rpc))
 
     def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
         return "mooncake_tcp" in peer.endpoints and "tcp" not in peer.endpoints and local.is_host \
@@ -240,3 +263,16 @@ class MooncakeTcpTransport(Transport):
         for peer in peers:
             for _ in range(self._lanes):
                 peer.jobs.put(None)
+
+
+def _start(ctx: HostContext) -> MooncakeTcpTransport:
+    """Serve Mooncake's data port, and its handshake on the listener's port (handed over by the TCP server)."""
+    tcp = ctx.started["tcp"]
+    assert isinstance(tcp, TcpTransport)
+    host, port = split_endpoint(tcp.endpoint())
+    mc = MooncakeTcpTransport(ctx, ctx.config.listen_host, host, ctx.descriptor, ctx.on_note, (host, port))
+    tcp.server.add_foreign(mc.server)
+    return mc
+
+
+SPEC = TransportSpec("mooncake_tcp", _start, extra=lambda cfg: cfg.mooncake_wire)

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import Any
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, TransferError
@@ -42,14 +42,13 @@ from ...memory import Buffer, Denied
 from ...security import Security
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
+from ..spec import TransportSpec
 from ..tcp import protocol as P
 from ..tcp.client import OutFrame
 from ..tcp.dial import dial, read_control
+from ..tcp.transport import TcpTransport
 from . import gpudirect, verbs
 from .nic import Nic, discover, load_matrix, tiers
-
-if TYPE_CHECKING:
-    from ..tcp.transport import TcpTransport
 
 log = logging.getLogger("moonlet.rdma")
 
@@ -457,7 +456,7 @@ class RdmaTransport(Transport):
         self._lock = threading.Lock()
         self._order_cache: dict[str, list[list[_Device]]] = {}
         self._unregistered: dict[int, str] = {}  # buffer addr -> why a NIC refused to register it
-        tcp.server.services["rdma"] = self._accept
+        tcp.server.add_service("rdma", self._accept)
 
     @classmethod
     def open(cls, ctx: HostContext, tcp, instance: str, fallback: TcpTransport | None = None) -> RdmaTransport:
@@ -473,6 +472,9 @@ class RdmaTransport(Transport):
     def describe(self) -> list[dict]:
         """This engine's NICs, as published in the segment descriptor."""
         return [d.nic.describe() for d in self._devices.values()]
+
+    def descriptor_fields(self) -> dict[str, Any]:
+        return {"nics": self.describe()}
 
     # -- memory ----------------------------------------------------------------------
 
@@ -544,7 +546,7 @@ class RdmaTransport(Transport):
 
     def _accept(self, body: dict) -> tuple[dict, Callable[[], None]]:
         """CONNECT from an initiator: make our half of the QP pair and bring it up."""
-        ident = self._tcp.server._identity()
+        ident = self._tcp.server.identity()
         if body.get("name") not in ("", ident["name"]) or body.get("instance") not in ("", ident["instance"]):
             raise ProtocolError(f"RDMA connect meant for {body.get('name')!r} (instance {body.get('instance')}), "
                                 f"this is {ident['name']!r} (instance {ident['instance']})")
@@ -750,3 +752,23 @@ class RdmaTransport(Transport):
         for dev in self._devices.values():
             dev.close()
         self._devices.clear()
+
+
+def missing(devices: tuple[str, ...]) -> str:
+    """Why RDMA on ``devices`` (empty: any) cannot start here, or '' when it can."""
+    why = verbs.unavailable_reason()
+    absent = [d for d in devices if d not in verbs.device_names()] if not why else list(devices)
+    if absent:
+        return f"RDMA device(s) {absent} not found" + (f" ({why})" if why else f"; present: {verbs.device_names()}")
+    return why
+
+
+def _start(ctx: HostContext) -> RdmaTransport:
+    """Serve RDMA connects on the listener; host memory to peers without a NIC goes over TCP if in the order."""
+    tcp = ctx.started["tcp"]
+    assert isinstance(tcp, TcpTransport)
+    return RdmaTransport.open(ctx, tcp, ctx.instance, tcp if "tcp" in ctx.order else None)
+
+
+SPEC = TransportSpec("rdma", _start, missing=lambda cfg: missing(cfg.rdma_devices), policy=lambda cfg: cfg.rdma,
+                     announce=True)

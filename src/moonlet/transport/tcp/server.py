@@ -28,7 +28,6 @@ it pinned, so later bytes never land).
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import select
@@ -36,7 +35,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from ... import gpu
 from ...errors import ProtocolError
@@ -44,7 +43,6 @@ from ...gpu import GpuError, Stage, StagingPool
 from ...memory import Buffer, Denied, MemoryRegistry
 from ...security import PLAIN, Security
 from ...security.auth import TargetAuth
-from .. import cma
 from ..reactor import Reactor
 from . import protocol as P
 from .sockio import recv_some, recv_some_into, sendmsg_some, wake_later
@@ -75,11 +73,25 @@ def tune_socket(sock: socket.socket, bufsize: int | None) -> None:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, bufsize)
 
 
+class FrameService(Protocol):
+    """Serves request frames of kinds beyond WRITE and READ (the same-host PULL and PUSH): registered with
+    :meth:`TcpServer.add_frames` by the transport that owns them."""
+
+    kinds: tuple[int, ...]
+
+    def greet(self, sock: socket.socket, hello: dict[str, Any]) -> Any:
+        """What this service keeps for a connection whose peer sent ``hello`` (its HELLO frame's body)."""
+
+    def serve(self, session: Any, kind: int, entries: list[tuple[int, int, int]]) -> bytes:
+        """Serve one frame's ``entries`` (``session``: :meth:`greet`'s result, None before a HELLO); the
+        status table of the reply."""
+
+
 class _Conn:
     """Per-connection parse state and output queue."""
 
     __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "req_id", "buf", "views", "pinned",
-                 "statuses", "lowat", "out", "out_bytes", "out_held", "mask", "attach_pid", "stage", "closers",
+                 "statuses", "lowat", "out", "out_bytes", "out_held", "mask", "sessions", "stage", "closers",
                  "auth", "authed", "born", "first", "drain", "busy", "quiet", "since")
 
     def __init__(self, sock: socket.socket) -> None:
@@ -100,7 +112,7 @@ class _Conn:
         self.out_held = 0
         self.drain: deque = _NONE  # type: ignore[assignment]  # the rest of a WRITE with refused entries
         self.mask = _IN
-        self.attach_pid = 0  # initiator pid, once HELLO proved it shares our host and PID namespace
+        self.sessions: dict[FrameService, Any] = {}  # what each frame service made of the peer's HELLO
         self.closers: list[Callable[[], None]] = []  # side channels (CONNECT) that end with this connection
         self._reset()
 
@@ -128,7 +140,6 @@ class TcpServer(Reactor):
         port: int,
         socket_buffer: int | None,
         spin_us: int = 0,
-        attach: bool = False,
         security: Security = PLAIN,
         max_connections: int = 1024,
         auth_timeout: float = 5.0,
@@ -148,7 +159,6 @@ class TcpServer(Reactor):
         self._describe = describe
         self._identity = identity
         self._bufsize = socket_buffer
-        self._attach = attach and cma.AVAILABLE
         self._secret = security.secret
         self._tls = security.tls
         self._auth_timeout = auth_timeout
@@ -168,15 +178,35 @@ class TcpServer(Reactor):
         self._scratch = memoryview(bytearray(_SCRATCH))
         self._stage_pool: StagingPool | None = None
         #: CONNECT handlers by service name: body -> (reply body, cleanup run when the connection ends)
-        self.services: dict[str, Callable[[dict], tuple[dict, Callable[[], None]]]] = {}
+        self._services: dict[str, Callable[[dict], tuple[dict, Callable[[], None]]]] = {}
+        self._frame_services: dict[int, FrameService] = {}  # frame kind -> who serves it (add_frames)
         #: Another protocol served on this port: connections whose first bytes it ``claims(head)`` are
         #: handed to its ``adopt(sock, head)`` (Mooncake's handshake, when the engine speaks its wire).
-        self.foreign: Any = None
+        self._foreign: Any = None
         self.start()
 
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    def add_service(self, name: str, handler: Callable[[dict], tuple[dict, Callable[[], None]]]) -> None:
+        """Answer CONNECT frames naming ``name`` with ``handler(body)`` -> (reply body, cleanup run when the
+        connection ends)."""
+        self._services[name] = handler
+
+    def add_frames(self, service: FrameService) -> None:
+        """Serve request frames of ``service.kinds`` with ``service`` (before any peer connects)."""
+        for kind in service.kinds:
+            self._frame_services[kind] = service
+
+    def add_foreign(self, protocol: Any) -> None:
+        """Hand connections whose first bytes ``protocol.claims(head)`` to ``protocol.adopt(sock, head)``:
+        another protocol served on this port (Mooncake's handshake, when the engine speaks its wire)."""
+        self._foreign = protocol
+
+    def identity(self) -> dict[str, Any]:
+        """Who this engine is to peers (the HELLO reply): name, instance, host, pidns, endpoint."""
+        return self._identity()
 
     def close(self) -> None:
         """Stop serving: close the listener and every connection, and join the reactor."""
@@ -392,11 +422,11 @@ class TcpServer(Reactor):
     def _hand_over(self, conn: _Conn, head: bytes) -> bool:
         """Give a connection whose first bytes ``head`` another protocol claims to it (Mooncake's handshake,
         whose shortest messages are shorter than a moonlet frame head); False if it stays ours."""
-        if self.foreign is None or head.startswith(P.MAGIC_BYTES) or not self.foreign.claims(head):
+        if self._foreign is None or head.startswith(P.MAGIC_BYTES) or not self._foreign.claims(head):
             return False
         self._forget(conn)
         conn.phase = 4
-        self.foreign.adopt(conn.sock, head)
+        self._foreign.adopt(conn.sock, head)
         return True
 
     def _on_prefix(self, conn: _Conn) -> None:
@@ -454,7 +484,7 @@ class TcpServer(Reactor):
         assert p is not None
         if p.kind == P.HELLO:
             hello = P.decode_hello(bytes(conn.buf or b""))
-            conn.attach_pid = self._attachable(conn, hello)
+            conn.sessions = {svc: svc.greet(conn.sock, hello) for svc in set(self._frame_services.values())}
             reply = P.encode_control(P.HELLO, json.dumps(self._identity()).encode(), p.req_id)
         elif p.kind == P.AUTH:
             if self._secret is None:
@@ -472,9 +502,9 @@ class TcpServer(Reactor):
             return
         elif p.kind == P.CONNECT:
             body = P.decode_connect(bytes(conn.buf or b""))
-            service = self.services.get(body.get("service", ""))
+            service = self._services.get(body.get("service", ""))
             if service is None:
-                raise ProtocolError(f"no service {body.get('service')!r} here; offered: {sorted(self.services)}")
+                raise ProtocolError(f"no service {body.get('service')!r} here; offered: {sorted(self._services)}")
             answer, cleanup = service(body)
             conn.closers.append(cleanup)
             reply = P.encode_connect(answer)
@@ -485,34 +515,21 @@ class TcpServer(Reactor):
             self._promote(conn)
         self._queue(conn, [reply], len(reply))
 
-    def _attachable(self, conn: _Conn, hello: dict) -> int:
-        """The initiator's pid if this target may copy straight between its memory and ours, else 0.
-
-        The pid a peer claims is believed only if it shares our host and PID
-        namespace and really holds the other end of this connection.
-        """
-        pid = hello.get("pid", 0)
-        me = self._identity()
-        if not (self._attach and pid and hello.get("host") == me["host"] and hello.get("pidns") == me["pidns"]):
-            return 0
-        return pid if cma.socket_owned_by(conn.sock, pid) else 0
-
     def _on_table(self, conn: _Conn) -> None:
         p = conn.prefix
         assert p is not None and conn.buf is not None
         if not conn.authed:  # no secret is set (else none gets here): a valid frame is proof enough
             self._promote(conn)
         kind = p.kind
-        if kind == P.PULL or kind == P.PUSH:
-            entries = P.parse_entries(p, conn.buf)
-            if len(entries) == 1:  # a lone same-host request, the latency-bound case: no lists
-                statuses = self._attach_one(conn, kind == P.PULL, *entries[0])
-            else:
-                statuses = self._attach_copy(conn, kind, entries)
+        service = self._frame_services.get(kind)
+        if service is not None:  # PULL / PUSH: the same-host target copies, and the reply is the statuses
+            statuses = service.serve(conn.sessions.get(service), kind, P.parse_entries(p, conn.buf))
             conn._reset()
             head = P.encode_response(p.req_id, statuses, 0)
             self._queue(conn, [head], len(head))
             return
+        if kind != P.WRITE and kind != P.READ:
+            raise ProtocolError(f"this target serves no {P.KINDS[kind]} frames")
         entries = P.parse_entries(p, conn.buf)
         write = kind == P.WRITE
         resolved, pinned = self._registry.acquire(entries, write)
@@ -566,57 +583,6 @@ class TcpServer(Reactor):
         if self._stage_pool is None and gpu.available():
             self._stage_pool = StagingPool(_STAGE_BYTES)
         return self._stage_pool
-
-    def _attach_one(self, conn: _Conn, pull: bool, addr: int, length: int, peer_addr: int) -> bytes:
-        """:meth:`_attach_copy` of one entry, without its lists: the status table."""
-        if not conn.attach_pid:
-            return P.STATUS_BYTES[Denied.ATTACH_REFUSED]
-        buf = self._registry.pin_host(addr, length, pull)
-        if isinstance(buf, int):
-            return P.STATUS_BYTES[buf]
-        try:
-            cma.copy(conn.attach_pid, [addr, length], [peer_addr, length], into_local=pull)
-        except OSError as e:
-            return P.STATUS_BYTES[self._attach_failed(conn, e)]
-        finally:
-            self._registry.release([buf])
-        return _SERVED
-
-    @staticmethod
-    def _attach_failed(conn: _Conn, error: OSError) -> int:
-        """The status for entries whose cross-memory copy raised ``error``."""
-        log.info("cross-memory copy with pid %d failed: %s", conn.attach_pid, error)
-        if error.errno in (errno.EPERM, errno.ESRCH, errno.ENOSYS):
-            return Denied.ATTACH_REFUSED
-        return Denied.INITIATOR_FAULT
-
-    def _attach_copy(self, conn: _Conn, kind: int, entries: list[tuple]) -> bytes:
-        """Serve a PULL (peer WRITE) or PUSH (peer READ) with one cross-memory copy; return the statuses."""
-        statuses = bytearray(len(entries))
-        if not conn.attach_pid:
-            return bytes([Denied.ATTACH_REFUSED]) * len(entries)
-        resolved, pinned = self._registry.acquire([(a, n) for a, n, _ in entries], write=kind == P.PULL)
-        try:
-            ours: list[int] = []
-            theirs: list[int] = []
-            moved = []
-            for i, ((addr, length, peer_addr), buf) in enumerate(zip(entries, resolved)):
-                if type(buf) is Buffer and buf.is_host:
-                    ours += (addr, length)
-                    theirs += (peer_addr, length)
-                    moved.append(i)
-                else:
-                    statuses[i] = buf if type(buf) is int else Denied.NOT_HOST_MEMORY
-            if moved:
-                try:
-                    cma.copy(conn.attach_pid, ours, theirs, into_local=kind == P.PULL)
-                except OSError as e:
-                    code = self._attach_failed(conn, e)
-                    for i in moved:
-                        statuses[i] = code
-        finally:
-            self._registry.release(pinned)
-        return bytes(statuses)
 
     def _write_done(self, conn: _Conn) -> None:
         if conn.drain:  # the payload goes on past a refused entry

@@ -11,15 +11,19 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from ... import gpu
 from ...batch import Batch, State
+from ...errors import MoonletError, TransferError
 from ...gpu import GpuError, StagingPool
 from ...memory import Buffer
 from ...segment import Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem, contiguous
+from ..spec import TransportSpec
 from . import protocol as P
 from .client import OutFrame, Peer, Progress, frame_bounds
+from .dial import dial, read_control
 from .server import TcpServer
 
 _WATCHDOG_PERIOD = 0.05
@@ -41,22 +45,24 @@ class TcpTransport(Transport):
 
     name = "tcp"
 
-    def __init__(self, ctx: HostContext, describe: Callable[[], bytes], identity: Callable[[], dict],
-                 on_stale: Callable[[str], None], attach: dict | None = None) -> None:
-        """``attach`` (our pid, host and pidns) enables same-host copies in both directions."""
+    def __init__(self, ctx: HostContext) -> None:
+        """Listen (``config.listen_host``, ``config.port``), serving ``ctx.describe()`` to peers that ask
+        and queueing their notes with ``ctx.on_note``."""
         cfg = ctx.config
         self._cfg = cfg
-        self._on_stale = on_stale
-        self._hello = attach or {}
+        self._on_stale = ctx.on_stale
+        self._on_note = ctx.on_note
+        self._hello: dict[str, Any] = {}  # what our HELLO offers besides our name (greet_with)
         #: called when a peer refused to copy our memory directly (the same-host transport listens)
         self.on_attach_refused: Callable[[Peer], None] = lambda peer: None
         self.security = ctx.security
         #: counters: frames retried on another connection, connections opened
-        self.stats = {"retries": 0, "connects": 0}
-        self.server = TcpServer(ctx.registry, describe, identity, cfg.listen_host, cfg.port, cfg.socket_buffer,
-                                cfg.spin_us, bool(attach), ctx.security, cfg.max_connections, cfg.connect_timeout,
-                                request_timeout=cfg.request_timeout, idle_timeout=cfg.idle_timeout,
-                                max_unauthenticated=cfg.max_unauthenticated)
+        self.counters = {"retries": 0, "connects": 0}
+        self.server = TcpServer(ctx.registry, ctx.describe, ctx.identity, cfg.listen_host, cfg.port,
+                                cfg.socket_buffer, cfg.spin_us, ctx.security, cfg.max_connections,
+                                cfg.connect_timeout, request_timeout=cfg.request_timeout,
+                                idle_timeout=cfg.idle_timeout, max_unauthenticated=cfg.max_unauthenticated)
+        self.server.add_service("notify", self._on_notify)
         self.progress = Progress(cfg.spin_us)
         self.progress.on_tick = self._expire_overdue
         host = cfg.advertise_host or self.server.address[0]
@@ -79,6 +85,38 @@ class TcpTransport(Transport):
     def endpoint(self) -> str:
         return self._endpoint
 
+    def published(self) -> dict[str, str]:
+        # With CUDA here we stage GPU memory through pinned host memory: peers may name our GPU buffers.
+        return {"tcp": self._endpoint, **({"tcp_gpu": self._endpoint} if gpu.available() else {})}
+
+    def greet_with(self, fields: dict[str, Any]) -> None:
+        """Offer ``fields`` in the HELLO of every connection opened from now on (the same-host transport:
+        our pid, host and PID namespace, so a target on this host may copy straight between our memories)."""
+        self._hello.update(fields)
+
+    def stats(self) -> dict[str, int]:
+        return {"tcp_connects": self.counters["connects"], "tcp_retries": self.counters["retries"]}
+
+    def failure(self) -> str | None:
+        return self.server.failure
+
+    def notify(self, peer: SegmentDescriptor, name: str, message: str, timeout: float) -> bool:
+        """A CONNECT to the peer's ``notify`` service on a connection of its own."""
+        endpoint = peer.endpoints.get("tcp")
+        if endpoint is None:
+            return False
+        try:
+            with dial(endpoint, timeout, self.security) as sock:
+                sock.sendall(P.encode_connect({"service": "notify", "name": name, "msg": message}))
+                read_control(sock, P.CONNECT, "notification")
+        except (OSError, MoonletError) as e:
+            raise TransferError(f"notification to {peer.name} not delivered: {e}") from None
+        return True
+
+    def _on_notify(self, body: dict[str, Any]) -> tuple[dict[str, Any], Callable[[], None]]:
+        self._on_note(body.get("name"), body.get("msg"))
+        return {}, _nothing
+
     def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
         # GPU memory is staged through pinned host memory: locally if we have CUDA, remotely if the peer does.
         return ("tcp" in peer.endpoints and (local.is_host or gpu.available())
@@ -98,7 +136,7 @@ class TcpTransport(Transport):
                                                self._cfg.connect_timeout, self._cfg.request_timeout,
                                                self._cfg.socket_buffer, self.progress, self._on_stale,
                                                self._hello, lambda p: self.on_attach_refused(p), self.security,
-                                               self.stats)
+                                               self.counters)
             elif peer.instance != d.instance:
                 peer.instance = d.instance
         return peer
@@ -252,4 +290,10 @@ class TcpTransport(Transport):
             self._stage_pool.close()
 
 
-__all__ = ["TcpTransport"]
+def _nothing() -> None:
+    """The cleanup of a notify connection: nothing to undo."""
+
+
+SPEC = TransportSpec("tcp", TcpTransport, listener=True)
+
+__all__ = ["SPEC", "TcpTransport"]

@@ -90,7 +90,7 @@ def probe() -> tuple[bool, str]:
 
     secret = os.urandom(16)
     buf = ctypes.create_string_buffer(secret, 16)
-    code = ("import sys; from moonlet.transport import cma; import ctypes;"
+    code = ("import sys; from moonlet.transport.shm import cma; import ctypes;"
             "b = ctypes.create_string_buffer(16);"
             "cma.copy(int(sys.argv[1]), [ctypes.addressof(b), 16], [int(sys.argv[2]), 16], True);"
             "print(b.raw.hex())")

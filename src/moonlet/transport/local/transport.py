@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ctypes
 
-from .. import gpu
-from ..batch import Batch, State
-from ..memory import Buffer, Denied, MemoryRegistry
-from ..segment import Segment, SegmentDescriptor
-from .base import Transport, WorkItem
+from ... import gpu
+from ...batch import Batch, State
+from ...memory import Buffer, Denied, MemoryRegistry
+from ...segment import Segment, SegmentDescriptor
+from ..base import HostContext, Transport, WorkItem
+from ..spec import TransportSpec
 
 
 class LocalTransport(Transport):
@@ -48,3 +49,10 @@ class LocalTransport(Transport):
             finally:
                 self._registry.release(pinned)
             batch.part_done(index)
+
+
+def _start(ctx: HostContext) -> LocalTransport:
+    return LocalTransport(ctx.registry, ctx.instance)
+
+
+SPEC = TransportSpec("local", _start)
