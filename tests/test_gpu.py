@@ -262,8 +262,8 @@ def test_read_only_gpu_buffer_is_not_written_through_ipc(peer_factory):
         mem = bytearray(os.urandom(MiB))
         buf = eng.register(mem)
         seg = eng.open_segment(target.name)
-        (entry,) = [b for b in seg.buffers if b["addr"] == target.addr]
-        assert entry["location"] == "cuda:0" and not entry["remote_write"] and "ipc" not in entry
+        (entry,) = [b for b in seg.buffers if b.addr == target.addr]
+        assert entry.location == "cuda:0" and not entry.remote_write and entry.ipc is None
         _edit_buffer(seg, target.addr, remote_write=True)
         before = target.digest(target.addr, MiB)
         st = eng.submit([Request(Op.WRITE, buf.addr, seg, target.addr, MiB)]).wait()[0]

@@ -229,7 +229,8 @@ def test_a_read_payload_for_an_ended_batch_lands_in_scratch():
     """The batch of a READ whose payload is half received ends (as close() ends batches): the rest of the
     payload is drained from the connection into scratch memory, never into the caller's, and the lane
     reads the next reply as usual."""
-    from moonlet.transport.tcp.client import Lane, OutFrame, Peer, Progress
+    from moonlet.transport.tcp.client import Lane, Peer, Progress
+    from moonlet.transport.tcp.frames import OutFrame
 
     progress = Progress(0)
     peer = Peer("fake", "127.0.0.1:1", "fake", 1, 1.0, 1.0, None, progress, lambda name: None, {},

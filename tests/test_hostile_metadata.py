@@ -144,7 +144,7 @@ def test_every_store_hands_hostile_descriptors_to_the_check(store):
             assert field in str(err.value), (case, str(err.value))
         # A good descriptor still opens: the checks refuse only what is wrong.
         planter.publish(name, descriptor(name=name))
-        assert eng.open_segment(name).buffers[0]["addr"] == 1 << 20
+        assert eng.open_segment(name).buffers[0].addr == 1 << 20
 
 
 # == defect 3: a store writer without the secret, and a relay of the AUTH handshake =============================

@@ -26,7 +26,7 @@ def test_engines_find_each_other_by_name(metadata_server, peer_factory):
     with TransferEngine("prefill-0", metadata_server.url) as eng:
         assert eng.name == "prefill-0"
         seg = eng.open_segment("decode-0")
-        assert seg.buffers[0]["addr"] == target.addr
+        assert seg.buffers[0].addr == target.addr
         data = bytearray(os.urandom(4096))
         buf = eng.register(data)
         eng.write(buf.addr, "decode-0", target.addr + 5, 4096)  # a name works as well as a Segment

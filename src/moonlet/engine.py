@@ -28,7 +28,7 @@ from .memory import (
     view_at,
 )
 from .security import Security
-from .segment import Segment, SegmentDescriptor, host_identity, new_instance_id
+from .segment import RemoteBuffer, Segment, SegmentDescriptor, host_identity, new_instance_id
 from .transport import registry
 from .transport.base import HostContext, Transport, WorkItem
 from .transport.shm import cma
@@ -461,7 +461,7 @@ class TransferEngine:
         if held is not None:
             held[1].close()  # the peer restarted
         try:
-            mapping = PeerMapping(d, {"memfd": d.control["memfd"], "addr": d.control["addr"], "length": 8})
+            mapping = PeerMapping(d, d.control["memfd"], d.control["addr"], 8)
         except (OSError, ValueError) as e:
             log.info("cannot watch %s's registrations (%s); stale entries are caught by the peer", seg.name, e)
             seg.watch = None
@@ -525,7 +525,7 @@ class TransferEngine:
         held: list[Buffer] = []  # the distinct local buffers, pinned while the batch runs
         l_lo = l_hi = r_lo = r_hi = 0
         ref_hit: object = _NO_SEGMENT
-        remote: dict[str, Any] | None = None
+        remote: RemoteBuffer | None = None
         items: list[WorkItem] | None = None
         for i, r in enumerate(reqs):
             op, la, ref, ra, n = r
@@ -560,14 +560,14 @@ class TransferEngine:
                     batch.fail(i, f"remote range [{ra:#x}, +{n}) is not inside a registered "
                                   f"buffer of segment {seg.name!r}")
                     continue
-                r_lo, r_hi, items = remote["addr"], remote["_end"], None
+                r_lo, r_hi, items = remote.addr, remote.end, None
             if items is None:
                 items = self._route(batch, groups, routes, local, seg, remote)
                 if items is None:
                     why = "; ".join(f"{t.name}: {w}" for t in self._transports
                                     if (w := t.why_not(local, seg.descriptor, remote)))
                     batch.fail(i, f"no enabled transport ({', '.join(t.name for t in self._transports)}) reaches "
-                                  f"{remote['location']} memory of {seg.name!r} from local "
+                                  f"{remote.location} memory of {seg.name!r} from local "
                                   f"{local.location}" + (f" ({why})" if why else ""))
                     continue
             items.append((i, r, local, remote))
@@ -633,7 +633,7 @@ class TransferEngine:
         self._live.discard(batch)
 
     def _bulk_route(self, seg: Segment, la: list[int], ra: list[int],
-                    ln: list[int]) -> tuple[Transport, Buffer, dict[str, Any]] | None:
+                    ln: list[int]) -> tuple[Transport, Buffer, RemoteBuffer] | None:
         """The transport, local buffer and remote buffer that carry every request of an array submit,
         or None when the requests span several buffers (or are malformed: :meth:`submit` says how)."""
         if len(ln) == 1:
@@ -655,7 +655,7 @@ class TransferEngine:
         t = self._pick(local, seg, remote)
         return None if t is None else (t, local, remote)
 
-    def _pick(self, local: Buffer, seg: Segment, remote: dict[str, Any]) -> Transport | None:
+    def _pick(self, local: Buffer, seg: Segment, remote: RemoteBuffer) -> Transport | None:
         descriptor = seg.descriptor
         for t in self._transports:
             if t.reaches(local, descriptor, remote):
@@ -664,7 +664,7 @@ class TransferEngine:
 
     def _route(self, batch: Batch, groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]],
                routes: dict[tuple[int, int], Transport | None], local: Buffer, seg: Segment,
-               remote: dict[str, Any]) -> list[WorkItem] | None:
+               remote: RemoteBuffer) -> list[WorkItem] | None:
         """The work list of the transport that carries local -> remote, or None if none does."""
         key = (id(local), id(remote))
         if key in routes:

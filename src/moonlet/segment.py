@@ -279,6 +279,36 @@ def _nic(n: object, i: int) -> dict[str, Any]:
             "numa": _int(n.get("numa", -1), ("nics", i, "numa"), -1, 1 << 16)}
 
 
+class RemoteBuffer:
+    """A peer's registered buffer, as its descriptor (checked) describes it: built once per descriptor.
+
+    ``end`` (``addr + length``), ``is_host`` (host memory) are worked out once, for the per-request checks;
+    ``memfd``, ``gpu``, ``ipc``, ``ipc_base`` and ``rkeys`` are None where the peer publishes none.
+    """
+
+    __slots__ = ("addr", "length", "end", "location", "is_host", "remote_read", "remote_write", "memfd", "gpu",
+                 "ipc", "ipc_base", "rkeys")
+
+    def __init__(self, entry: dict[str, Any]) -> None:
+        """``entry``: one of :attr:`SegmentDescriptor.buffers` (as ``from_json`` checked it)."""
+        self.addr: int = entry["addr"]
+        self.length: int = entry["length"]
+        self.end = self.addr + self.length
+        self.location: str = entry["location"]
+        self.is_host = self.location.startswith("cpu:")
+        self.remote_read: bool = entry.get("remote_read", True)
+        self.remote_write: bool = entry.get("remote_write", True)
+        self.memfd: int | None = entry.get("memfd")
+        self.gpu: str | None = entry.get("gpu")
+        self.ipc: str | None = entry.get("ipc")
+        self.ipc_base: int | None = entry.get("ipc_base")
+        self.rkeys: dict[str, list[int]] | None = entry.get("rkeys")
+
+    def __repr__(self) -> str:
+        rights = ("r" if self.remote_read else "-") + ("w" if self.remote_write else "-")
+        return f"RemoteBuffer({self.addr:#x}, {self.length}, {self.location!r}, {rights})"
+
+
 class Segment:
     """A handle on a peer engine, as returned by ``open_segment``.
 
@@ -302,32 +332,30 @@ class Segment:
     def update(self, descriptor: SegmentDescriptor) -> None:
         with self._lock:
             self.descriptor = descriptor
-            # Private keys let the engine test "still inside the last buffer hit" without a lookup.
-            bufs = sorted(({**b, "_seg": self, "_end": b["addr"] + b["length"]} for b in descriptor.buffers),
-                          key=lambda b: b["addr"])
-            self._starts = [b["addr"] for b in bufs]
+            bufs = sorted((RemoteBuffer(b) for b in descriptor.buffers), key=lambda b: b.addr)
+            self._starts = [b.addr for b in bufs]
             self._bufs = bufs
-            self._last: dict[str, Any] | None = None  # the last buffer find() returned
+            self._last: RemoteBuffer | None = None  # the last buffer find() returned
 
-    def find(self, addr: int, length: int) -> dict[str, Any] | None:
+    def find(self, addr: int, length: int) -> RemoteBuffer | None:
         """The cached remote buffer holding ``[addr, addr+length)``, or None."""
         b = self._last  # requests mostly hit the buffer the previous one did
-        if b is not None and b["addr"] <= addr and addr + length <= b["_end"]:
+        if b is not None and b.addr <= addr and addr + length <= b.end:
             return b
         with self._lock:
             i = bisect.bisect_right(self._starts, addr) - 1
             if i < 0:
                 return None
             b = self._bufs[i]
-            if addr + length > b["_end"]:
+            if addr + length > b.end:
                 return None
             self._last = b
             return b
 
     @property
-    def buffers(self) -> list[dict[str, Any]]:
-        """The peer's registered buffers as last seen (addr, length, location, rights)."""
-        return list(self.descriptor.buffers)
+    def buffers(self) -> list[RemoteBuffer]:
+        """The peer's registered buffers as last seen, lowest address first."""
+        return list(self._bufs)
 
     def __repr__(self) -> str:
         d = self.descriptor

@@ -98,7 +98,7 @@ def test_buffers_registered_as_several_regions(peer_factory):
         buf, m = register_random(eng, 16 << 20)
         assert len(buf.share["rkeys"][eng.descriptor().nics[0]["name"]]) == 6
         seg = eng.open_segment(target.name)
-        assert len(seg.buffers[0]["rkeys"][eng.descriptor().nics[0]["name"]]) == 8
+        assert len(seg.buffers[0].rkeys[eng.descriptor().nics[0]["name"]]) == 8
         for _ in range(6):
             n = random.randrange(1, 6 << 20)
             lo, ro = random.randrange(0, (16 << 20) - n), random.randrange(0, (8 << 20) - n)

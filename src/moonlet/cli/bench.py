@@ -236,13 +236,13 @@ def run_row(eng: TransferEngine, seg, local, remote, op: str, block: int, batch:
     """Run one table row: ``threads`` threads each submitting ``batch`` requests of ``block`` bytes."""
     stride = block if adjacent else block * 2  # scattered: never adjacent, so nothing can merge them
     per_thread = stride * batch
-    if row_bytes(block, batch, threads, adjacent) > min(local.length, remote["length"]):
+    if row_bytes(block, batch, threads, adjacent) > min(local.length, remote.length):
         raise MoonletError(f"buffer too small for {threads} x {batch} x {human(block)}; raise --buffer-size")
     kind = Op.WRITE if op == "write" else Op.READ
     reqs_by_thread = []
     for t in range(threads):
         base = t * per_thread
-        reqs_by_thread.append([Request(kind, local.addr + base + j * stride, seg, remote["addr"] + base + j * stride,
+        reqs_by_thread.append([Request(kind, local.addr + base + j * stride, seg, remote.addr + base + j * stride,
                                        block) for j in range(batch)])
     verified = None
     if verify:
@@ -345,10 +345,10 @@ def run_initiator(args: argparse.Namespace, target: str, port: int | None = None
     with _engine(args, port) as eng:
         local = _memory(eng, argparse.Namespace(**{**vars(args), "shared": False}))
         seg = eng.open_segment(target)
-        remote = max(seg.buffers, key=lambda b: b["length"], default=None)
+        remote = max(seg.buffers, key=lambda b: b.length, default=None)
         if remote is None:
             raise MoonletError(f"target {target} has no registered buffer")
-        check_buffer(rows_spec, args.threads, args.adjacent, min(local.length, remote["length"]))
+        check_buffer(rows_spec, args.threads, args.adjacent, min(local.length, remote.length))
         rows: list[Row] = []
         print(f"moonlet bench: initiator {eng.name} -> target {target}, {args.duration:g} s per row, "
               f"{len(rows_spec)} row(s)", file=sys.stderr)

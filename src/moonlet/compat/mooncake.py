@@ -190,7 +190,7 @@ class TransferEngine:
         except MoonletError as e:
             self._fail(f"get_first_buffer_address({segment_name!r}): {e}")
             return 0
-        return min((b["addr"] for b in bufs), default=0)
+        return min((b.addr for b in bufs), default=0)
 
     def read_bytes_from_buffer(self, source_address: int, length: int) -> bytes:
         self._need()  # an initialized engine, as Mooncake requires

@@ -20,12 +20,12 @@ from ..errors import ProtocolError
 from ..memory import Buffer, MemoryRegistry
 from ..metadata.base import MetadataBackend
 from ..security import PLAIN, Security
-from ..segment import Segment, SegmentDescriptor
+from ..segment import RemoteBuffer, Segment, SegmentDescriptor
 
 #: One request as the engine hands it to a transport: (position in the batch, the request,
 #: the registered local buffer holding its local range, the peer's buffer entry holding its
 #: remote range). A plain tuple: it is made per request.
-WorkItem = tuple[int, Request, Buffer, dict[str, Any]]
+WorkItem = tuple[int, Request, Buffer, RemoteBuffer]
 
 
 def contiguous(local_addrs: list[int], remote_addrs: list[int], lengths: list[int]) -> bool:
@@ -74,7 +74,7 @@ class Transport(ABC):
         return None
 
     @abstractmethod
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
         """Whether this transport can carry a request between ``local`` and the peer's ``remote`` buffer."""
 
     @abstractmethod
@@ -108,12 +108,12 @@ class Transport(ABC):
         """Why this transport can no longer serve (its reactor died), or None."""
         return None
 
-    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> str:
+    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> str:
         """Why :meth:`reaches` is False for this pair, when there is more to say than "not this kind"."""
         return ""
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
-                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: RemoteBuffer) -> None:
         """Array form of :meth:`submit`: every range already checked to lie in ``local`` / ``remote``.
 
         Transports with a faster bulk path override this.

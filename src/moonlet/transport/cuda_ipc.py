@@ -33,7 +33,7 @@ from typing import Any
 from .. import gpu
 from ..batch import Batch, State
 from ..memory import Buffer
-from ..segment import Segment, SegmentDescriptor
+from ..segment import RemoteBuffer, Segment, SegmentDescriptor
 from .base import HostContext, Transport, WorkItem
 from .spec import TransportSpec
 
@@ -65,16 +65,15 @@ class CudaIpcTransport(Transport):
             self._ordinals[uuid] = gpu.ordinal_of(uuid)
         return self._ordinals[uuid]
 
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
-        if not ("ipc" in remote and "cuda_ipc" in peer.endpoints and peer.host == self._host
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
+        if not (remote.ipc is not None and "cuda_ipc" in peer.endpoints and peer.host == self._host
                 and peer.pidns == self._pidns and peer.instance != self._instance):
             return False
-        if type(remote["ipc"]) is not str or type(remote.get("ipc_base")) is not int \
-                or type(remote.get("gpu")) is not str:
-            return False  # a malformed descriptor: the TCP path asks the target instead
-        if (peer.instance, remote["ipc"]) in self._failed:
+        if remote.ipc_base is None or remote.gpu is None:
+            return False  # a handle without its base or GPU: the TCP path asks the target instead
+        if (peer.instance, remote.ipc) in self._failed:
             return False
-        return self._ordinal(remote["gpu"]) is not None
+        return self._ordinal(remote.gpu) is not None
 
     def register(self, buf: Buffer) -> None:
         # Host memory that GPU copies may touch is page-locked, so copies are fast and truly async.
@@ -90,28 +89,31 @@ class CudaIpcTransport(Transport):
             self._pinned.discard(buf.addr)
             gpu.unpin_host(buf.addr)
 
-    def _device_for(self, local: Buffer, remote: dict) -> int:
+    def _device_for(self, local: Buffer, remote: RemoteBuffer) -> int:
         """Run the copy on the local GPU when there is one (it then reads/writes its peer over NVLink)."""
         if not local.is_host:
             return int(local.location.split(":")[1])
-        ordinal = self._ordinal(remote["gpu"])
+        assert remote.gpu is not None  # reaches() said so
+        ordinal = self._ordinal(remote.gpu)
         assert ordinal is not None
         return ordinal
 
-    def _open(self, peer: SegmentDescriptor, remote: dict, device: int) -> int:
+    def _open(self, peer: SegmentDescriptor, remote: RemoteBuffer, device: int) -> int:
         """The offset from the peer's addresses of ``remote`` to this process's mapping of them; raise
         GpuError if the handle does not open, or if ``remote`` is not inside the allocation it maps."""
-        key = (peer.instance, remote["ipc"], device)
+        handle, handle_base = remote.ipc, remote.ipc_base
+        assert handle is not None and handle_base is not None  # reaches() said so
+        key = (peer.instance, handle, device)
         with self._lock:
             opened = self._opened.get(key)
             if opened is None:
-                opened = self._opened[key] = _open_handle(remote["ipc"], device)
+                opened = self._opened[key] = _open_handle(handle, device)
         base, size = opened
-        start = remote["addr"] - remote["ipc_base"]
-        if start < 0 or start + remote["length"] > size:
-            raise gpu.GpuError(f"the descriptor puts buffer [{remote['addr']:#x}, +{remote['length']}) outside "
-                               f"the {size}-byte allocation its handle maps at {remote['ipc_base']:#x}")
-        return base - remote["ipc_base"]
+        start = remote.addr - handle_base
+        if start < 0 or start + remote.length > size:
+            raise gpu.GpuError(f"the descriptor puts buffer [{remote.addr:#x}, +{remote.length}) outside "
+                               f"the {size}-byte allocation its handle maps at {handle_base:#x}")
+        return base - handle_base
 
     def _stream(self, device: int) -> gpu.Stream:
         with self._lock:
@@ -126,7 +128,7 @@ class CudaIpcTransport(Transport):
         by_device: dict[int, tuple[list, list]] = {}
         device_only: dict[int, bool] = {}
         for index, req, local, remote in items:
-            if not (remote["remote_write"] if req.op else remote["remote_read"]):
+            if not (remote.remote_write if req.op else remote.remote_read):
                 batch.part_done(index, State.FAILED, f"{peer.name} does not allow this access to "
                                                      f"[{req.remote_addr:#x}, +{req.length})")
                 continue
@@ -134,7 +136,7 @@ class CudaIpcTransport(Transport):
             try:
                 there = req.remote_addr + self._open(peer, remote, device)
             except gpu.GpuError as e:
-                self._failed[(peer.instance, remote["ipc"])] = str(e)
+                self._failed[(peer.instance, str(remote.ipc))] = str(e)
                 log.warning("CUDA IPC to %s unusable (%s); later requests use TCP", peer.name, e)
                 batch.part_done(index, State.FAILED, f"CUDA IPC to {peer.name}: {e}")
                 continue
@@ -156,14 +158,14 @@ class CudaIpcTransport(Transport):
                 self._pending.setdefault(id(batch), []).extend(events)
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
-                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: RemoteBuffer) -> None:
         peer = segment.descriptor
         batch.add_parts_all(self.name)
         everyone = list(range(len(lengths)))
-        if not (remote["remote_write"] if op else remote["remote_read"]):
+        if not (remote.remote_write if op else remote.remote_read):
             for index in everyone:
                 batch.part_done(index, State.FAILED, f"{peer.name} does not allow this access to its buffer "
-                                                     f"[{remote['addr']:#x}, +{remote['length']})")
+                                                     f"[{remote.addr:#x}, +{remote.length})")
             return
         device = self._device_for(local, remote)
         try:

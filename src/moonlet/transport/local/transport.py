@@ -7,7 +7,7 @@ import ctypes
 from ... import gpu
 from ...batch import Batch, State
 from ...memory import Buffer, Denied, MemoryRegistry
-from ...segment import Segment, SegmentDescriptor
+from ...segment import RemoteBuffer, Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from ..spec import TransportSpec
 
@@ -20,10 +20,10 @@ class LocalTransport(Transport):
         self._instance = instance
         self._streams: dict[int, gpu.Stream] = {}
 
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
         if peer.instance != self._instance:
             return False
-        return (local.is_host and remote["location"].startswith("cpu:")) or gpu.available()
+        return (local.is_host and remote.is_host) or gpu.available()
 
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
         batch.add_parts([(index, 1) for index, *_ in items], self.name)

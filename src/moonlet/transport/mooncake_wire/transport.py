@@ -23,7 +23,7 @@ from ...errors import MoonletError, ProtocolError, TransferError
 from ...memory import Buffer, MemoryRegistry
 from ...metadata.base import MetadataBackend
 from ...metadata.mooncake_keys import MooncakeMetadata, exchange
-from ...segment import Segment, SegmentDescriptor
+from ...segment import RemoteBuffer, Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from ..spec import TransportSpec
 from ..tcp.dial import split_endpoint
@@ -223,11 +223,11 @@ class MooncakeTcpTransport(Transport):
         return MooncakeMetadata(meta, self._metadata_timeout, self.server.descriptor,
                                 lambda: MP.rpc_meta(*self._rpc))
 
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
         return "mooncake_tcp" in peer.endpoints and "tcp" not in peer.endpoints and local.is_host \
-            and remote["location"].startswith("cpu")
+            and remote.is_host
 
-    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> str:
+    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> str:
         protocol = peer.endpoints.get("mooncake")
         if protocol is not None and protocol != "tcp":
             return f"the Mooncake peer publishes protocol {protocol!r}; moonlet speaks Mooncake's 'tcp' only"

@@ -40,11 +40,11 @@ from ...batch import Batch, State
 from ...errors import ProtocolError, TransferError
 from ...memory import Buffer, Denied
 from ...security import Security
-from ...segment import Segment, SegmentDescriptor
+from ...segment import RemoteBuffer, Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem
 from ..spec import TransportSpec
+from ..tcp import frames
 from ..tcp import protocol as P
-from ..tcp.client import OutFrame
 from ..tcp.dial import dial, read_control
 from ..tcp.transport import TcpTransport
 from . import gpudirect, verbs
@@ -579,14 +579,14 @@ class RdmaTransport(Transport):
 
     # -- initiator side ------------------------------------------------------------------
 
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
-        return (bool(peer.nics) and "rdma" in peer.endpoints and bool(remote.get("rkeys"))
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
+        return (bool(peer.nics) and "rdma" in peer.endpoints and bool(remote.rkeys)
                 and peer.instance != self._instance and any(local.addr in d.mrs for d in self._devices.values()))
 
-    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> str:
+    def why_not(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> str:
         if local.addr in self._unregistered and not any(local.addr in d.mrs for d in self._devices.values()):
             return f"local buffer not registered with a NIC: {self._unregistered[local.addr]}"
-        if peer.nics and not remote.get("rkeys"):
+        if peer.nics and not remote.rkeys:
             return f"{peer.name} registered that buffer with none of its NICs"
         return ""
 
@@ -612,7 +612,7 @@ class RdmaTransport(Transport):
         why = ""
         for item in items:
             index, req, local, remote = item
-            if not (remote["remote_write"] if req.op else remote["remote_read"]):
+            if not (remote.remote_write if req.op else remote.remote_read):
                 batch.fail(index, f"{segment.name} refused [{req.remote_addr:#x}, +{req.length}): "
                                   f"{Denied.REASONS[Denied.NO_PERMISSION]}")
                 continue
@@ -635,8 +635,8 @@ class RdmaTransport(Transport):
                     (batch, index, op, la, lkeys[0], ra, rkeys[0], n, 1, origin))
                 counts.append((index, 1))
                 continue
-            lspan, rspan = span(local.length, len(lkeys)), span(remote["length"], len(rkeys))
-            lo, ro = la - local.addr, ra - remote["addr"]
+            lspan, rspan = span(local.length, len(lkeys)), span(remote.length, len(rkeys))
+            lo, ro = la - local.addr, ra - remote.addr
             off = k = 0
             while off < n:
                 size = min(step, n - off, lspan - (lo + off) % lspan, rspan - (ro + off) % rspan)
@@ -657,13 +657,14 @@ class RdmaTransport(Transport):
         if fallback:
             self._fall_back(segment, batch, fallback, why)
 
-    def _route(self, segment: Segment, local: Buffer, remote: dict, nics: dict) -> list | str:
+    def _route(self, segment: Segment, local: Buffer, remote: RemoteBuffer, nics: dict) -> list | str:
         """(endpoint, lkeys, rkeys) per stripe for local -> remote, or why no QP can be set up.
 
         The best tier of NICs for the local memory is striped over; when none
         of its NICs can reach the peer, the next tier is tried.
         """
-        rnames = [n for n in remote["rkeys"] if n in nics]
+        rkeys = remote.rkeys or {}
+        rnames = [n for n in rkeys if n in nics]
         if not rnames:
             return f"{segment.name} registered this buffer with no NIC it publishes"
         why = f"no local NIC holds a memory region for {local.location} memory at {local.addr:#x}"
@@ -678,7 +679,7 @@ class RdmaTransport(Transport):
                     log.warning("RDMA to %s via %s unavailable: %s", segment.name, dev.nic.name, e)
                     why = str(e)
                     continue
-                out.append((ep, [mr.lkey for mr in dev.mrs[local.addr]], remote["rkeys"][rname]))
+                out.append((ep, [mr.lkey for mr in dev.mrs[local.addr]], rkeys[rname]))
             if out:
                 return out
         return why
@@ -693,14 +694,14 @@ class RdmaTransport(Transport):
         if tcp is None:
             return slices
         left: list[Slice] = []
-        frames: dict[tuple[int, int], list] = {}
+        groups: dict[tuple[int, int], list] = {}
         for s in slices:
             seg, local, remote = s[9]
             if not local.is_host or not tcp.reaches(local, seg.descriptor, remote):
                 left.append(s)
                 continue
-            frames.setdefault((id(seg), s[2]), [seg, []])[1].append(s)
-        for (_, op), (seg, group) in frames.items():
+            groups.setdefault((id(seg), s[2]), [seg, []])[1].append(s)
+        for (_, op), (seg, group) in groups.items():
             batch_parts: dict[int, list] = {}
             for s in group:
                 batch_parts.setdefault(id(s[0]), []).append(s)
@@ -709,10 +710,9 @@ class RdmaTransport(Transport):
                 batch = parts[0][0]
                 batch.set_transport([s[1] for s in parts], tcp.name)
                 batch.add_driver(tcp.drive)  # Batch.wait picks up drivers added while it waits
-                table = [x for s in parts for x in (s[5], s[7])]
                 views = [s[9][1].view(s[3], s[7]) for s in parts]
-                peer.send(OutFrame(P.WRITE if op else P.READ, table, views, [s[1] for s in parts], batch,
-                                   sum(s[7] for s in parts)))
+                peer.send(frames.ranges(P.WRITE if op else P.READ, [s[5] for s in parts], [s[7] for s in parts],
+                                        views, [s[1] for s in parts], batch))
         return left
 
     def _fall_back(self, segment: Segment, batch: Batch, items: list[WorkItem], why: str) -> None:

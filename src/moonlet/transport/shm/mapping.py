@@ -20,9 +20,10 @@ class PeerMapping:
     not, the kernel would refuse a writable mapping anyway: the memfd is sealed).
     """
 
-    def __init__(self, peer: SegmentDescriptor, remote: dict) -> None:
-        size = SharedMemory.CONTROL + remote["length"]
-        number = remote["memfd"]
+    def __init__(self, peer: SegmentDescriptor, number: object, addr: int, length: int) -> None:
+        """Map the peer's memfd ``number`` (from its descriptor: checked here) holding its buffer ``addr``
+        of ``length`` bytes."""
+        size = SharedMemory.CONTROL + length
         if type(number) is not int or number < 0:  # a string could name any file: "../../../tmp/x"
             raise ValueError(f"memfd must be a file descriptor number, got {number!r}")
         path = f"/proc/{peer.pid}/fd/{number}"
@@ -31,7 +32,7 @@ class PeerMapping:
         try:
             st = _check_file(os.fstat(fd), size)
             readable, self.writable = SharedMemory.rights(os.pread(fd, SharedMemory.HEADER, 0), peer.instance,
-                                                          remote["addr"])
+                                                          addr)
             if not readable:
                 raise ValueError("the peer does not let peers read this buffer")
             if self.writable:

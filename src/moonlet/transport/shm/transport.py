@@ -36,11 +36,12 @@ import os
 
 from ...batch import Batch, State
 from ...memory import Buffer, Denied, MemoryRegistry
-from ...segment import Segment, SegmentDescriptor
+from ...segment import RemoteBuffer, Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem, contiguous
 from ..spec import TransportSpec
+from ..tcp import frames
 from ..tcp import protocol as P
-from ..tcp.client import OutFrame, Peer, Pin, frame_bounds
+from ..tcp.client import Peer
 from ..tcp.transport import TcpTransport
 from . import cma
 from .mapping import PeerMapping
@@ -67,10 +68,10 @@ class SameHostTransport(Transport):
     def endpoint(self) -> str:
         return self._tcp.endpoint()
 
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
         return ("shm" in peer.endpoints and "tcp" in peer.endpoints and peer.host == self._host
                 and peer.pidns == self._pidns and peer.pid != self._pid
-                and local.is_host and remote["location"].startswith("cpu:")
+                and local.is_host and remote.is_host
                 and (peer.name, peer.instance) not in self._refused)
 
     def _note_refused(self, peer: Peer) -> None:
@@ -86,46 +87,25 @@ class SameHostTransport(Transport):
         if not attach:
             return
         peer = self._tcp.peer(segment)
-        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
-        registry = self._registry
-        for kind in (P.PUSH, P.PULL):
-            table: list[int] = []
-            views: list = []
-            refs: list = []
-            bufs: list[Buffer] = []  # the frame's distinct local buffers (mostly one)
-            last = None
-            nbytes = 0
-            for index, req, local, _ in attach:
-                if (P.PULL if req.op else P.PUSH) != kind:
-                    continue
-                table += (req.remote_addr, req.length, req.local_addr)
-                views.append(local.view(req.local_addr, req.length))  # kept for a TCP fallback
-                refs.append(index)
-                nbytes += req.length
-                if local is not last:
-                    last = local
-                    if local not in bufs:
-                        bufs.append(local)
-                if nbytes >= max_bytes or len(refs) >= max_entries:  # no socket to pipeline: big frames
-                    peer.send(OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs)))
-                    table, views, refs, bufs, last, nbytes = [], [], [], [], None, 0
-            if refs:
-                peer.send(OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs)))
+        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries  # no socket
+        for kind in (P.PUSH, P.PULL):  # to pipeline: big frames
+            for frame in frames.attach_requests(kind, attach, batch, self._registry, max_bytes, max_entries):
+                peer.send(frame)
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
-                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: RemoteBuffer) -> None:
         peer = segment.descriptor
-        mapped = self._mapping(peer, remote) if "memfd" in remote else None
+        mapped = self._mapping(peer, remote) if remote.memfd is not None else None
         if mapped is None:
             self._attach_many(segment, batch, op, local_addrs, remote_addrs, lengths, local)
             return
         batch.add_parts_all(self.name)
         if op and not mapped.writable:  # the owner's word, not the descriptor's
-            why = _refusal(peer, remote["addr"], remote["length"])
+            why = _refusal(peer, remote.addr, remote.length)
             for index in range(len(lengths)):
                 batch.part_done(index, State.FAILED, why)
             return
-        data, view, base = mapped.data, local.view, remote["addr"]
+        data, view, base = mapped.data, local.view, remote.addr
         everyone = range(len(lengths))
         if len(lengths) > 1 and contiguous(local_addrs, remote_addrs, lengths):  # one range: one copy
             local_addrs, remote_addrs, lengths = local_addrs[:1], remote_addrs[:1], [sum(lengths)]
@@ -138,9 +118,9 @@ class SameHostTransport(Transport):
         if mapped.alive():
             batch.parts_completed(everyone)
             return
-        self._unmap((peer.instance, base, remote["length"]))
+        self._unmap((peer.instance, base, remote.length))
         for index in everyone:
-            batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{base:#x}, +{remote['length']}) "
+            batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{base:#x}, +{remote.length}) "
                                                  f"during the transfer")
 
     def _attach_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
@@ -150,27 +130,15 @@ class SameHostTransport(Transport):
         peer = self._tcp.peer(segment)
         kind = P.PULL if op else P.PUSH
         batch.add_parts_all(self.name)
-        view = local.view
-        count = len(lengths)
-        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
-        if count == 1 or (count <= max_entries and contiguous(local_addrs, remote_addrs, lengths)
-                          and sum(lengths) <= max_bytes):  # one range (a lone request, or adjacent ones): one entry
-            n = sum(lengths)
-            peer.send(OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(count),
-                               batch, n, None if count == 1 else [count], Pin(self._registry, [local])))
-            return
-        for start, end, nbytes in frame_bounds(lengths, max_bytes, max_entries):
-            table = [0] * (3 * (end - start))
-            table[0::3], table[1::3], table[2::3] = remote_addrs[start:end], lengths[start:end], local_addrs[start:end]
-            # The views are kept for a TCP fallback, should the target refuse to attach.
-            views = [view(a, m) for a, m in zip(local_addrs[start:end], lengths[start:end])]
-            peer.send(OutFrame(kind, table, views, range(start, end), batch, nbytes,
-                               pin=Pin(self._registry, [local])))
+        cfg = self._tcp.config
+        for frame in frames.attach_arrays(kind, local_addrs, remote_addrs, lengths, local, batch, self._registry,
+                                          cfg.frame_bytes * 64, cfg.frame_entries):
+            peer.send(frame)
 
     def _copy_mapped(self, peer: SegmentDescriptor, batch: Batch, item: WorkItem) -> bool:
         """Serve ``item`` by memcpy through a mapping of the peer's buffer; False if it has none."""
         index, req, local, remote = item
-        if "memfd" not in remote:
+        if remote.memfd is None:
             return False
         mapped = self._mapping(peer, remote)
         if mapped is None:
@@ -178,7 +146,7 @@ class SameHostTransport(Transport):
         if req.op and not mapped.writable:  # the owner's word, not the descriptor's
             batch.part_done(index, State.FAILED, _refusal(peer, req.remote_addr, req.length))
             return True
-        off = req.remote_addr - remote["addr"]
+        off = req.remote_addr - remote.addr
         if req.op:
             mapped.data[off:off + req.length] = local.view(req.local_addr, req.length)
         else:
@@ -186,13 +154,13 @@ class SameHostTransport(Transport):
         if mapped.alive():
             batch.part_done(index)
         else:
-            self._unmap((peer.instance, remote["addr"], remote["length"]))
-            batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{remote['addr']:#x}, "
-                                                 f"+{remote['length']}) during the transfer")
+            self._unmap((peer.instance, remote.addr, remote.length))
+            batch.part_done(index, State.FAILED, f"{peer.name} unregistered [{remote.addr:#x}, "
+                                                 f"+{remote.length}) during the transfer")
         return True
 
-    def _mapping(self, peer: SegmentDescriptor, remote: dict) -> PeerMapping | None:
-        key = (peer.instance, remote["addr"], remote["length"])
+    def _mapping(self, peer: SegmentDescriptor, remote: RemoteBuffer) -> PeerMapping | None:
+        key = (peer.instance, remote.addr, remote.length)
         mapped = self._maps.get(key)
         if mapped is not None and mapped.alive():
             return mapped
@@ -201,10 +169,10 @@ class SameHostTransport(Transport):
         if key in self._unmappable:
             return None
         try:
-            mapped = self._maps[key] = PeerMapping(peer, remote)
+            mapped = self._maps[key] = PeerMapping(peer, remote.memfd, remote.addr, remote.length)
         except (OSError, ValueError) as e:
             self._unmappable.add(key)
-            log.info("cannot map buffer %#x of %s (%s); the target will copy instead", remote["addr"], peer.name, e)
+            log.info("cannot map buffer %#x of %s (%s); the target will copy instead", remote.addr, peer.name, e)
             return None
         return mapped
 

@@ -31,7 +31,6 @@ writes into memory that was handed back.  An answered frame costs nothing.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import select
@@ -39,23 +38,23 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable
 
 from ...batch import Batch, State
 from ...errors import ProtocolError, SegmentError
-from ...gpu import GpuError, Stage
-from ...memory import Buffer, Denied, MemoryRegistry
+from ...gpu import GpuError
+from ...memory import Denied
 from ...security import PLAIN, Security
+from . import frames
 from . import protocol as P
 from .dial import dial, read_control
+from .frames import OutFrame, Pin
 from .server import tune_socket
 from .sockio import recv_exact, recv_some, recv_some_into, send_all, wake_later
 
 log = logging.getLogger("moonlet.tcp")
 
 MAX_ATTEMPTS = 2
-_req_ids = itertools.count(1)
 _CHECK_PERIOD = 0.02
 _HEAD = P.PREFIX_SIZE + P.MIN_INITIATOR_TAIL  # read with the prefix: the first status byte
 _GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
@@ -76,58 +75,6 @@ def fetch_descriptor(endpoint: str, timeout: float, security: Security = PLAIN) 
     with dial(endpoint, timeout, security) as sock:
         sock.sendall(P.encode_get_desc())
         return read_control(sock, P.DESC, "GET_DESC")
-
-
-class Pin(NamedTuple):
-    """The local buffers of ``registry`` an attach frame's target copies into or out of. Each lane that
-    dies with the frame unanswered pins them (:meth:`take`, while the frame's batch still pins them too)
-    and unpins them once (:meth:`release`) when it settles; see the module docstring."""
-
-    registry: MemoryRegistry
-    bufs: list[Buffer]
-
-    def take(self) -> None:
-        self.registry.pin_more(self.bufs)
-
-    def release(self) -> None:
-        self.registry.release(self.bufs)
-
-
-class OutFrame:
-    """One WRITE or READ frame (or PULL/PUSH: attach frames): several requests (or slices) bound for one peer."""
-
-    __slots__ = ("kind", "req_id", "table", "views", "refs", "spans", "batch", "nbytes", "attempts", "stage",
-                 "staged_at", "pin")
-
-    def __init__(self, kind: int, table: list[int], views: list, refs: Sequence[int], batch: Batch,
-                 nbytes: int, spans: list[int] | None = None, pin: Pin | None = None) -> None:
-        """``refs``: the batch indices of the requests carried, in entry order. ``spans``: how many of
-        them each entry carries, when entries merge adjacent requests (None: one each). ``pin``: an
-        attach frame's local buffers, for a lane that dies with it unanswered to hold (:meth:`Lane._keep`)."""
-        self.kind = kind
-        self.req_id = next(_req_ids)
-        self.table = table  # flat [remote addr, length, ...], one pair per entry
-        self.views = views
-        self.refs = refs
-        self.spans = spans
-        self.batch = batch
-        self.nbytes = nbytes
-        self.attempts = 1
-        self.stage: Stage | None = None  # when some local ranges are GPU memory
-        self.staged_at: list[int] = []  # which entries the stage carries
-        self.pin = pin
-
-
-def frame_bounds(lengths: list[int], max_bytes: int, max_entries: int) -> Iterator[tuple[int, int, int]]:
-    """Cut requests of ``lengths`` into frames of at most ``max_entries`` requests, each closed once it
-    reaches ``max_bytes``: ``(start, end, nbytes)`` per frame, requests ``start:end``."""
-    start = nbytes = 0
-    count = len(lengths)
-    for i, n in enumerate(lengths):
-        nbytes += n
-        if nbytes >= max_bytes or i + 1 - start >= max_entries or i + 1 == count:
-            yield start, i + 1, nbytes
-            start, nbytes = i + 1, 0
 
 
 class Lane:
@@ -706,16 +653,9 @@ class Peer:
         """The target may not copy our memory directly: carry these entries of a PULL/PUSH frame (each with
         the batch indices of its requests) over TCP."""
         self.on_refused(self)
-        table = frame.table
-        flat: list[int] = []
-        refs: list[int] = []
-        for k, mine in entries:
-            flat += (table[3 * k], table[3 * k + 1])
-            refs += mine
-        frame.batch.set_transport(refs, "tcp")
-        self.send(OutFrame(P.WRITE if frame.kind == P.PULL else P.READ, flat, [frame.views[k] for k, _ in entries],
-                           refs, frame.batch, sum(flat[1::2]),
-                           None if frame.spans is None else [len(mine) for _, mine in entries]))
+        tcp = frames.without_attach(frame, entries)
+        frame.batch.set_transport(list(tcp.refs), "tcp")
+        self.send(tcp)
 
     def fail_frame(self, frame: OutFrame, reason: str) -> None:
         """A frame's lane died: retry it once on another lane unless its deadline passed (or its batch

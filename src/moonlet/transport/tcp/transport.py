@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 from ... import gpu
@@ -18,26 +18,18 @@ from ...batch import Batch, State
 from ...errors import MoonletError, TransferError
 from ...gpu import GpuError, StagingPool
 from ...memory import Buffer
-from ...segment import Segment, SegmentDescriptor
-from ..base import HostContext, Transport, WorkItem, contiguous
+from ...segment import RemoteBuffer, Segment, SegmentDescriptor
+from ..base import HostContext, Transport, WorkItem
 from ..spec import TransportSpec
+from . import frames
 from . import protocol as P
-from .client import OutFrame, Peer, Progress, frame_bounds
+from .client import Peer, Progress
 from .dial import dial, read_control
+from .frames import OutFrame
 from .server import TcpServer
 
 _WATCHDOG_PERIOD = 0.05
 _STAGE_BYTES = 256 << 20  # pinned staging for local GPU memory sent or received over TCP
-
-
-def _flat(addrs: list[int], lengths: list[int]) -> list[int]:
-    """``[addrs[0], lengths[0], addrs[1], ...]``: a WRITE/READ frame's table."""
-    if len(addrs) == 1:
-        return [addrs[0], lengths[0]]
-    table = [0] * (2 * len(addrs))
-    table[0::2] = addrs
-    table[1::2] = lengths
-    return table
 
 
 class TcpTransport(Transport):
@@ -117,10 +109,10 @@ class TcpTransport(Transport):
         self._on_note(body.get("name"), body.get("msg"))
         return {}, _nothing
 
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
         # GPU memory is staged through pinned host memory: locally if we have CUDA, remotely if the peer does.
         return ("tcp" in peer.endpoints and (local.is_host or gpu.available())
-                and (remote["location"].startswith("cpu:") or "tcp_gpu" in peer.endpoints))
+                and (remote.is_host or "tcp_gpu" in peer.endpoints))
 
     def peer(self, segment: Segment) -> Peer:
         """The connection pool to ``segment`` (shared with the same-host transport)."""
@@ -149,34 +141,8 @@ class TcpTransport(Transport):
         batch.add_parts([(index, -(-req.length // slice_size)) for index, req, *_ in items], self.name)
         lag: list = []  # a staged WRITE frame whose GPU copy is in flight
         for kind in (P.READ, P.WRITE):
-            table: list[int] = []  # addr, length, addr, length, ...
-            views: list = []
-            refs: list = []
-            staged: list[tuple[int, int, int]] = []  # GPU ranges of this frame (local GPU memory)
-            nbytes = 0
-            for index, req, local, _ in items:
-                if (P.WRITE if req.op else P.READ) != kind:
-                    continue
-                length = req.length
-                if length <= slice_size:
-                    pieces: Iterable = ((req.remote_addr, req.local_addr, length),)
-                else:
-                    pieces = [(req.remote_addr + off, req.local_addr + off, min(slice_size, length - off))
-                              for off in range(0, length, slice_size)]
-                for remote_addr, local_addr, n in pieces:
-                    table += (remote_addr, n)
-                    if local.is_host:
-                        views.append(local.view(local_addr, n))
-                    else:
-                        views.append(len(staged))  # an index into the stage, replaced in _send
-                        staged.append((local_addr, n, int(local.location.split(":")[1])))
-                    refs.append(index)
-                    nbytes += n
-                    if nbytes >= max_bytes or len(refs) >= max_entries:
-                        self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged, lag)
-                        table, views, refs, staged, nbytes = [], [], [], [], 0
-            if refs:
-                self._send(peer, OutFrame(kind, table, views, refs, batch, nbytes), staged, lag)
+            for frame, staged in frames.requests(kind, items, batch, slice_size, max_bytes, max_entries):
+                self._send(peer, frame, staged, lag)
         self._flush_lag(peer, lag)
 
     def _send(self, peer: Peer, frame: OutFrame, staged: list[tuple[int, int, int]], lag: list) -> None:
@@ -228,7 +194,7 @@ class TcpTransport(Transport):
             frame.batch.part_done(index, State.FAILED, f"copying GPU memory to the host failed: {error}")
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
-                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: dict) -> None:
+                    remote_addrs: list[int], lengths: list[int], local: Buffer, remote: RemoteBuffer) -> None:
         cfg = self._cfg
         count = len(lengths)
         if count == 1:  # a lone request, the latency-bound case: no per-entry passes
@@ -241,20 +207,9 @@ class TcpTransport(Transport):
         peer = self.peer(segment)
         kind = P.WRITE if op else P.READ
         batch.add_parts_all(self.name)
-        view = local.view
-        max_bytes, max_entries = cfg.frame_bytes, cfg.frame_entries
-        if total <= max_bytes and count <= max_entries:  # the usual case: the whole batch is one frame
-            if count == 1 or contiguous(local_addrs, remote_addrs, lengths):  # one range: one entry
-                peer.send(OutFrame(kind, [remote_addrs[0], total], [view(local_addrs[0], total)], range(count),
-                                   batch, total, None if count == 1 else [count]))
-                return
-            peer.send(OutFrame(kind, _flat(remote_addrs, lengths), [view(a, n) for a, n in zip(local_addrs, lengths)],
-                               range(count), batch, total))
-            return
-        views = [view(a, n) for a, n in zip(local_addrs, lengths)]
-        for start, end, nbytes in frame_bounds(lengths, max_bytes, max_entries):
-            peer.send(OutFrame(kind, _flat(remote_addrs[start:end], lengths[start:end]), views[start:end],
-                               range(start, end), batch, nbytes))
+        for frame in frames.arrays(kind, local_addrs, remote_addrs, lengths, local.view, batch, total,
+                                   cfg.frame_bytes, cfg.frame_entries):
+            peer.send(frame)
 
     def drive(self, batch: Batch, block: bool) -> None:
         self.progress.wait(batch, block)
