@@ -2,11 +2,12 @@
 # A/B of the loopback benchmarks between an older moonlet source tree and this checkout, interleaved in
 # rounds so that a machine's drift touches both sides alike:
 #   scripts/ab-bench.sh OLD_SRC [ROUNDS]      (OLD_SRC: a copy of an older checkout's src/)
-# Writes ${OUT:-docs/results}/ab-<date>-{old,new}-{tcp,same-host}-<round>.json and prints each run's table.
+# Writes ${OUT:-docs/results}/ab-<tag>-{old,new}-{tcp,same-host}-<round>.json (tag: $TAG, else the date) and
+# prints each run's table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 old=$(readlink -f "$1"); rounds=${2:-2}
-out="${OUT:-docs/results}"; mkdir -p "$out"; day=$(date +%Y-%m-%d)
+out="${OUT:-docs/results}"; mkdir -p "$out"; day=${TAG:-$(date +%Y-%m-%d)}
 export PYTHONUNBUFFERED=1
 for r in $(seq 1 "$rounds"); do
   for side in old new; do

@@ -320,9 +320,7 @@ def drain(sock: socket.socket, timeout: float = SOCKET_TIMEOUT) -> bytes:
 
 def check_replies(data: bytes) -> None:
     """Whatever a target answered must be well-formed moonlet frames (a cut-off tail aside)."""
-    parser = P.FrameParser()
-    parser.feed(data)
-    for ev in parser.events():
+    for ev in P.FrameReader(initiator=True, control=True).feed(data):
         if isinstance(ev, P.Frame) and ev.kind == P.ERROR:
             ev.body.decode()  # a clear error: UTF-8 text
 

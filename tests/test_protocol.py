@@ -12,36 +12,58 @@ from moonlet import ProtocolError
 from moonlet.transport.tcp import protocol as P
 
 
-def parse_all(data: bytes, step: int) -> list:
-    parser = P.FrameParser()
+def parse_all(data: bytes, step: int, initiator: bool = False, fast: bool = True) -> list:
+    """Feed ``data`` in pieces of ``step`` bytes to the reader a target (or an initiator) serves with."""
+    reader = P.FrameReader(initiator)
+    reader.fast = fast
     out = []
     for i in range(0, len(data), step):
-        parser.feed(data[i:i + step])
-        out.extend(parser.events())
+        out.extend(reader.feed(data[i:i + step]))
     return out
 
 
-def stream() -> tuple[bytes, list]:
+def target_stream() -> tuple[bytes, list]:
     entries = [(0x1000, 3), (0x2000, 5)]
     payload = b"abc" + b"defgh"
     data = (P.encode_hello("peer") + P.encode_request(P.WRITE, 7, entries) + payload
-            + P.encode_request(P.READ, 8, [(0x3000, 10)]) + P.encode_response(7, b"\x00\x02", 0)
-            + P.encode_response(8, b"\x00", 4) + b"wxyz" + P.encode_get_desc())
+            + P.encode_request(P.READ, 8, [(0x3000, 10)]) + P.encode_request(P.WRITE, 9, [(0x4000, 2)]) + b"yz"
+            + P.encode_request_flat(P.PULL, 10, [0x5000, 4, 0x6000]) + P.encode_get_desc())
     return data, entries
 
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("step", [1, 2, 3, 5, 24, 1000])
-def test_stream_parses_identically_at_every_split(step):
-    data, entries = stream()
-    events = parse_all(data, step)
+def test_requests_parse_identically_at_every_split(step, fast):
+    data, entries = target_stream()
+    events = parse_all(data, step, fast=fast)
     frames = [e for e in events if isinstance(e, P.Frame)]
     payload = b"".join(e.data for e in events if isinstance(e, P.Payload))
-    assert [f.kind for f in frames] == [P.HELLO, P.WRITE, P.READ, P.RESP, P.RESP, P.GET_DESC]
+    assert [f.kind for f in frames] == [P.HELLO, P.WRITE, P.READ, P.WRITE, P.PULL, P.GET_DESC]
     assert P.decode_hello(frames[0].body) == {"name": "peer"}
     assert frames[1].entries == entries and frames[1].req_id == 7 and frames[1].payload_len == 8
-    assert frames[2].entries == [(0x3000, 10)] and frames[2].payload_len == 0
-    assert frames[3].statuses == b"\x00\x02"
-    assert payload == b"abcdefgh" + b"wxyz"
+    assert frames[2].entries == [(0x3000, 10)] and frames[2].payload_len == 0  # the one-entry fast lane ...
+    assert frames[3].entries == [(0x4000, 2)] and frames[3].payload_len == 2 and frames[3].req_id == 9  # ... agrees
+    assert frames[4].entries == [(0x5000, 4, 0x6000)]
+    assert payload == b"abcdefgh" + b"yz"
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 5, 24, 1000])
+def test_replies_parse_identically_at_every_split(step):
+    data = (P.encode_response(7, b"\x00\x02", 0) + P.encode_response(8, b"\x00", 4) + b"wxyz"
+            + P.encode_response(9, b"\x03", 0) + P.encode_error("no such thing"))
+    events = parse_all(data, step, initiator=True)
+    frames = [e for e in events if isinstance(e, P.Frame)]
+    assert [(f.kind, f.req_id, f.statuses, f.payload_len) for f in frames[:3]] == [
+        (P.RESP, 7, b"\x00\x02", 0), (P.RESP, 8, b"\x00", 4), (P.RESP, 9, b"\x03", 0)]
+    assert frames[3].kind == P.ERROR and frames[3].body == b"no such thing"
+    assert b"".join(e.data for e in events if isinstance(e, P.Payload)) == b"wxyz"
+
+
+def test_each_side_refuses_the_other_sides_frames():
+    with pytest.raises(ProtocolError, match="a target does not accept RESP frames"):
+        P.FrameReader(initiator=False).feed(P.encode_response(1, b"\x00", 16) + bytes(16))
+    with pytest.raises(ProtocolError, match="expected RESP from peer, got HELLO"):
+        P.FrameReader(initiator=True).feed(P.encode_hello("x"))
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -60,21 +82,22 @@ def test_stream_parses_identically_at_every_split(step):
     (struct.pack("<HBBIQQ", P.MAGIC, 1, P.RESP, 1, 0, 0) + b"\x09", "unknown status code"),
 ])
 def test_malformed_frames_raise_protocol_error(bad, message):
-    parser = P.FrameParser()
-    parser.feed(bad)
+    reader = P.FrameReader(initiator=bad[3] == P.RESP)  # a reply is an initiator's to read, the rest a target's
     with pytest.raises(ProtocolError, match=message):
-        parser.events()
+        reader.feed(bad + bytes(len(reader.head)))  # at least a whole head
+    assert reader.state == P.BROKEN
     with pytest.raises(ProtocolError, match="already failed"):
-        parser.feed(b"more")
+        reader.feed(b"more")
 
 
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=600), st.integers(1, 64))
 def test_fuzz_parser_only_raises_protocol_error(data, step):
-    try:
-        parse_all(data, step)
-    except ProtocolError:
-        pass
+    for initiator in (False, True):
+        try:
+            parse_all(data, step, initiator)
+        except ProtocolError:
+            pass
 
 
 @settings(max_examples=300, deadline=None)

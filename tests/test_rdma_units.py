@@ -105,9 +105,7 @@ def test_memory_regions_are_cut_evenly_and_both_sides_agree():
 
 def test_connect_frames_round_trip_and_reject_garbage():
     frame = P.encode_connect({"service": "rdma", "qpn": 17})
-    parser = P.FrameParser()
-    parser.feed(frame)
-    (ev,) = parser.events()
+    (ev,) = P.FrameReader(initiator=False).feed(frame)
     assert ev.kind == P.CONNECT and P.decode_connect(ev.body) == {"service": "rdma", "qpn": 17}
     with pytest.raises(ProtocolError, match="malformed CONNECT"):
         P.decode_connect(b"[1, 2]           ")

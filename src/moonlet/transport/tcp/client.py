@@ -50,13 +50,12 @@ from . import protocol as P
 from .dial import dial, read_control
 from .frames import OutFrame, Pin
 from .server import tune_socket
-from .sockio import recv_exact, recv_some, recv_some_into, send_all, wake_later
+from .sockio import recv_some, recv_some_into, send_all, wake_later
 
 log = logging.getLogger("moonlet.tcp")
 
 MAX_ATTEMPTS = 2
 _CHECK_PERIOD = 0.02
-_HEAD = P.PREFIX_SIZE + P.MIN_INITIATOR_TAIL  # read with the prefix: the first status byte
 _GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
 _CLOSE_WAIT = 2.0  # Progress.close waits this long for the driver to leave before releasing its pipe
 _SCRATCH = 1 << 20  # the most memory a lane drains an abandoned READ payload through
@@ -91,17 +90,11 @@ class Lane:
         self.send_lock = threading.Lock()
         self._state_lock = threading.Lock()
         # Reply parsing state: touched only by the thread holding the driver role.
-        self._pre = bytearray(_HEAD)
-        self._pview = memoryview(self._pre)
-        self._got = 0
-        self._phase = 0  # 0 prefix, 1 status table, 2 READ payload
-        self._prefix: P.Prefix | None = None
-        self._table = bytearray()
+        self._reader = P.FrameReader(initiator=True)  # the replies (state machine, sans-IO)
         self._cur: OutFrame | None = None
         self._statuses = b""
-        self._views: list[memoryview] = []
         self._into: Batch | None = None  # the batch of the READ payload being received ...
-        self._drained = False  # ... and whether _views is scratch memory instead (see _drain)
+        self._drained = False  # ... and whether the payload goes to scratch memory instead (see _drain)
         self._lowat = 0  # SO_RCVLOWAT in force while a large READ payload arrives
         # Holds on the buffers of attach frames in flight when the lane died, given back by settle()
         # (under _state_lock, as is _settled: whether settle() has given them back).
@@ -209,58 +202,34 @@ class Lane:
 
     def _read(self) -> None:
         sock = self.sock
+        reader = self._reader
         while True:
-            if self._phase == 2:
+            if reader.state == P.PAYLOAD:
                 if not self._drained and self._into is not None and self._into.done:
                     self._drain()
-                if not recv_some(sock, self._views):
+                if not recv_some(sock, reader.views):
                     return
-                if self._views or self._lowat:
-                    self._lowat = wake_later(sock, self._views, self._lowat)
-                if self._views:
+                if reader.views or self._lowat:
+                    self._lowat = wake_later(sock, reader.views, self._lowat)
+                if reader.views:
                     continue
+                reader.payload_done()
                 self._finish()
                 if not self.inflight:  # no reply is due: skip the read that would find nothing
                     return
                 continue
-            if self._phase == 0:
-                view, need = self._pview, _HEAD
-            else:
-                view, need = memoryview(self._table), len(self._table)
-            n = recv_some_into(sock, view, self._got, need)
+            n = recv_some_into(sock, reader.into, reader.got, reader.need)
             if not n:
                 return
-            self._got += n
-            if self._got < need:
+            what = reader.received(n)
+            if what == P.NOTHING:
                 continue
-            self._got = 0
-            if self._phase == 1:  # the status table of a many-entry reply is in
-                p = self._prefix
-                assert p is not None
-                statuses = P.parse_statuses(p, self._table)
-                req_id, payload = p.req_id, p.payload_len
-            elif (one := P.parse_single_reply(self._pre)) is not None:  # a lone request's reply, whole
-                req_id, status, payload = one
-                statuses = P.STATUS_BYTES[status]
-            else:
-                p = self._prefix = P.parse_prefix(self._pre)
-                if p.kind == P.ERROR:
-                    body = bytearray(p.payload_len - 1)
-                    recv_exact(sock, memoryview(body))
-                    text = (self._pre[P.PREFIX_SIZE:] + body).decode(errors="replace")
-                    raise ProtocolError(f"peer reported a protocol error: {text}")
-                if p.kind != P.RESP:
-                    raise ProtocolError(f"expected RESP from peer, got {P.KINDS[p.kind]}")
-                if p.count > 1:
-                    self._table = bytearray(p.count)
-                    self._table[0] = self._pre[P.PREFIX_SIZE]
-                    self._got, self._phase = 1, 1
-                    continue
-                statuses = P.parse_statuses(p, self._pview[P.PREFIX_SIZE:])
-                req_id, payload = p.req_id, p.payload_len
-            frame = self.inflight.pop(req_id, None)
+            if what == P.PEER_ERROR:
+                raise ProtocolError(f"peer reported a protocol error: {reader.body.decode(errors='replace')}")
+            statuses, payload = reader.statuses, reader.payload_len
+            frame = self.inflight.pop(reader.req_id, None)
             if frame is None:
-                raise ProtocolError(f"RESP for unknown request id {req_id}")
+                raise ProtocolError(f"RESP for unknown request id {reader.req_id}")
             self._cur, self._statuses = frame, statuses
             entries = len(frame.refs) if frame.spans is None else len(frame.spans)
             if len(statuses) != entries:
@@ -274,7 +243,8 @@ class Lane:
                 if size != payload:
                     raise ProtocolError("READ reply carries a payload of the wrong size")
                 if views:
-                    self._views, self._into, self._drained, self._phase = views, frame.batch, False, 2
+                    self._into, self._drained = frame.batch, False
+                    reader.expect_payload(views)
                     continue
             elif payload:
                 raise ProtocolError("WRITE reply carries a payload")
@@ -285,22 +255,22 @@ class Lane:
     def _drain(self) -> None:
         """The batch of the READ being received has ended (the engine closed): receive the rest of its
         payload into scratch memory, never into the caller's, which may be freed by now."""
-        left = sum(v.nbytes for v in self._views)
+        left = sum(v.nbytes for v in self._reader.views)
         scratch = memoryview(bytearray(min(left, _SCRATCH)))
-        self._views = [scratch[:min(_SCRATCH, left - off)] for off in range(0, left, _SCRATCH)]
+        self._reader.views = [scratch[:min(_SCRATCH, left - off)] for off in range(0, left, _SCRATCH)]
         self._drained = True
 
     def drop_current(self) -> None:
         """End the frame whose reply was being received when this lane died (called by the driver role,
         with the lane out of the poll set: nobody receives into it any more)."""
-        cur, self._cur, self._into, self._phase = self._cur, None, None, 0
+        cur, self._cur, self._into = self._cur, None, None
+        self._reader.detach()  # the connection is gone: it reads nothing more
         if cur is not None:
             self.peer.fail_frame(cur, self.reason or f"connection to {self.peer.name} lost")
 
     def _finish(self) -> None:
         frame, self._cur = self._cur, None
         self._into = None
-        self._phase = 0
         assert frame is not None
         self.load -= frame.nbytes
         if frame.stage is None and not any(self._statuses):  # the usual case: all served, nothing staged

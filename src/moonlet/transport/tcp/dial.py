@@ -30,22 +30,23 @@ def read_control(sock: socket.socket, expect: int, what: str) -> bytes:
     (another service on that port) is named at once, even when it answers
     with fewer bytes than a frame prefix and then waits.
     """
-    pre = bytearray(P.PREFIX_SIZE)
-    view = memoryview(pre)
-    recv_exact(sock, view[:len(P.MAGIC_BYTES)])
-    if pre[:len(P.MAGIC_BYTES)] != P.MAGIC_BYTES:
+    reader = P.FrameReader(initiator=True, control=True)
+    magic = len(P.MAGIC_BYTES)
+    recv_exact(sock, reader.into[:magic])
+    if reader.head[:magic] != P.MAGIC_BYTES:
         raise ProtocolError(f"the peer does not speak moonlet's protocol (bad magic: its reply to {what} "
-                            f"starts with {bytes(pre[:len(P.MAGIC_BYTES)])!r}, not {P.MAGIC_BYTES!r})")
-    recv_exact(sock, view[len(P.MAGIC_BYTES):])
-    p = P.parse_prefix(pre)
-    body = bytearray(p.payload_len)
-    if p.payload_len:
-        recv_exact(sock, memoryview(body))
-    if p.kind == P.ERROR:
-        raise ProtocolError(f"peer refused {what}: {body.decode(errors='replace')}")
-    if p.kind != expect:
-        raise ProtocolError(f"expected {P.KINDS[expect]} in reply to {what}, got {P.KINDS[p.kind]}")
-    return bytes(body)
+                            f"starts with {bytes(reader.head[:magic])!r}, not {P.MAGIC_BYTES!r})")
+    event = reader.received(magic)
+    while event == P.NOTHING:  # each part of the frame is received whole: no byte of a next one is taken
+        n = reader.need - reader.got
+        recv_exact(sock, reader.into[reader.got:reader.need])
+        event = reader.received(n)
+    if event == P.PEER_ERROR:
+        raise ProtocolError(f"peer refused {what}: {reader.body.decode(errors='replace')}")
+    kind = reader.prefix.kind if event == P.CONTROL and reader.prefix is not None else P.RESP
+    if kind != expect:
+        raise ProtocolError(f"expected {P.KINDS[expect]} in reply to {what}, got {P.KINDS[kind]}")
+    return reader.body
 
 
 def authenticate(sock: socket.socket, secret: Secret | None, endpoint: str, name: str | None = None) -> None:

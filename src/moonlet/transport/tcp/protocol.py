@@ -1,9 +1,9 @@
 """The moonlet TCP wire format, sans-IO: bytes in, events out.
 
-No socket is touched here.  The transport's hot path calls the same
-``parse_prefix`` / ``parse_entries`` / ``parse_statuses`` functions that
-:class:`FrameParser` uses, so fuzzing the parser exercises the exact checks
-the server runs on untrusted input.
+No socket is touched here.  :class:`FrameReader` is the state machine that
+reads frames on both ends (the TCP target's connections, the initiator's
+lanes) and the one the tests and the fuzzer feed, so fuzzing it exercises the
+exact code that meets untrusted input.
 
 Every frame starts with a fixed 24-byte prefix (little-endian)::
 
@@ -270,12 +270,223 @@ def decode_hello(body: bytes) -> dict:
         raise ProtocolError(f"malformed HELLO body: {e!r}") from None
 
 
-# --- incremental parser (used by tests, fuzzing and control paths) -------------
+# --- the reader of one connection's frames, sans-IO --------------------------------------------------------
+
+# The states of a FrameReader: what the next bytes of the stream are.
+HEAD, TABLE, BODY, PAYLOAD, DETACHED, BROKEN = 0, 1, 2, 3, 4, 5
+STATES = {HEAD: "HEAD", TABLE: "TABLE", BODY: "BODY", PAYLOAD: "PAYLOAD", DETACHED: "DETACHED", BROKEN: "BROKEN"}
+
+# What FrameReader.received returns once a part of a frame is in (its data is on the reader's attributes).
+NOTHING = 0  # more bytes are needed
+SINGLE = 1  # target: a lone WRITE/READ of one entry, whole in the head: ``single`` = (kind, req_id, addr, length)
+REQUEST = 2  # target: a request frame's table: ``prefix``, ``entries``
+CONTROL = 3  # target: a control frame (HELLO, GET_DESC, CONNECT, AUTH): ``prefix``, ``body``
+REPLY = 4  # initiator: a RESP frame's head and statuses: ``req_id``, ``statuses``, ``payload_len``
+# (an initiator's reader made with control=True returns CONTROL for the answers to its control frames)
+PEER_ERROR = 5  # initiator: an ERROR frame: ``body`` (UTF-8 text); the peer closes after it
+
+_TARGET_CONTROL = frozenset((HELLO, GET_DESC, CONNECT, AUTH))  # control frames a target answers
+_ANSWERS = frozenset((HELLO, DESC, CONNECT, AUTH))  # what a target answers them with
+
+
+class FrameReader:
+    """The frames arriving on one connection, for the side that reads them: the state machine both the
+    TCP target and the initiator's lanes serve with, and the tests and the fuzzer drive.
+
+    No socket here. The I/O side receives into ``into`` (filling ``into[got:need]``, as much as has
+    arrived) and reports the count to :meth:`received`, which returns :data:`NOTHING` until a part of a
+    frame is in, then what it was (:data:`SINGLE`, :data:`REQUEST`, :data:`CONTROL`, :data:`REPLY`,
+    :data:`PEER_ERROR`), with its data on the reader. A payload goes straight into memory the I/O side
+    names (:meth:`expect_payload`: the views of registered memory, consumed as they fill), so nothing is
+    copied here. The head is read with the bytes that every frame towards this side has after its prefix
+    (``MIN_TARGET_TAIL`` / ``MIN_INITIATOR_TAIL``): one receive call serves a lone request or reply.
+
+    Malformed input raises :class:`ProtocolError` and the reader refuses more (state ``BROKEN``): the
+    connection must close. :meth:`feed` is the same machine for bytes held in memory (tests, fuzzing).
+    """
+
+    __slots__ = ("state", "initiator", "control", "fast", "head", "into", "got", "need", "prefix", "buf",
+                 "single", "entries", "body", "req_id", "statuses", "payload_len", "views", "_left")
+
+    def __init__(self, initiator: bool, control: bool = False) -> None:
+        """``initiator``: read replies (RESP, ERROR), and with ``control`` the answers to control frames
+        (HELLO, DESC, CONNECT, AUTH: a lane refuses those at their prefix, before their body); else
+        requests and control frames, as a target."""
+        self.initiator = initiator
+        self.control = initiator and control
+        #: whether a lone request or reply is decoded straight from the head (a target sets it once the peer
+        #: has authenticated: until then every frame takes the general path, which explains refusals)
+        self.fast = initiator
+        self.head = bytearray(PREFIX_SIZE + (MIN_INITIATOR_TAIL if initiator else MIN_TARGET_TAIL))
+        self.prefix: Prefix | None = None
+        self.single: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self.entries: list[tuple] = []
+        self.body = b""
+        self.req_id = 0
+        self.statuses = b""
+        self.payload_len = 0
+        self.views: list[memoryview] = []  # where the PAYLOAD goes, consumed as it fills
+        self._left = 0  # payload bytes :meth:`feed` has still to pass on
+        self.next()
+
+    def next(self) -> None:
+        """Expect the head of the next frame."""
+        self.state = HEAD
+        self.into = memoryview(self.head)
+        self.got = 0
+        self.need = len(self.head)
+        self.buf: bytearray | None = None
+
+    @property
+    def under_way(self) -> bool:
+        """Whether part of a frame beyond its head has arrived (a frame that must be finished in time)."""
+        return self.state != HEAD and self.state != DETACHED
+
+    def partial_head(self) -> bytes:
+        """The first bytes of a head not yet whole (another protocol's client may have sent them)."""
+        return bytes(self.head[:self.got]) if self.state == HEAD else b""
+
+    def detach(self) -> None:
+        """The connection was handed to another protocol: no more frames."""
+        self.state = DETACHED
+
+    def expect_payload(self, views: list[memoryview]) -> None:
+        """The frame just announced carries a payload: it goes into ``views`` (consumed as they fill; the
+        I/O side calls :meth:`payload_done` once they are empty)."""
+        self.state = PAYLOAD
+        self.views = views
+
+    def take_single_the_long_way(self) -> None:
+        """Turn the :data:`SINGLE` just returned into the :data:`REQUEST` it also is (``prefix``, ``entries``):
+        the target's general path explains a refusal or stages GPU memory."""
+        kind, req_id, addr, length = self.single
+        self.prefix = Prefix(kind, 1, req_id, length if kind == WRITE else 0)
+        self.entries = [(addr, length)]
+
+    def payload_done(self) -> None:
+        self.views = []
+        self.next()
+
+    def received(self, n: int) -> int:
+        """``n`` more bytes are in ``into``: what, if anything, is now whole."""
+        self.got += n
+        if self.got < self.need:
+            return NOTHING
+        try:
+            if self.state == HEAD:
+                return self._head()
+            return self._rest()
+        except ProtocolError:
+            self.state = BROKEN
+            raise
+        except (struct.error, ValueError) as e:  # sizes are checked before unpacking; kept for safety
+            self.state = BROKEN
+            raise ProtocolError(f"malformed frame: {e}") from None
+
+    def _head(self) -> int:
+        head = self.head
+        if self.fast:
+            if self.initiator:
+                one = parse_single_reply(head)
+                if one is not None:
+                    self.req_id, status, self.payload_len = one
+                    self.statuses = STATUS_BYTES[status]
+                    self.next()
+                    return REPLY
+            else:
+                single = parse_single(head)
+                if single is not None:
+                    self.single = single
+                    self.next()
+                    return SINGLE
+        p = self.prefix = parse_prefix(head)
+        kind = p.kind
+        if self.initiator:
+            if kind == RESP:
+                size, self.state = p.count, TABLE
+            elif kind == ERROR or (self.control and kind in _ANSWERS):
+                size, self.state = p.payload_len, BODY
+            else:
+                raise ProtocolError(f"expected RESP from peer, got {KINDS[kind]}")
+        elif kind in REQUESTS:
+            size, self.state = p.table_size, TABLE
+        elif kind in _TARGET_CONTROL:
+            size, self.state = p.payload_len, BODY
+        else:
+            raise ProtocolError(f"a target does not accept {KINDS[kind]} frames")
+        tail = len(head) - PREFIX_SIZE
+        if size == tail:  # one entry, one status, or a short body: all here already
+            self.buf = head[PREFIX_SIZE:]
+            return self._rest()
+        buf = self.buf = bytearray(size)
+        buf[:tail] = head[PREFIX_SIZE:]
+        self.into, self.got, self.need = memoryview(buf), tail, size
+        return NOTHING
+
+    def _rest(self) -> int:
+        """The table or body of the frame whose prefix is ``self.prefix`` is whole in ``self.buf``."""
+        p, buf = self.prefix, self.buf
+        assert p is not None and buf is not None
+        state = self.state
+        self.next()
+        if state == TABLE:
+            if self.initiator:
+                self.req_id, self.statuses, self.payload_len = p.req_id, parse_statuses(p, buf), p.payload_len
+                return REPLY
+            self.entries = parse_entries(p, buf)
+            return REQUEST
+        self.body = bytes(buf)
+        return PEER_ERROR if p.kind == ERROR else CONTROL
+
+    # -- the same machine over bytes in memory ------------------------------------------------------------
+
+    def feed(self, data: bytes) -> list[Event]:
+        """Bytes in, events out: every frame whole in ``data`` so far as a :class:`Frame`, payload bytes as
+        :class:`Payload` pieces (copied: for tests, fuzzing and tools, not the data path)."""
+        if self.state == BROKEN:
+            raise ProtocolError("reader already failed; the connection must be closed")
+        out: list[Event] = []
+        view = memoryview(data)
+        pos, end = 0, len(view)
+        while pos < end:
+            if self.state == PAYLOAD:
+                take = min(self._left, end - pos)
+                out.append(Payload(bytes(view[pos:pos + take])))
+                pos += take
+                self._left -= take
+                if not self._left:
+                    self.payload_done()
+                continue
+            take = min(self.need - self.got, end - pos)
+            self.into[self.got:self.got + take] = view[pos:pos + take]
+            pos += take
+            what = self.received(take)
+            if what == NOTHING:
+                continue
+            frame = self._event(what)
+            out.append(frame)
+            if frame.payload_len and frame.kind in (WRITE, RESP):
+                self._left = frame.payload_len
+                self.state = PAYLOAD
+        return out
+
+    def _event(self, what: int) -> Frame:
+        if what == SINGLE:
+            kind, req_id, addr, length = self.single
+            return Frame(kind, req_id, entries=[(addr, length)], payload_len=length if kind == WRITE else 0)
+        if what == REPLY:
+            return Frame(RESP, self.req_id, statuses=self.statuses, payload_len=self.payload_len)
+        p = self.prefix
+        assert p is not None
+        if what == REQUEST:
+            return Frame(p.kind, p.req_id, entries=self.entries, payload_len=p.payload_len)
+        return Frame(p.kind, p.req_id, payload_len=p.payload_len, body=self.body)
 
 
 @dataclass
 class Frame:
-    """A whole frame header: prefix, decoded table, and for control frames the body."""
+    """A whole frame header, as :meth:`FrameReader.feed` reports it: prefix, decoded table, and for
+    control frames the body."""
 
     kind: int
     req_id: int
@@ -293,70 +504,3 @@ class Payload:
 
 
 Event = Frame | Payload
-
-
-class FrameParser:
-    """Feed bytes with :meth:`feed`, take :class:`Frame` / :class:`Payload` events from :meth:`events`.
-
-    Any malformed input raises :class:`ProtocolError`; after that the parser
-    refuses further input, as the connection must be closed.
-    """
-
-    def __init__(self) -> None:
-        self._buf = bytearray()
-        self._prefix: Prefix | None = None
-        self._payload_left = 0
-        self._broken = False
-
-    def feed(self, data: bytes) -> None:
-        if self._broken:
-            raise ProtocolError("parser already failed; the connection must be closed")
-        self._buf += data
-
-    def events(self) -> list[Event]:
-        out: list[Event] = []
-        try:
-            while True:
-                ev = self._next()
-                if ev is None:
-                    return out
-                out.append(ev)
-        except ProtocolError:
-            self._broken = True
-            raise
-        except struct.error as e:  # pragma: no cover - sizes are checked before unpacking
-            self._broken = True
-            raise ProtocolError(str(e)) from None
-
-    def _next(self) -> Event | None:
-        if self._payload_left:
-            if not self._buf:
-                return None
-            n = min(self._payload_left, len(self._buf))
-            chunk = bytes(self._buf[:n])
-            del self._buf[:n]
-            self._payload_left -= n
-            return Payload(chunk)
-        if self._prefix is None:
-            if len(self._buf) < PREFIX_SIZE:
-                return None
-            self._prefix = parse_prefix(self._buf[:PREFIX_SIZE])
-            del self._buf[:PREFIX_SIZE]
-        p = self._prefix
-        if p.kind in REQUESTS or p.kind == RESP:
-            need = p.table_size
-            if len(self._buf) < need:
-                return None
-            table = bytes(self._buf[:need])
-            del self._buf[:need]
-            self._prefix = None
-            self._payload_left = p.payload_len
-            if p.kind == RESP:
-                return Frame(p.kind, p.req_id, statuses=parse_statuses(p, table), payload_len=p.payload_len)
-            return Frame(p.kind, p.req_id, entries=parse_entries(p, table), payload_len=p.payload_len)
-        if len(self._buf) < p.payload_len:
-            return None
-        body = bytes(self._buf[: p.payload_len])
-        del self._buf[: p.payload_len]
-        self._prefix = None
-        return Frame(p.kind, p.req_id, payload_len=p.payload_len, body=body)

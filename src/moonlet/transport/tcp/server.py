@@ -57,10 +57,8 @@ _HELD_TOTAL = 64 << 20  # ... or, with replies of its own queued, while all queu
 _ENTRY_COST = 256  # memory a queued reply holds per buffer besides copied bytes: lists, views, deque slot
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn ...
 _FRAME_COST = 512 << 10  # ... where every frame counts this much besides its payload: 64 frames at most
-_HEAD = P.PREFIX_SIZE + P.MIN_TARGET_TAIL  # read with the prefix: the first table entry or 16 body bytes
 _NONE: tuple = ()  # no views, nothing pinned
 _SERVED = bytes(1)  # the status table of a one-entry frame served in full
-_CONTROL = frozenset((P.HELLO, P.GET_DESC, P.CONNECT, P.AUTH))  # control frames a target answers
 _IN, _OUT, _ERR = select.POLLIN, select.POLLOUT, select.POLLERR | select.POLLHUP | select.POLLNVAL
 
 
@@ -90,9 +88,9 @@ class FrameService(Protocol):
 class _Conn:
     """Per-connection parse state and output queue."""
 
-    __slots__ = ("sock", "fd", "phase", "pre", "pview", "got", "prefix", "req_id", "buf", "views", "pinned",
-                 "statuses", "lowat", "out", "out_bytes", "out_held", "mask", "sessions", "stage", "closers",
-                 "auth", "authed", "born", "first", "drain", "busy", "quiet", "since")
+    __slots__ = ("sock", "fd", "reader", "req_id", "pinned", "statuses", "lowat", "out", "out_bytes", "out_held",
+                 "mask", "sessions", "stage", "closers", "auth", "authed", "born", "first", "drain", "busy", "quiet",
+                 "since")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -105,8 +103,7 @@ class _Conn:
         self.req_id = 0  # of the request being served
         self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives (see sockio.wake_later)
         self.fd = sock.fileno()
-        self.pre = bytearray(_HEAD)
-        self.pview = memoryview(self.pre)
+        self.reader = P.FrameReader(initiator=False)  # the frames this peer sends (state machine, sans-IO)
         self.out: deque[list] = deque()  # [bufs, pinned, stage, bytes left, memory held]
         self.out_bytes = 0
         self.out_held = 0
@@ -117,11 +114,7 @@ class _Conn:
         self._reset()
 
     def _reset(self) -> None:
-        self.phase = 0  # 0 prefix, 1 table, 2 payload into self.views, 3 control body, 4 handed over
-        self.got = 0
-        self.prefix: P.Prefix | None = None
-        self.buf: bytearray | None = None
-        self.views: list[memoryview] = _NONE  # type: ignore[assignment]
+        """Forget the frame just served (the reader is at the next frame's head already)."""
         self.pinned: list[Buffer] = _NONE  # type: ignore[assignment]
         self.statuses = b""
         self.stage: Stage | None = None  # host staging of the GPU entries of the frame being received
@@ -256,7 +249,7 @@ class TcpServer(Reactor):
                 break
             stale[conn] = f"it {unproven} within {self._auth_timeout:g} s"
         for conn in self._conns.values():
-            if conn.phase:
+            if conn.reader.under_way:
                 if not conn.since:
                     conn.since = now
                 elif now - conn.since > self._request_timeout:
@@ -285,11 +278,11 @@ class TcpServer(Reactor):
             return True
         victim = None
         for conn in list(self._pending.values()):  # oldest first
-            if conn.first and not conn.got:
+            if conn.first and not conn.reader.got:
                 self._serve(conn, _IN)  # a last look: it may have spoken since it was polled
                 if self._has_room():  # it proved itself (no secret set), or failed and went
                     return True
-                if conn.first and not conn.got and conn.fd in self._pending:
+                if conn.first and not conn.reader.got and conn.fd in self._pending:
                     victim = conn
                     break
         if victim is None:
@@ -326,8 +319,9 @@ class TcpServer(Reactor):
         return conn
 
     def _promote(self, conn: _Conn) -> None:
-        """``conn`` proved the secret (none set: sent a valid frame): out of the unauthenticated quota."""
-        conn.authed = True
+        """``conn`` proved the secret (none set: sent a valid frame): out of the unauthenticated quota, and its
+        lone requests take the short path."""
+        conn.authed = conn.reader.fast = True
         self._pending.pop(conn.fd, None)
 
     def _forget(self, conn: _Conn) -> bool:
@@ -381,39 +375,43 @@ class TcpServer(Reactor):
     # -- input ---------------------------------------------------------------------
 
     def _on_readable(self, conn: _Conn) -> None:
-        """Move as many bytes as are available (up to a fair share), frame by frame."""
+        """Move as many bytes as are available (up to a fair share), frame by frame: the connection's
+        :class:`~.protocol.FrameReader` says where they go and what each completed part is."""
         budget = _WORK_PER_TURN
         sock = conn.sock
+        reader = conn.reader
         while budget > 0 and conn.mask & _IN:  # _set_mask takes input away while replies are over a cap
-            if conn.phase == 2:
-                n = recv_some(sock, conn.views)
+            if reader.state == P.PAYLOAD:
+                n = recv_some(sock, reader.views)
                 if not n:
                     break
                 budget -= n
-                if conn.views or conn.lowat:
-                    conn.lowat = wake_later(sock, conn.views, conn.lowat)
-                if not conn.views:
+                if reader.views or conn.lowat:
+                    conn.lowat = wake_later(sock, reader.views, conn.lowat)
+                if not reader.views:
                     self._write_done(conn)
                 continue
-            if conn.phase == 0:
-                target, need = conn.pview, _HEAD
-            else:
-                target, need = memoryview(conn.buf), len(conn.buf)  # type: ignore[arg-type]
-            n = recv_some_into(sock, target, conn.got, need)
+            n = recv_some_into(sock, reader.into, reader.got, reader.need)
             if not n:
                 break
-            conn.got += n
-            if conn.got < need:
-                if conn.first and conn.phase == 0 and self._hand_over(conn, bytes(conn.pview[:conn.got])):
+            if conn.first:  # every connection starts unauthenticated: it may speak another protocol
+                if self._hand_over(conn, bytes(reader.head[:reader.got + n])):
                     return
+                conn.first = reader.got + n < reader.need
+            what = reader.received(n)
+            if not conn.authed and self._secret is not None and reader.prefix is not None \
+                    and reader.prefix.kind != P.AUTH:
+                raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
+                                    "secret (set the same MOONLET_SECRET or EngineConfig.secret_file on both sides)")
+            if what == P.NOTHING:
                 continue
-            conn.got = 0
-            if conn.phase == 0:
-                budget -= _FRAME_COST
-                self._on_prefix(conn)
-                if conn.phase == 4:
-                    return
-            elif conn.phase == 1:
+            budget -= _FRAME_COST
+            conn.since = 0.0  # a frame's head is in: the sweep times what follows of it afresh
+            if what == P.SINGLE:
+                if not self._on_single(conn, *reader.single):
+                    reader.take_single_the_long_way()
+                    self._on_table(conn)
+            elif what == P.REQUEST:
                 self._on_table(conn)
             else:
                 self._on_control(conn)
@@ -425,44 +423,9 @@ class TcpServer(Reactor):
         if self._foreign is None or head.startswith(P.MAGIC_BYTES) or not self._foreign.claims(head):
             return False
         self._forget(conn)
-        conn.phase = 4
+        conn.reader.detach()
         self._foreign.adopt(conn.sock, head)
         return True
-
-    def _on_prefix(self, conn: _Conn) -> None:
-        """The prefix and the 16 bytes after it are in: start the table or body with those 16."""
-        if conn.authed:
-            one = P.parse_single(conn.pre)
-            if one is not None and self._on_single(conn, *one):
-                return
-        elif conn.first:  # every connection starts unauthenticated
-            conn.first = False
-            if self._hand_over(conn, bytes(conn.pview)):
-                return
-        p = conn.prefix = P.parse_prefix(conn.pre)
-        conn.req_id = p.req_id
-        kind = p.kind
-        if not conn.authed and kind != P.AUTH and self._secret is not None:
-            raise ProtocolError("authentication required: this engine serves only peers holding its cluster "
-                                "secret (set the same MOONLET_SECRET or EngineConfig.secret_file on both sides)")
-        if kind in P.REQUESTS:
-            size = p.table_size
-            conn.phase = 1
-        elif kind in _CONTROL:
-            size = p.payload_len
-            conn.phase = 3
-        else:
-            raise ProtocolError(f"a target does not accept {P.KINDS[kind]} frames")
-        if size == P.MIN_TARGET_TAIL:  # one entry, or a short body: all here already
-            conn.buf = conn.pre[P.PREFIX_SIZE:]
-            if conn.phase == 1:
-                self._on_table(conn)
-            else:
-                self._on_control(conn)
-            return
-        conn.buf = bytearray(size)
-        conn.buf[: P.MIN_TARGET_TAIL] = conn.pview[P.PREFIX_SIZE:]
-        conn.got = P.MIN_TARGET_TAIL
 
     def _on_single(self, conn: _Conn, kind: int, req_id: int, addr: int, length: int) -> bool:
         """Serve a lone WRITE or READ of host memory, the latency-bound case, in few steps; False leaves
@@ -473,25 +436,25 @@ class TcpServer(Reactor):
         conn.req_id = req_id
         view = buf.view(addr, length)
         if kind == P.WRITE:
-            conn.views, conn.pinned, conn.statuses, conn.phase = [view], [buf], _SERVED, 2
+            conn.pinned, conn.statuses = [buf], _SERVED
+            conn.reader.expect_payload([view])
             return True
         head = P.encode_response(req_id, _SERVED, length)
         self._queue(conn, [head, view], len(head) + length, [buf])
         return True
 
     def _on_control(self, conn: _Conn) -> None:
-        p = conn.prefix
+        p = conn.reader.prefix
         assert p is not None
         if p.kind == P.HELLO:
-            hello = P.decode_hello(bytes(conn.buf or b""))
+            hello = P.decode_hello(conn.reader.body)
             conn.sessions = {svc: svc.greet(conn.sock, hello) for svc in set(self._frame_services.values())}
             reply = P.encode_control(P.HELLO, json.dumps(self._identity()).encode(), p.req_id)
         elif p.kind == P.AUTH:
             if self._secret is None:
                 raise ProtocolError("this engine has no cluster secret and cannot prove itself; set the same "
                                     "MOONLET_SECRET on both sides")
-            proof = bytes(conn.buf or b"")
-            conn._reset()
+            proof = conn.reader.body
             if conn.auth is None:
                 conn.auth = TargetAuth(self._secret, self._identity())
                 challenge = P.encode_control(P.AUTH, conn.auth.challenge(proof))
@@ -501,7 +464,7 @@ class TcpServer(Reactor):
                 self._promote(conn)
             return
         elif p.kind == P.CONNECT:
-            body = P.decode_connect(bytes(conn.buf or b""))
+            body = P.decode_connect(conn.reader.body)
             service = self._services.get(body.get("service", ""))
             if service is None:
                 raise ProtocolError(f"no service {body.get('service')!r} here; offered: {sorted(self._services)}")
@@ -510,27 +473,28 @@ class TcpServer(Reactor):
             reply = P.encode_connect(answer)
         else:
             reply = P.encode_control(P.DESC, self._describe(), p.req_id)
-        conn._reset()
         if not conn.authed:  # no secret is set (else only AUTH gets here): a valid frame is proof enough
             self._promote(conn)
         self._queue(conn, [reply], len(reply))
 
     def _on_table(self, conn: _Conn) -> None:
-        p = conn.prefix
-        assert p is not None and conn.buf is not None
+        """A request frame's table is in (``reader.prefix``, ``reader.entries``): check and pin every range,
+        then take the WRITE payload into memory or queue the READ reply."""
+        reader = conn.reader
+        p = reader.prefix
+        assert p is not None
         if not conn.authed:  # no secret is set (else none gets here): a valid frame is proof enough
             self._promote(conn)
         kind = p.kind
+        entries = reader.entries
         service = self._frame_services.get(kind)
         if service is not None:  # PULL / PUSH: the same-host target copies, and the reply is the statuses
-            statuses = service.serve(conn.sessions.get(service), kind, P.parse_entries(p, conn.buf))
-            conn._reset()
+            statuses = service.serve(conn.sessions.get(service), kind, entries)
             head = P.encode_response(p.req_id, statuses, 0)
             self._queue(conn, [head], len(head))
             return
         if kind != P.WRITE and kind != P.READ:
             raise ProtocolError(f"this target serves no {P.KINDS[kind]} frames")
-        entries = P.parse_entries(p, conn.buf)
         write = kind == P.WRITE
         resolved, pinned = self._registry.acquire(entries, write)
         refused: bytearray | None = None  # a status per entry, made at the first refusal
@@ -562,10 +526,12 @@ class TcpServer(Reactor):
             for slot, v in zip(gpu_slots, stage.views()):
                 views[slot] = v
         if write:
-            conn.views, conn.pinned, conn.statuses, conn.stage, conn.phase = views, pinned, statuses, stage, 2
+            conn.req_id, conn.pinned, conn.statuses, conn.stage = p.req_id, pinned, statuses, stage
             if refused is not None:
                 conn.drain = deque(views)
                 self._drain_next(conn)
+            else:
+                reader.expect_payload(views)
             return
         if stage is not None:
             try:
@@ -598,6 +564,7 @@ class TcpServer(Reactor):
                 stage.release()
         pinned = conn.pinned
         reply = P.encode_response(conn.req_id, conn.statuses, 0)
+        conn.reader.payload_done()
         conn._reset()
         try:
             self._queue(conn, [reply], len(reply))  # the initiator waits for this; unpinning can follow
@@ -605,8 +572,8 @@ class TcpServer(Reactor):
             self._registry.release(pinned)
 
     def _drain_next(self, conn: _Conn) -> None:
-        """Point ``conn.views`` at the next stretch of a WRITE payload with refused entries: the views of the
-        served entries up to the next refused one, or the scratch buffer for up to a MiB of a refused entry's
+        """Point the reader's payload at the next stretch of a WRITE payload with refused entries: the views of
+        the served entries up to the next refused one, or the scratch buffer for up to a MiB of a refused entry's
         bytes. However large the entry (a 40-byte frame may announce 2**48 bytes), they pass through that one
         reused buffer, never a list that grows with them; the request deadline (see :meth:`_sweep`) ends a
         payload that does not come. The connection stays usable, and the initiator learns per entry what was
@@ -617,12 +584,12 @@ class TcpServer(Reactor):
             if item > _SCRATCH:
                 plan.appendleft(item - _SCRATCH)
                 item = _SCRATCH
-            conn.views = [self._scratch[:item]]
+            conn.reader.expect_payload([self._scratch[:item]])
             return
         views = [item]
         while plan and type(plan[0]) is not int:
             views.append(plan.popleft())
-        conn.views = views
+        conn.reader.expect_payload(views)
 
     # -- output --------------------------------------------------------------------
 
