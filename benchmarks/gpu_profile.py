@@ -41,7 +41,7 @@ def main() -> int:
         local = eng.register(gpu.alloc(0, 64 * MiB), 64 * MiB)
         stride = 2 * args.block
         las = [local.addr + i * stride for i in range(args.batch)]
-        ras = [remote["addr"] + i * stride for i in range(args.batch)]
+        ras = [remote.addr + i * stride for i in range(args.batch)]
         lens = [args.block] * args.batch
         nbytes = args.block * args.batch
 
@@ -51,7 +51,7 @@ def main() -> int:
         us = per_batch(engine_path, args.seconds)
         print(f"engine submit_many+wait: {us:.1f} us/batch = {nbytes / us / 1e3:.1f} GB/s")
         ipc = next(t for t in eng._transports if t.name == "cuda_ipc")
-        off = ipc._open(seg.descriptor, remote, 0) - remote["ipc_base"]
+        off = ipc._open(seg.descriptor, remote, 0) - remote.ipc_base
         copies = [(r + off, la, n) for la, r, n in zip(las, ras, lens)]
         stream = ipc._stream(0)
 

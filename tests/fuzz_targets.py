@@ -36,8 +36,7 @@ from helpers.engines import transport
 from helpers.net import connect, raw_read
 from moonlet import EngineConfig, MoonletError, TransferEngine
 from moonlet.security import Secret
-from moonlet.segment import host_identity
-from moonlet.transport.shm import cma
+from moonlet.segment import host_identity, pid_namespace
 from moonlet.transport.tcp import protocol as P
 from moonlet.transport.tcp.dial import authenticate
 
@@ -214,7 +213,7 @@ def json_texts() -> st.SearchStrategy[bytes]:
 # -- hostile descriptors ------------------------------------------------------------------------------
 
 HOST = host_identity()
-PIDNS = cma.pid_namespace()
+PIDNS = pid_namespace()
 
 
 @lru_cache(maxsize=64)

@@ -10,14 +10,17 @@ import os
 import pytest
 
 from helpers.memory import sha
+from helpers.net import connect, raw_read, recv_exact
 from moonlet import EngineConfig, TransferEngine
 from moonlet.batch import Batch
 from moonlet.errors import ConfigError
-from moonlet.memory import Buffer
-from moonlet.segment import Segment, SegmentDescriptor
+from moonlet.memory import Buffer, Denied
+from moonlet.segment import RemoteBuffer, Segment, SegmentDescriptor
 from moonlet.transport import registry
 from moonlet.transport.base import HostContext, Transport, WorkItem
+from moonlet.transport.mooncake_wire import transport as mooncake_wire_transport
 from moonlet.transport.spec import TransportSpec
+from moonlet.transport.tcp import protocol as P
 
 
 class Loopback(Transport):
@@ -32,7 +35,7 @@ class Loopback(Transport):
     def endpoint(self) -> str:
         return f"pid:{self.pid}"
 
-    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: dict) -> bool:
+    def reaches(self, local: Buffer, peer: SegmentDescriptor, remote: RemoteBuffer) -> bool:
         return peer.endpoints.get(self.name) == self.endpoint() and local.is_host
 
     def submit(self, segment: Segment, batch: Batch, items: list[WorkItem]) -> None:
@@ -111,3 +114,26 @@ def test_the_default_order_is_the_registry_order():
     assert registry.default_order() == ("local", "cuda_ipc", "shm", "rdma", "tcp")
     assert set(registry.available()) <= set(registry.default_order())
     assert "tcp" in registry.available() and "local" in registry.available()
+
+
+def test_same_host_frames_to_an_engine_without_that_transport_are_refused_not_dropped():
+    """PULL/PUSH reach an engine that runs no same-host transport (a stale descriptor, or the moment before it
+    starts): each entry is answered ATTACH_REFUSED, so the initiator carries it over TCP, and the connection
+    goes on serving."""
+    with TransferEngine(config=EngineConfig(transports=("tcp",))) as target:
+        mem = bytearray(os.urandom(4096))
+        buf = target.register(mem)
+        with connect(target.name) as s:
+            s.sendall(P.encode_request_flat(P.PULL, 3, [buf.addr, 64, 0x400000, buf.addr + 64, 64, 0x500000]))
+            reply = P.FrameReader(initiator=True).feed(recv_exact(s, P.PREFIX_SIZE + 2))
+            assert [(f.kind, f.req_id, f.statuses) for f in reply] == [(P.RESP, 3, bytes([Denied.ATTACH_REFUSED]) * 2)]
+            assert raw_read(s, buf.addr, 4096)[P.PREFIX_SIZE:] == b"\x00" + bytes(mem)  # the connection serves on
+
+
+def test_a_wire_asked_for_explicitly_that_cannot_start_stops_the_engine(monkeypatch):
+    """mooncake_wire=True is a promise to Mooncake peers: its server failing to bind is an error, not a warning."""
+    def busy(*args: object, **kwargs: object) -> None:
+        raise OSError(98, "Address already in use")
+    monkeypatch.setattr(mooncake_wire_transport, "MooncakeServer", busy)
+    with pytest.raises(ConfigError, match="MOONCAKE_TCP transport cannot start: .*Address already in use"):
+        TransferEngine(config=EngineConfig(mooncake_wire=True))

@@ -15,12 +15,12 @@ from .errors import (
 )
 from .memory import Buffer
 from .metadata import MetadataServer
-from .segment import Segment
+from .segment import RemoteBuffer, Segment
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Batch", "Buffer", "ConfigError", "EngineConfig", "MemoryAccessError", "MetadataError", "MetadataServer",
-    "MoonletError", "Op", "ProtocolError", "RegistrationError", "Request", "RequestStatus", "Segment",
+    "MoonletError", "Op", "ProtocolError", "RegistrationError", "RemoteBuffer", "Request", "RequestStatus", "Segment",
     "SegmentError", "State", "TransferEngine", "TransferError",
 ]

@@ -20,6 +20,7 @@ from .errors import ConfigError, MemoryAccessError, MoonletError, ProtocolError,
 from .memory import (
     Buffer,
     MemoryRegistry,
+    PeerMapping,
     SharedMemory,
     address_of,
     check_range,
@@ -28,11 +29,9 @@ from .memory import (
     view_at,
 )
 from .security import Security
-from .segment import RemoteBuffer, Segment, SegmentDescriptor, host_identity, new_instance_id
+from .segment import RemoteBuffer, Segment, SegmentDescriptor, host_identity, new_instance_id, pid_namespace
 from .transport import registry
 from .transport.base import HostContext, Transport, WorkItem
-from .transport.shm import cma
-from .transport.shm.mapping import PeerMapping
 
 log = logging.getLogger("moonlet")
 
@@ -88,10 +87,6 @@ class TransferEngine:
         self._instance = new_instance_id()
         self._host = host_identity()
         security = Security.from_config(cfg)
-        secret = security.secret
-        if cfg.mooncake_wire and secret is not None:
-            raise ConfigError("mooncake_wire cannot be combined with a cluster secret ($MOONLET_SECRET is set): "
-                              "Mooncake peers cannot authenticate")
         self._meta = md.connect(metadata, cfg.metadata_timeout, cfg.metadata_ttl, security)
         if not self._meta.names_are_endpoints:
             if not name or any(c.isspace() for c in name) or "/" in name:
@@ -101,7 +96,7 @@ class TransferEngine:
         self._lock = threading.Lock()
         self._closed = False
         self._live: set[Batch] = set()  # batches not ended yet (each pins its local buffers): close() ends them
-        self._pidns = cma.pid_namespace()
+        self._pidns = pid_namespace()
         self._watches: dict[str, tuple[str, PeerMapping]] = {}  # segment name -> (instance, mapping)
         wanted, skipped = self._pick_transports(cfg)
         # Same-host peers map this page to learn at once when an unregister made their cache stale. Only where
@@ -118,17 +113,21 @@ class TransferEngine:
         ctx = HostContext(cfg, self._registry, security, self._instance, self._host, self._pidns, wanted,
                           describe=self._descriptor_json, descriptor=lambda: self.descriptor().to_dict(),
                           identity=self._identity, on_stale=self._stale.add, on_note=self._queue_note)
-        wanted, skipped = self._start_transports(ctx, wanted, skipped)
+        try:
+            wanted, skipped = self._start_transports(ctx, wanted, skipped)
+        except BaseException:
+            self._meta.close()
+            if self._control is not None:
+                self._control.release()
+            raise
         listener = self._listener = ctx.started[next(s.name for s in registry.TRANSPORTS if s.listener)]
         self._endpoint = str(listener.endpoint())  # the listener's host:port: the engine's address
         self._name = self._endpoint if self._meta.names_are_endpoints else str(name)
         if skipped:  # one warning per engine, naming every transport left out and why
             log.warning(TRANSPORT_SKIPPED_WARNING, self._endpoint, "; ".join(skipped), list(wanted))
-        self._started = ctx.started  # every transport running, by name (routing uses self._transports)
         self._all_transports = list(ctx.started.values())
         for t in self._all_transports:
             self._meta = t.wrap_metadata(self._meta)
-        self._security = security
         self._transports = [ctx.started[t] for t in wanted]
         try:
             self._publish()
@@ -137,7 +136,7 @@ class TransferEngine:
             if self._control is not None:
                 self._control.release()
             raise
-        if secret is None:
+        if security.secret is None:
             _warn_no_secret(self._name, self._endpoint)
         self._stop = threading.Event()
         if self._meta.leased:
@@ -249,12 +248,13 @@ class TransferEngine:
             try:
                 ctx.started[spec.name] = spec.start(ctx)
             except (OSError, MoonletError) as e:
-                rest = tuple(t for t in wanted if t != spec.name)
+                specs = registry.by_name()
+                rest = tuple(t for t in wanted if t != spec.name and specs[t].extra is None)
                 if spec.listener or spec.policy(ctx.config) == "required" or not rest:
                     for t in ctx.started.values():
                         t.close()
-                    if spec.listener:  # the engine has no address (its port is taken...): the error as it is
-                        raise
+                    if spec.listener or isinstance(e, ConfigError):  # no address (port taken...); a config
+                        raise  # error names the problem itself
                     raise ConfigError(f"{spec.name.upper()} transport cannot start: {e}") from None
                 wanted, skipped = rest, [*skipped, f"{spec.name}: {e}"]
                 ctx.order = wanted

@@ -15,16 +15,26 @@ import os
 import re
 import socket
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NoReturn
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
 from . import boundedjson
 from .errors import SegmentError
 
 if TYPE_CHECKING:
-    from .transport.shm.mapping import PeerMapping
+    from .memory import PeerMapping
 
 DESCRIPTOR_VERSION = 1
+
+
+def pid_namespace() -> str:
+    """Identity of this process's PID namespace (pids mean the same thing only inside one)."""
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 def host_identity() -> str:
@@ -279,34 +289,35 @@ def _nic(n: object, i: int) -> dict[str, Any]:
             "numa": _int(n.get("numa", -1), ("nics", i, "numa"), -1, 1 << 16)}
 
 
-class RemoteBuffer:
-    """A peer's registered buffer, as its descriptor (checked) describes it: built once per descriptor.
+class RemoteBuffer(NamedTuple):
+    """A peer's registered buffer, as its descriptor (checked) describes it: made once per descriptor,
+    read-only.
 
-    ``end`` (``addr + length``), ``is_host`` (host memory) are worked out once, for the per-request checks;
-    ``memfd``, ``gpu``, ``ipc``, ``ipc_base`` and ``rkeys`` are None where the peer publishes none.
+    ``end`` (``addr + length``) and ``is_host`` (host memory) are worked out once, for the per-request
+    checks; ``memfd``, ``gpu``, ``ipc``, ``ipc_base`` and ``rkeys`` are None where the peer publishes none.
     """
 
-    __slots__ = ("addr", "length", "end", "location", "is_host", "remote_read", "remote_write", "memfd", "gpu",
-                 "ipc", "ipc_base", "rkeys")
+    addr: int
+    length: int
+    end: int
+    location: str
+    is_host: bool
+    remote_read: bool
+    remote_write: bool
+    memfd: int | None
+    gpu: str | None
+    ipc: str | None
+    ipc_base: int | None
+    rkeys: Mapping[str, list[int]] | None
 
-    def __init__(self, entry: dict[str, Any]) -> None:
+    @classmethod
+    def of(cls, entry: dict[str, Any]) -> RemoteBuffer:
         """``entry``: one of :attr:`SegmentDescriptor.buffers` (as ``from_json`` checked it)."""
-        self.addr: int = entry["addr"]
-        self.length: int = entry["length"]
-        self.end = self.addr + self.length
-        self.location: str = entry["location"]
-        self.is_host = self.location.startswith("cpu:")
-        self.remote_read: bool = entry.get("remote_read", True)
-        self.remote_write: bool = entry.get("remote_write", True)
-        self.memfd: int | None = entry.get("memfd")
-        self.gpu: str | None = entry.get("gpu")
-        self.ipc: str | None = entry.get("ipc")
-        self.ipc_base: int | None = entry.get("ipc_base")
-        self.rkeys: dict[str, list[int]] | None = entry.get("rkeys")
-
-    def __repr__(self) -> str:
-        rights = ("r" if self.remote_read else "-") + ("w" if self.remote_write else "-")
-        return f"RemoteBuffer({self.addr:#x}, {self.length}, {self.location!r}, {rights})"
+        addr, length, location, rkeys = entry["addr"], entry["length"], entry["location"], entry.get("rkeys")
+        return cls(addr, length, addr + length, location, location.startswith("cpu:"),
+                   entry.get("remote_read", True), entry.get("remote_write", True), entry.get("memfd"),
+                   entry.get("gpu"), entry.get("ipc"), entry.get("ipc_base"),
+                   None if rkeys is None else MappingProxyType(rkeys))
 
 
 class Segment:
@@ -332,7 +343,7 @@ class Segment:
     def update(self, descriptor: SegmentDescriptor) -> None:
         with self._lock:
             self.descriptor = descriptor
-            bufs = sorted((RemoteBuffer(b) for b in descriptor.buffers), key=lambda b: b.addr)
+            bufs = sorted((RemoteBuffer.of(b) for b in descriptor.buffers), key=lambda b: b.addr)
             self._starts = [b.addr for b in bufs]
             self._bufs = bufs
             self._last: RemoteBuffer | None = None  # the last buffer find() returned

@@ -18,4 +18,4 @@ def initiator(name: str | None = None, metadata: str = "p2p", *, transports: tup
 
 def transport(engine: TransferEngine, name: str) -> Any:
     """The running transport ``name`` of ``engine`` (to reach into its server in tests of what peers see)."""
-    return engine._started[name]
+    return next(t for t in engine._all_transports if t.name == name)

@@ -237,6 +237,7 @@ def _open_handle(handle: str, device: int) -> tuple[int, int]:
         raise
     return base, int(size)
 
+
 def _start(ctx: HostContext) -> CudaIpcTransport:
     return CudaIpcTransport(ctx.host, ctx.pidns, ctx.instance, ctx.config.gpu_kernel_max_block)
 

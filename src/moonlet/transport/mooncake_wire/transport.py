@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 
 from ...batch import Batch, Op, State
-from ...errors import MoonletError, ProtocolError, TransferError
+from ...errors import ConfigError, MoonletError, ProtocolError, TransferError
 from ...memory import Buffer, MemoryRegistry
 from ...metadata.base import MetadataBackend
 from ...metadata.mooncake_keys import MooncakeMetadata, exchange
@@ -267,6 +267,9 @@ class MooncakeTcpTransport(Transport):
 
 def _start(ctx: HostContext) -> MooncakeTcpTransport:
     """Serve Mooncake's data port, and its handshake on the listener's port (handed over by the TCP server)."""
+    if ctx.security.secret is not None:
+        raise ConfigError("mooncake_wire cannot be combined with a cluster secret ($MOONLET_SECRET is set): "
+                          "Mooncake peers cannot authenticate")
     tcp = ctx.started["tcp"]
     assert isinstance(tcp, TcpTransport)
     host, port = split_endpoint(tcp.endpoint())
@@ -275,4 +278,4 @@ def _start(ctx: HostContext) -> MooncakeTcpTransport:
     return mc
 
 
-SPEC = TransportSpec("mooncake_tcp", _start, extra=lambda cfg: cfg.mooncake_wire)
+SPEC = TransportSpec("mooncake_tcp", _start, policy=lambda cfg: "required", extra=lambda cfg: cfg.mooncake_wire)

@@ -31,14 +31,6 @@ for _fn in (_readv, _writev):
 AVAILABLE = _readv is not None and _writev is not None
 
 
-def pid_namespace() -> str:
-    """Identity of this process's PID namespace (pids mean the same thing only inside one)."""
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return ""
-
-
 def allow_peers() -> None:
     """Let same-user peers attach to this process even under Yama ``ptrace_scope`` 1 (no-op elsewhere)."""
     if _libc is not None:

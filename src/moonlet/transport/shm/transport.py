@@ -19,7 +19,7 @@ one ``process_vm_readv``/``process_vm_writev`` call for the whole frame.  So the
 bytes cross once, with no socket copies, while the target still checks and
 pins every range it touches, exactly as for TCP.  Since the target copies when
 it reads the frame, maybe after its batch ended (a deadline), each frame names
-its local buffers (``tcp.client.Pin``), which stay pinned until the target is
+its local buffers (``tcp.frames.Pin``), which stay pinned until the target is
 done with it: ``unregister`` waits for that.
 
 The target attaches only to an initiator that shares its host and PID
@@ -35,7 +35,7 @@ import logging
 import os
 
 from ...batch import Batch, State
-from ...memory import Buffer, Denied, MemoryRegistry
+from ...memory import Buffer, Denied, MemoryRegistry, PeerMapping
 from ...segment import RemoteBuffer, Segment, SegmentDescriptor
 from ..base import HostContext, Transport, WorkItem, contiguous
 from ..spec import TransportSpec
@@ -44,7 +44,6 @@ from ..tcp import protocol as P
 from ..tcp.client import Peer
 from ..tcp.transport import TcpTransport
 from . import cma
-from .mapping import PeerMapping
 from .target import AttachTarget
 
 log = logging.getLogger("moonlet.shm")
@@ -87,10 +86,9 @@ class SameHostTransport(Transport):
         if not attach:
             return
         peer = self._tcp.peer(segment)
-        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries  # no socket
-        for kind in (P.PUSH, P.PULL):  # to pipeline: big frames
-            for frame in frames.attach_requests(kind, attach, batch, self._registry, max_bytes, max_entries):
-                peer.send(frame)
+        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
+        for frame in frames.attach_requests(attach, batch, self._registry, max_bytes, max_entries):  # no socket
+            peer.send(frame)  # to pipeline: big frames
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: RemoteBuffer) -> None:

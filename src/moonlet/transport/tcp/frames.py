@@ -19,7 +19,7 @@ from ...batch import Batch
 from ...gpu import Stage
 from ...memory import Buffer, MemoryRegistry
 from ..base import WorkItem, contiguous
-from . import protocol as P
+from .protocol import PULL, PUSH, READ, WRITE
 
 _req_ids = itertools.count(1)
 
@@ -90,63 +90,64 @@ def _flat(addrs: list[int], lengths: list[int]) -> list[int]:
     return table
 
 
-def requests(kind: int, items: list[WorkItem], batch: Batch, slice_size: int, max_bytes: int,
-             max_entries: int) -> Iterator[tuple[OutFrame, list[Staged]]]:
-    """WRITE or READ frames (``kind``) for the ``items`` of that op, each with the GPU ranges it stages.
+def requests(items: list[WorkItem], batch: Batch, slice_size: int, max_bytes: int,
+             max_entries: int) -> list[tuple[OutFrame, list[Staged]]]:
+    """READ frames, then WRITE frames, for ``items``, each with the GPU ranges it stages.
 
     A request longer than ``slice_size`` is cut in slices (so several lanes carry it); a frame closes at
     ``max_bytes`` or ``max_entries``. The view of a GPU range is an index into the list of staged ranges
     that comes with its frame: the sender takes a stage and puts its views there.
     """
-    write = kind == P.WRITE
-    table: list[int] = []  # addr, length, addr, length, ...
-    views: list = []
-    refs: list[int] = []
-    staged: list[Staged] = []
-    nbytes = 0
-    for index, req, local, _ in items:
-        if bool(req.op) != write:
-            continue
-        length = req.length
-        if length <= slice_size:
-            pieces: Iterable[tuple[int, int, int]] = ((req.remote_addr, req.local_addr, length),)
-        else:
-            pieces = [(req.remote_addr + off, req.local_addr + off, min(slice_size, length - off))
-                      for off in range(0, length, slice_size)]
-        for remote_addr, local_addr, n in pieces:
-            table += (remote_addr, n)
-            if local.is_host:
-                views.append(local.view(local_addr, n))
+    out: list[tuple[OutFrame, list[Staged]]] = []
+    for kind in (READ, WRITE):
+        write = kind == WRITE
+        table: list[int] = []  # addr, length, addr, length, ...
+        views: list = []
+        refs: list[int] = []
+        staged: list[Staged] = []
+        nbytes = 0
+        for index, req, local, _ in items:
+            if bool(req.op) != write:
+                continue
+            length = req.length
+            if length <= slice_size:
+                pieces: Iterable[tuple[int, int, int]] = ((req.remote_addr, req.local_addr, length),)
             else:
-                views.append(len(staged))
-                staged.append((local_addr, n, int(local.location.split(":")[1])))
-            refs.append(index)
-            nbytes += n
-            if nbytes >= max_bytes or len(refs) >= max_entries:
-                yield OutFrame(kind, table, views, refs, batch, nbytes), staged
-                table, views, refs, staged, nbytes = [], [], [], [], 0
-    if refs:
-        yield OutFrame(kind, table, views, refs, batch, nbytes), staged
+                pieces = [(req.remote_addr + off, req.local_addr + off, min(slice_size, length - off))
+                          for off in range(0, length, slice_size)]
+            for remote_addr, local_addr, n in pieces:
+                table += (remote_addr, n)
+                if local.is_host:
+                    views.append(local.view(local_addr, n))
+                else:
+                    views.append(len(staged))
+                    staged.append((local_addr, n, int(local.location.split(":")[1])))
+                refs.append(index)
+                nbytes += n
+                if nbytes >= max_bytes or len(refs) >= max_entries:
+                    out.append((OutFrame(kind, table, views, refs, batch, nbytes), staged))
+                    table, views, refs, staged, nbytes = [], [], [], [], 0
+        if refs:
+            out.append((OutFrame(kind, table, views, refs, batch, nbytes), staged))
+    return out
 
 
 def arrays(kind: int, local_addrs: list[int], remote_addrs: list[int], lengths: list[int],
            view: Callable[[int, int], memoryview], batch: Batch, total: int, max_bytes: int,
-           max_entries: int) -> Iterator[OutFrame]:
+           max_entries: int) -> list[OutFrame]:
     """WRITE or READ frames for arrays of host ranges (``total`` bytes), none longer than a slice: one frame
     when the limits allow, with one entry when the ranges are adjacent."""
     count = len(lengths)
     if total <= max_bytes and count <= max_entries:  # the usual case: the whole batch is one frame
         if count == 1 or contiguous(local_addrs, remote_addrs, lengths):  # one range: one entry
-            yield OutFrame(kind, [remote_addrs[0], total], [view(local_addrs[0], total)], range(count), batch,
-                           total, None if count == 1 else [count])
-            return
-        yield OutFrame(kind, _flat(remote_addrs, lengths), [view(a, n) for a, n in zip(local_addrs, lengths)],
-                       range(count), batch, total)
-        return
+            return [OutFrame(kind, [remote_addrs[0], total], [view(local_addrs[0], total)], range(count), batch,
+                             total, None if count == 1 else [count])]
+        return [OutFrame(kind, _flat(remote_addrs, lengths), [view(a, n) for a, n in zip(local_addrs, lengths)],
+                         range(count), batch, total)]
     views = [view(a, n) for a, n in zip(local_addrs, lengths)]
-    for start, end, nbytes in bounds(lengths, max_bytes, max_entries):
-        yield OutFrame(kind, _flat(remote_addrs[start:end], lengths[start:end]), views[start:end],
-                       range(start, end), batch, nbytes)
+    return [OutFrame(kind, _flat(remote_addrs[start:end], lengths[start:end]), views[start:end],
+                     range(start, end), batch, nbytes)
+            for start, end, nbytes in bounds(lengths, max_bytes, max_entries)]
 
 
 def ranges(kind: int, remote_addrs: list[int], lengths: list[int], views: list[memoryview], refs: list[int],
@@ -158,51 +159,55 @@ def ranges(kind: int, remote_addrs: list[int], lengths: list[int], views: list[m
     return OutFrame(kind, table, views, refs, batch, sum(lengths))
 
 
-def attach_requests(kind: int, items: list[WorkItem], batch: Batch, registry: MemoryRegistry, max_bytes: int,
-                    max_entries: int) -> Iterator[OutFrame]:
-    """PULL (a WRITE) or PUSH (a READ) frames for the ``items`` of that op: entries (remote addr, length,
-    local addr), the views kept for a TCP fallback, and a :class:`Pin` of the frame's distinct local buffers."""
-    pull = kind == P.PULL
-    table: list[int] = []
-    views: list = []
-    refs: list[int] = []
-    bufs: list[Buffer] = []  # the frame's distinct local buffers (mostly one)
-    last = None
-    nbytes = 0
-    for index, req, local, _ in items:
-        if bool(req.op) != pull:
-            continue
-        table += (req.remote_addr, req.length, req.local_addr)
-        views.append(local.view(req.local_addr, req.length))
-        refs.append(index)
-        nbytes += req.length
-        if local is not last:
-            last = local
-            if local not in bufs:
-                bufs.append(local)
-        if nbytes >= max_bytes or len(refs) >= max_entries:
-            yield OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs))
-            table, views, refs, bufs, last, nbytes = [], [], [], [], None, 0
-    if refs:
-        yield OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs))
+def attach_requests(items: list[WorkItem], batch: Batch, registry: MemoryRegistry, max_bytes: int,
+                    max_entries: int) -> list[OutFrame]:
+    """PUSH (READ) frames, then PULL (WRITE) frames, for ``items``: entries (remote addr, length, local
+    addr), the views kept for a TCP fallback, and a :class:`Pin` of each frame's distinct local buffers."""
+    out: list[OutFrame] = []
+    for kind in (PUSH, PULL):
+        pull = kind == PULL
+        table: list[int] = []
+        views: list = []
+        refs: list[int] = []
+        bufs: list[Buffer] = []  # the frame's distinct local buffers (mostly one)
+        last = None
+        nbytes = 0
+        for index, req, local, _ in items:
+            if bool(req.op) != pull:
+                continue
+            table += (req.remote_addr, req.length, req.local_addr)
+            views.append(local.view(req.local_addr, req.length))
+            refs.append(index)
+            nbytes += req.length
+            if local is not last:
+                last = local
+                if local not in bufs:
+                    bufs.append(local)
+            if nbytes >= max_bytes or len(refs) >= max_entries:
+                out.append(OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs)))
+                table, views, refs, bufs, last, nbytes = [], [], [], [], None, 0
+        if refs:
+            out.append(OutFrame(kind, table, views, refs, batch, nbytes, pin=Pin(registry, bufs)))
+    return out
 
 
 def attach_arrays(kind: int, local_addrs: list[int], remote_addrs: list[int], lengths: list[int], local: Buffer,
-                  batch: Batch, registry: MemoryRegistry, max_bytes: int, max_entries: int) -> Iterator[OutFrame]:
+                  batch: Batch, registry: MemoryRegistry, max_bytes: int, max_entries: int) -> list[OutFrame]:
     """PULL or PUSH frames straight from arrays of ranges in one local buffer, as few as the limits allow."""
     view = local.view
     count = len(lengths)
     if count == 1 or (count <= max_entries and contiguous(local_addrs, remote_addrs, lengths)
                       and sum(lengths) <= max_bytes):  # one range (a lone request, or adjacent ones): one entry
         n = sum(lengths)
-        yield OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(count),
-                       batch, n, None if count == 1 else [count], Pin(registry, [local]))
-        return
+        return [OutFrame(kind, [remote_addrs[0], n, local_addrs[0]], [view(local_addrs[0], n)], range(count),
+                         batch, n, None if count == 1 else [count], Pin(registry, [local]))]
+    out = []
     for start, end, nbytes in bounds(lengths, max_bytes, max_entries):
         table = [0] * (3 * (end - start))
         table[0::3], table[1::3], table[2::3] = remote_addrs[start:end], lengths[start:end], local_addrs[start:end]
         views = [view(a, m) for a, m in zip(local_addrs[start:end], lengths[start:end])]
-        yield OutFrame(kind, table, views, range(start, end), batch, nbytes, pin=Pin(registry, [local]))
+        out.append(OutFrame(kind, table, views, range(start, end), batch, nbytes, pin=Pin(registry, [local])))
+    return out
 
 
 def without_attach(frame: OutFrame, entries: list[tuple[int, list[int]]]) -> OutFrame:
@@ -214,6 +219,6 @@ def without_attach(frame: OutFrame, entries: list[tuple[int, list[int]]]) -> Out
     for k, mine in entries:
         flat += (table[3 * k], table[3 * k + 1])
         refs += mine
-    return OutFrame(P.WRITE if frame.kind == P.PULL else P.READ, flat, [frame.views[k] for k, _ in entries],
+    return OutFrame(WRITE if frame.kind == PULL else READ, flat, [frame.views[k] for k, _ in entries],
                     refs, frame.batch, sum(flat[1::2]),
                     None if frame.spans is None else [len(mine) for _, mine in entries])

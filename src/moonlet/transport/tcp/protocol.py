@@ -24,7 +24,7 @@ PUSH       count x (addr, len, dst u64) none; same host: the target copies into 
 RESP       count x status u8            for a READ: the bytes of every OK entry
 ERROR      none                         UTF-8 message; the sender then closes
 CONNECT    none                         JSON: {"service": ..., ...}, >= 16 bytes; answered by CONNECT
-AUTH       none                         challenge-response with the cluster secret (see auth.py)
+AUTH       none                         challenge-response with the cluster secret (security/auth.py)
 =========  ===========================  ==============================================
 
 A WRITE or READ frame carries up to ``MAX_ENTRIES`` requests, so a batch of

@@ -189,8 +189,7 @@ class TcpServer(Reactor):
 
     def add_frames(self, service: FrameService) -> None:
         """Serve request frames of ``service.kinds`` with ``service`` (before any peer connects)."""
-        for kind in service.kinds:
-            self._frame_services[kind] = service
+        self._frame_services = {**self._frame_services, **{kind: service for kind in service.kinds}}  # atomic
 
     def add_foreign(self, protocol: Any) -> None:
         """Hand connections whose first bytes ``protocol.claims(head)`` to ``protocol.adopt(sock, head)``:
@@ -487,14 +486,15 @@ class TcpServer(Reactor):
             self._promote(conn)
         kind = p.kind
         entries = reader.entries
-        service = self._frame_services.get(kind)
-        if service is not None:  # PULL / PUSH: the same-host target copies, and the reply is the statuses
-            statuses = service.serve(conn.sessions.get(service), kind, entries)
+        if kind != P.WRITE and kind != P.READ:  # PULL / PUSH: the same-host target copies; the reply: statuses
+            service = self._frame_services.get(kind)
+            if service is None:  # this engine runs no same-host transport: the peer falls back to TCP
+                statuses = P.STATUS_BYTES[Denied.ATTACH_REFUSED] * len(entries)
+            else:
+                statuses = service.serve(conn.sessions.get(service), kind, entries)
             head = P.encode_response(p.req_id, statuses, 0)
             self._queue(conn, [head], len(head))
             return
-        if kind != P.WRITE and kind != P.READ:
-            raise ProtocolError(f"this target serves no {P.KINDS[kind]} frames")
         write = kind == P.WRITE
         resolved, pinned = self._registry.acquire(entries, write)
         refused: bytearray | None = None  # a status per entry, made at the first refusal

@@ -140,9 +140,8 @@ class TcpTransport(Transport):
         # Announce every slice before the first frame leaves, so no reply can finish a request early.
         batch.add_parts([(index, -(-req.length // slice_size)) for index, req, *_ in items], self.name)
         lag: list = []  # a staged WRITE frame whose GPU copy is in flight
-        for kind in (P.READ, P.WRITE):
-            for frame, staged in frames.requests(kind, items, batch, slice_size, max_bytes, max_entries):
-                self._send(peer, frame, staged, lag)
+        for frame, staged in frames.requests(items, batch, slice_size, max_bytes, max_entries):
+            self._send(peer, frame, staged, lag)
         self._flush_lag(peer, lag)
 
     def _send(self, peer: Peer, frame: OutFrame, staged: list[tuple[int, int, int]], lag: list) -> None:
