@@ -3,6 +3,7 @@ that points at something other than moonlet, and how far a local range overruns 
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import threading
@@ -15,7 +16,17 @@ import pytest
 from helpers.engines import initiator
 from helpers.memory import register_random, sha
 from helpers.procs import open_fds
-from moonlet import MemoryAccessError, MetadataError, MetadataServer, MoonletError, Op, Request, State
+from moonlet import (
+    EngineConfig,
+    MemoryAccessError,
+    MetadataError,
+    MetadataServer,
+    MoonletError,
+    Op,
+    Request,
+    State,
+    TransferEngine,
+)
 
 
 def test_register_with_the_metadata_server_down_is_all_or_nothing() -> None:
@@ -89,6 +100,31 @@ def test_local_overrun_says_by_how_many_bytes(pair: tuple) -> None:
         eng.write(lbuf.addr + 65536, seg, rbuf.addr, 16)
 
 
+def test_remote_overrun_says_by_how_many_bytes(pair: tuple) -> None:
+    eng, seg, lbuf, lview, rbuf, rview = pair
+    before = sha(rview)
+    status = eng.submit([Request(Op.WRITE, lbuf.addr, seg, rbuf.addr + 65536 - 1000, 1100)]).wait()[0]
+    assert status.state is State.FAILED
+    assert f"overruns buffer [{rbuf.addr:#x}, +65536) by 100 byte(s)" in status.reason, status.reason
+    status = eng.submit([Request(Op.READ, lbuf.addr, seg, rbuf.addr + 65536, 16)]).wait()[0]
+    assert status.state is State.FAILED and f"none of its buffers holds the start {rbuf.addr + 65536:#x}" \
+        in status.reason, status.reason
+    assert sha(rview) == before
+
+
+def test_a_misspelled_setting_is_warned_about_once(monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("MOONLET_LANE", "7")  # MOONLET_LANES meant
+    monkeypatch.setenv("MOONLET_UNRELATED_KNOB", "1")  # close to nothing: another tool's, not a typo
+    with caplog.at_level(logging.WARNING, logger="moonlet"):
+        cfg = EngineConfig.from_env()
+        EngineConfig.from_env()
+    assert cfg.lanes == EngineConfig().lanes  # ignored, as the warning says
+    warned = [r.getMessage() for r in caplog.records if "MOONLET_LANE " in r.getMessage() + " "]
+    assert warned == ["MOONLET_LANE is not a moonlet setting and is ignored; did you mean MOONLET_LANES?"]
+    assert "UNRELATED" not in caplog.text
+
+
 class _Impostor:
     """A plain TCP listener that is not moonlet: it answers each connection with ``reply`` (none: it never
     accepts, so the kernel completes the handshake and nothing ever answers) and holds it open."""
@@ -134,3 +170,30 @@ def test_p2p_name_of_a_port_that_is_not_moonlet(reply: bytes | None) -> None:
     else:
         assert "does not speak moonlet's protocol (bad magic" in msg and "b'+O'" in msg
         assert took < 0.9  # at once, not after the timeout
+
+
+def test_two_engines_of_one_process_use_the_same_process_path() -> None:
+    """No socket between engines of one process: a checked memmove, with the owner's rights enforced."""
+    with TransferEngine() as target, TransferEngine() as eng:
+        remote = bytearray(os.urandom(1 << 20))
+        rbuf = target.register(remote)
+        ro = bytearray(os.urandom(4096))
+        robuf = target.register(ro, remote_write=False)
+        local = bytearray(os.urandom(1 << 20))
+        lbuf = eng.register(local)
+        seg = eng.open_segment(target.name)
+        status = eng.write(lbuf.addr, seg, rbuf.addr + 100, 65536)
+        assert status.transport == "local"
+        assert sha(remote[100:100 + 65536]) == sha(local[:65536])
+        statuses = eng.submit_many(Op.READ, seg, [lbuf.addr + i * 8192 for i in range(32)],
+                                   [rbuf.addr + i * 4096 for i in range(32)], [4096] * 32).check()
+        assert {s.transport for s in statuses} == {"local"}
+        for i in range(32):
+            assert local[i * 8192:i * 8192 + 4096] == remote[i * 4096:(i + 1) * 4096]
+        before = bytes(ro)
+        refused = eng.submit([Request(Op.WRITE, lbuf.addr, seg, robuf.addr, 4096)]).wait()[0]
+        assert refused.state is State.FAILED and "does not allow this access" in refused.reason
+        assert bytes(ro) == before  # the owner's rights hold on this path too
+        target.close()
+        gone = eng.submit([Request(Op.WRITE, lbuf.addr, seg, rbuf.addr, 4096)]).wait()[0]
+        assert gone.state is State.FAILED, gone

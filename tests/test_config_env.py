@@ -48,6 +48,7 @@ NON_DEFAULT = {
     "tls_ca_file": ("ca.pem", "ca.pem"),
     "transports": (("shm", "tcp"), "shm,tcp"),
     "mooncake_wire": (True, "yes"),
+    "metrics_port": (9464, "9464"),
 }
 
 

@@ -94,6 +94,8 @@ class Batch:
     #: what the engine pinned for the batch's life (its distinct local buffers), and who unpins them
     pinned: Sequence[Buffer] = ()
     _unpin: Callable[[Batch], None] | None = None
+    #: with metrics on: (op of every request or None when they differ, their lengths or None, submit time)
+    meter: tuple[Op | None, list[int] | None, float] = (None, None, 0.0)
 
     def __init__(self, requests: list[Request] | int, deadline: float,
                  expire: Callable[[Batch], None] | None = None,
@@ -243,6 +245,22 @@ class Batch:
             self._unpin = None
         if self._cond is not None:
             self._cond.notify_all()
+
+    def carried_whole_by(self) -> str | None:
+        """For an ended batch: the transport that completed every request, when one did it all (the usual
+        case); else None. Takes no lock: the engine's unpin callback calls it holding the batch's lock."""
+        if self._failed:
+            return None
+        if self._parts is None or self._uniform is not None:
+            return self._uniform
+        first = self._transport[0] if self._n else ""
+        return first if first and self._transport.count(first) == self._n else None
+
+    def ended_requests(self) -> list[tuple[State, str]]:
+        """For an ended batch: (state, transport) of every request. Takes no lock (as above)."""
+        if self._parts is None:
+            return [(State.COMPLETED, self._uniform or "")] * self._n
+        return list(zip(self._state, self._transport))
 
     # -- read by the user -------------------------------------------------------
 

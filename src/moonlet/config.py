@@ -10,6 +10,8 @@ explicit argument wins over the environment, which wins over the default.
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
 import re
@@ -118,6 +120,10 @@ class EngineConfig:
             ``mooncake_tcp``); with a metadata store, Mooncake's keys are
             written and read too.  Mooncake's wire has no authentication, so
             this cannot be combined with a cluster secret or TLS.
+        metrics_port: serve Prometheus metrics at ``http://listen_host:PORT/metrics`` (0: any free port,
+            see ``TransferEngine.metrics_url``); None (default): not served. Needs the ``metrics``
+            extra (``pip install 'moonlet[metrics]'``); ``moonlet.metrics.register`` adds an engine's
+            metrics to a registry the application serves itself.
     """
 
     listen_host: str = "127.0.0.1"
@@ -153,6 +159,7 @@ class EngineConfig:
     tls_ca_file: str | None = None
     transports: tuple[str, ...] = field(default_factory=tuple)
     mooncake_wire: bool = False
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -200,6 +207,8 @@ class EngineConfig:
         if self.mooncake_wire and (self.secret is not None or self.secret_file is not None or all(tls)):
             raise ConfigError("mooncake_wire cannot be combined with a cluster secret or TLS: Mooncake peers "
                               "can neither authenticate nor speak TLS")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port must be in 0..65535 (0: any free port), got {self.metrics_port}")
         if isinstance(self.transports, str):
             raise ConfigError("transports must be a sequence of names, e.g. ('tcp',)")
         object.__setattr__(self, "transports", tuple(self.transports))
@@ -228,6 +237,24 @@ ARGUMENT, ENVIRONMENT, DEFAULT = "argument", "environment", "default"
 NOT_FROM_ENV = frozenset({"secret"})
 
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+#: MOONLET_ variables moonlet reads besides the fields' own.
+OTHER_VARIABLES = frozenset({"MOONLET_SECRET"})
+_misspelled_warned: set[str] = set()  # variables already warned about, once per process
+
+
+def _warn_misspelled(environ: Mapping[str, str], names: list[str]) -> None:
+    """Warn (once per process and variable) about a MOONLET_ variable that is no setting but close to one:
+    a typo would otherwise leave the default in force without a word."""
+    known = {env_name(n) for n in names} | OTHER_VARIABLES
+    for var in environ:
+        if var.startswith("MOONLET_") and var not in known and var not in _misspelled_warned:
+            close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.8)
+            if close:
+                _misspelled_warned.add(var)
+                logging.getLogger("moonlet").warning("%s is not a moonlet setting and is ignored; did you mean %s?",
+                                                     var, close[0])
 
 
 def env_name(field_name: str) -> str:
@@ -289,6 +316,7 @@ def resolve(explicit: Mapping[str, Any] | None = None,
     explicit = dict(explicit or {})
     environ = os.environ if environ is None else environ
     names = [f.name for f in fields(EngineConfig)]
+    _warn_misspelled(environ, names)
     unknown = set(explicit) - set(names)
     if unknown:
         raise ConfigError(f"unknown config field(s): {', '.join(sorted(unknown))}")

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from operator import add, index
 from typing import Any
 
-from . import gpu
+from . import gpu, metrics
 from . import metadata as md
 from .batch import Batch, Op, Request, RequestStatus, State
 from .config import EngineConfig, check_timeout
@@ -28,6 +28,7 @@ from .memory import (
     parse_location,
     view_at,
 )
+from .metrics import Meter
 from .security import Security
 from .segment import RemoteBuffer, Segment, SegmentDescriptor, host_identity, new_instance_id, pid_namespace
 from .transport import registry
@@ -110,9 +111,14 @@ class TransferEngine:
         self._notes: deque[tuple[str, str]] = deque()
         self._notes_size = 0  # bytes the unread notes hold
         self._notes_lock = threading.Lock()
+        self._meter: Meter | None = None  # made when metrics are first asked for (served or registered)
+        self._metrics_server: Any = None
+        #: where this engine serves its Prometheus metrics (``EngineConfig.metrics_port``), or None
+        self.metrics_url: str | None = None
         ctx = HostContext(cfg, self._registry, security, self._instance, self._host, self._pidns, wanted,
                           describe=self._descriptor_json, descriptor=lambda: self.descriptor().to_dict(),
-                          identity=self._identity, on_stale=self._stale.add, on_note=self._queue_note)
+                          identity=self._identity, on_stale=self._stale.add, on_note=self._queue_note,
+                          on_fallback=self._fallback)
         try:
             wanted, skipped = self._start_transports(ctx, wanted, skipped)
         except BaseException:
@@ -139,6 +145,12 @@ class TransferEngine:
         if security.secret is None:
             _warn_no_secret(self._name, self._endpoint)
         self._stop = threading.Event()
+        if cfg.metrics_port is not None:
+            try:
+                self._metrics_server, self.metrics_url = metrics.serve(self, cfg.listen_host, cfg.metrics_port)
+            except ConfigError:
+                self.close()
+                raise
         if self._meta.leased:
             threading.Thread(target=self._keepalive, name="moonlet-metadata-keepalive", daemon=True).start()
 
@@ -149,6 +161,26 @@ class TransferEngine:
         for t in self._all_transports:
             out.update(t.stats())
         return out
+
+    def _metrics_collector(self) -> metrics.Collector:
+        """This engine's Prometheus collector; counting starts with the first one."""
+        if self._meter is None:
+            self._meter = metrics.Meter()
+        return metrics.Collector(self._name, self._meter, self._gauges)
+
+    def _gauges(self) -> dict[str, Any]:
+        """What the metrics read at scrape time: connections per transport, registered bytes per location,
+        open segments."""
+        registered: dict[str, int] = {}
+        for buf in self._registry.buffers():
+            registered[buf.location] = registered.get(buf.location, 0) + buf.length
+        return {"connections": {t.name: t.connections() for t in self._all_transports},
+                "registered": registered, "peers": len(self._segments)}
+
+    def _fallback(self, source: str, target: str, reason: str, count: int) -> None:
+        meter = self._meter
+        if meter is not None:
+            meter.fallback(source, target, reason, count)
 
     def _keepalive(self) -> None:
         """Renew the descriptor's lease every third of its TTL; say once when the store is down, and when back."""
@@ -512,7 +544,10 @@ class TransferEngine:
         self._check_open()
         reqs = [r if type(r) is Request else Request(*r) for r in requests]
         timeout = self.config.request_timeout if timeout is None else check_timeout("timeout", timeout)
-        batch = Batch(reqs, time.monotonic() + timeout, self._expire)
+        now = time.monotonic()
+        batch = Batch(reqs, now + timeout, self._expire)
+        if self._meter is not None:
+            batch.meter = (None, None, now)
         groups: dict[tuple[int, int], tuple[Transport, Segment, list[WorkItem]]] = {}
         routes: dict[tuple[int, int], Transport | None] = {}
         refreshed: set[str] = set()
@@ -558,7 +593,7 @@ class TransferEngine:
                     remote = seg.find(ra, n)
                 if remote is None:
                     batch.fail(i, f"remote range [{ra:#x}, +{n}) is not inside a registered "
-                                  f"buffer of segment {seg.name!r}")
+                                  f"buffer of segment {seg.name!r}: {seg.miss(ra, n)}")
                     continue
                 r_lo, r_hi, items = remote.addr, remote.end, None
             if items is None:
@@ -604,7 +639,10 @@ class TransferEngine:
         if route is None:
             return self.submit([Request(op, a, seg, b, n) for a, b, n in zip(la, ra, ln)], timeout)
         t, local, remote = route
-        batch = Batch(n, time.monotonic() + timeout, self._expire, t.drive)
+        now = time.monotonic()
+        batch = Batch(n, now + timeout, self._expire, t.drive)
+        if self._meter is not None:
+            batch.meter = (op, ln, now)
         self._hold(batch, [local])
         t.submit_many(seg, batch, op, la, ra, ln, local, remote)
         return batch
@@ -617,7 +655,7 @@ class TransferEngine:
         No lock and no counter: the batch is tracked before its buffers are checked, and ``unregister``
         marks a buffer draining before it looks at the tracked batches, so one of the two sees the other.
         """
-        batch.hold(local, self._release)
+        batch.hold(local, self._release if self._meter is None else self._release_metered)
         live = self._live
         live.add(batch)
         for buf in local:
@@ -631,6 +669,16 @@ class TransferEngine:
     def _release(self, batch: Batch) -> None:
         """``batch`` ended (called once, under its lock): stop tracking it."""
         self._live.discard(batch)
+
+    def _release_metered(self, batch: Batch) -> None:
+        """:meth:`_release`, and count what the batch moved (metrics on)."""
+        self._live.discard(batch)
+        meter = self._meter
+        if meter is not None and batch.meter[2]:  # submitted once counting had started
+            try:
+                meter.ended(batch)
+            except Exception:  # noqa: BLE001 - counting must never break the end of a batch
+                log.error("counting a batch for the metrics failed", exc_info=True)
 
     def _bulk_route(self, seg: Segment, la: list[int], ra: list[int],
                     ln: list[int]) -> tuple[Transport, Buffer, RemoteBuffer] | None:
@@ -785,6 +833,9 @@ class TransferEngine:
             return
         self._closed = True
         self._stop.set()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server.server_close()
         try:
             self._meta.remove(self._name)
         except MoonletError as e:

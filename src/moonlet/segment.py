@@ -363,6 +363,16 @@ class Segment:
             self._last = b
             return b
 
+    def miss(self, addr: int, length: int) -> str:
+        """Why no buffer of the peer holds ``[addr, addr+length)``: by how much it overruns the one its start
+        lies in (as the peer last described its buffers)."""
+        with self._lock:
+            i = bisect.bisect_right(self._starts, addr) - 1
+            buf = self._bufs[i] if i >= 0 else None
+        if buf is None or addr >= buf.end:
+            return f"none of its buffers holds the start {addr:#x}"
+        return f"it overruns buffer [{buf.addr:#x}, +{buf.length}) by {addr + length - buf.end} byte(s)"
+
     @property
     def buffers(self) -> list[RemoteBuffer]:
         """The peer's registered buffers as last seen, lowest address first."""

@@ -62,6 +62,8 @@ class HostContext:
     on_stale: Callable[[str], None] = lambda name: None  # a peer said our view of segment ``name`` is stale
     #: a peer sent a note (name, message); raises ProtocolError, which the peer is told, when refused
     on_note: Callable[[object, object], None] = _no_note
+    #: ``count`` requests went from transport ``source`` to ``target`` because of ``reason`` (metrics)
+    on_fallback: Callable[[str, str, str, int], None] = lambda source, target, reason, count: None
 
 
 class Transport(ABC):
@@ -103,6 +105,10 @@ class Transport(ABC):
     def stats(self) -> dict[str, int]:
         """Counters since start (:meth:`TransferEngine.stats`)."""
         return {}
+
+    def connections(self) -> int:
+        """Connections this transport has open now, both directions (a gauge of the metrics)."""
+        return 0
 
     def failure(self) -> str | None:
         """Why this transport can no longer serve (its reactor died), or None."""

@@ -34,6 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from operator import itemgetter
 from typing import Any
 
 from ...batch import Batch, State
@@ -60,9 +61,14 @@ _REASONS = {
     verbs.WC_RETRY_EXC_ERR: "no answer from the peer's NIC (retries exhausted): peer down or unreachable",
 }
 
-# One slice in flight: (batch, request index, op, local addr, lkey, remote addr, rkey, length, attempt,
-# origin), origin being (segment, local Buffer, remote buffer dict), shared by the slices of a route.
-Slice = tuple
+#: Where a slice comes from: (segment, local buffer, remote buffer), shared by the slices of a route.
+Origin = tuple[Segment, Buffer, RemoteBuffer]
+#: One slice in flight: (batch, request index, op, local addr, lkey, remote addr, rkey, length, attempt,
+#: origin). A plain tuple, made per slice and unpacked with names where used.
+Slice = tuple[Batch, int, int, int, int, int, int, int, int, Origin]
+slice_batch = itemgetter(0)  # a slice's batch
+_SGE_SIZE = C.sizeof(verbs.Sge)  # the stride of the scatter-gather array a chain points into
+_WR_SIZE = C.sizeof(verbs.SendWR)  # ... and of the work-request array
 
 
 def chunks(addr: int, length: int, most: int) -> list[tuple[int, int]]:
@@ -159,17 +165,17 @@ class _Device:
         wr_base, sge_base = C.addressof(wrs), C.addressof(sges)
         seq = q.seq
         write, read, signaled = verbs.WR_RDMA_WRITE, verbs.WR_RDMA_READ, verbs.SEND_SIGNALED
-        for i, s in enumerate(slices):
+        for i, (_, _, op, laddr, lkey, raddr, rkey, length, _, _) in enumerate(slices):
             sge = sges[i]
-            sge.addr, sge.length, sge.lkey = s[3], s[7], s[4]
+            sge.addr, sge.length, sge.lkey = laddr, length, lkey
             wr = wrs[i]
             wr.wr_id = seq + i
-            wr.sg_list = sge_base + 16 * i
+            wr.sg_list = sge_base + _SGE_SIZE * i
             wr.num_sge = 1
-            wr.opcode = write if s[2] else read
-            wr.remote_addr, wr.rkey = s[5], s[6]
+            wr.opcode = write if op else read
+            wr.remote_addr, wr.rkey = raddr, rkey
             if i + 1 < n:
-                wr.next = wr_base + 128 * (i + 1)
+                wr.next = wr_base + _WR_SIZE * (i + 1)
                 if (i + 1) % _SIGNAL_EVERY == 0:
                     wr.send_flags = signaled
             else:
@@ -191,13 +197,13 @@ class _Device:
             self._end(s, False, reason)
 
     def _end(self, s: Slice, ok: bool, reason: str = "") -> None:
-        batch = s[0]
+        batch, index, _, _, _, _, _, _, _, _ = s
         if ok:
-            batch.part_done(s[1])
+            batch.part_done(index)
         elif time.monotonic() >= batch.deadline:
-            batch.part_done(s[1], State.TIMEOUT, f"deadline passed ({reason})")
+            batch.part_done(index, State.TIMEOUT, f"deadline passed ({reason})")
         else:
-            batch.part_done(s[1], State.FAILED, reason)
+            batch.part_done(index, State.FAILED, reason)
 
     # -- completions -------------------------------------------------------------
 
@@ -226,8 +232,10 @@ class _Device:
             self._end(s, True)
             return
         if status == verbs.WC_WR_FLUSH_ERR:
-            if s[8] < 2 and time.monotonic() < s[0].deadline and not q.endpoint.gone:
-                self._queue_retry(q.endpoint, s[:8] + (s[8] + 1,) + s[9:])
+            batch, index, op, laddr, lkey, raddr, rkey, length, attempt, origin = s
+            if attempt < 2 and time.monotonic() < batch.deadline and not q.endpoint.gone:
+                self._queue_retry(q.endpoint, (batch, index, op, laddr, lkey, raddr, rkey, length, attempt + 1,
+                                               origin))
             else:
                 self._end(s, False, f"flushed: {q.broken or 'queue pair in error'}")
         else:
@@ -445,6 +453,7 @@ class RdmaTransport(Transport):
         cfg = self._cfg = ctx.config
         self._instance = instance
         self._security = ctx.security
+        self._on_fallback = ctx.on_fallback
         self._tcp = tcp
         self._fallback = fallback
         self._devices = {n.name: _Device(n, cfg) for n in nics}
@@ -694,31 +703,32 @@ class RdmaTransport(Transport):
         if tcp is None:
             return slices
         left: list[Slice] = []
-        groups: dict[tuple[int, int], list] = {}
+        groups: dict[tuple[int, int], tuple[Segment, list[Slice]]] = {}
         for s in slices:
-            seg, local, remote = s[9]
+            _, _, op, _, _, _, _, _, _, (seg, local, remote) = s
             if not local.is_host or not tcp.reaches(local, seg.descriptor, remote):
                 left.append(s)
                 continue
-            groups.setdefault((id(seg), s[2]), [seg, []])[1].append(s)
+            groups.setdefault((id(seg), op), (seg, []))[1].append(s)
         for (_, op), (seg, group) in groups.items():
-            batch_parts: dict[int, list] = {}
+            by_batch: dict[int, tuple[Batch, list[Slice]]] = {}
             for s in group:
-                batch_parts.setdefault(id(s[0]), []).append(s)
+                by_batch.setdefault(id(slice_batch(s)), (slice_batch(s), []))[1].append(s)
             peer = tcp.peer(seg)
-            for parts in batch_parts.values():
-                batch = parts[0][0]
-                batch.set_transport([s[1] for s in parts], tcp.name)
+            for batch, parts in by_batch.values():
+                refs = [index for _, index, *_ in parts]
+                batch.set_transport(refs, tcp.name)
                 batch.add_driver(tcp.drive)  # Batch.wait picks up drivers added while it waits
-                views = [s[9][1].view(s[3], s[7]) for s in parts]
-                peer.send(frames.ranges(P.WRITE if op else P.READ, [s[5] for s in parts], [s[7] for s in parts],
-                                        views, [s[1] for s in parts], batch))
+                views = [origin[1].view(laddr, length) for _, _, _, laddr, _, _, _, length, _, origin in parts]
+                peer.send(frames.ranges(P.WRITE if op else P.READ, [raddr for _, _, _, _, _, raddr, *_ in parts],
+                                        [length for _, _, _, _, _, _, _, length, _, _ in parts], views, refs, batch))
         return left
 
     def _fall_back(self, segment: Segment, batch: Batch, items: list[WorkItem], why: str) -> None:
         if self._fallback is not None and all(self._fallback.reaches(it[2], segment.descriptor, it[3])
                                               for it in items):
             batch.add_driver(self._fallback.drive)
+            self._on_fallback(self.name, self._fallback.name, "no queue pair", len(items))
             self._fallback.submit(segment, batch, items)
             return
         for index, *_ in items:
@@ -734,11 +744,11 @@ class RdmaTransport(Transport):
         for dev in self._devices.values():
             with dev.lock:
                 for q in list(dev.qps.values()):
-                    if any(s[0] is batch for _, s in q.outstanding):
+                    if any(slice_batch(s) is batch for _, s in q.outstanding):
                         q.fail("a batch on this queue pair passed its deadline")
                     if q.backlog:
-                        keep = deque(s for s in q.backlog if s[0] is not batch)
-                        dropped = [s for s in q.backlog if s[0] is batch]
+                        keep = deque(s for s in q.backlog if slice_batch(s) is not batch)
+                        dropped = [s for s in q.backlog if slice_batch(s) is batch]
                         q.backlog = keep
                         dev._fail_slices(dropped, "not yet posted")
             dev.wake()

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 
 from ...batch import Batch, State
 from ...memory import Buffer, Denied, MemoryRegistry, PeerMapping
@@ -52,8 +53,11 @@ log = logging.getLogger("moonlet.shm")
 class SameHostTransport(Transport):
     name = "shm"
 
-    def __init__(self, tcp: TcpTransport, registry: MemoryRegistry, host: str, pidns: str) -> None:
+    def __init__(self, tcp: TcpTransport, registry: MemoryRegistry, host: str, pidns: str,
+                 on_fallback: Callable[[str, str, str, int], None] = lambda *_: None) -> None:
+        """``on_fallback``: told how many requests went over TCP instead (the kernel refused the copy)."""
         self._tcp = tcp
+        self._on_fallback = on_fallback
         self._registry = registry  # where attach frames pin the local buffers their targets copy
         self._host = host
         self._pidns = pidns
@@ -73,7 +77,8 @@ class SameHostTransport(Transport):
                 and local.is_host and remote.is_host
                 and (peer.name, peer.instance) not in self._refused)
 
-    def _note_refused(self, peer: Peer) -> None:
+    def _note_refused(self, peer: Peer, count: int) -> None:
+        self._on_fallback(self.name, "tcp", "attach refused", count)
         key = (peer.name, peer.instance)
         if key not in self._refused:
             self._refused.add(key)
@@ -202,7 +207,7 @@ def _start(ctx: HostContext) -> SameHostTransport:
     cma.allow_peers()
     tcp.greet_with({"pid": os.getpid(), "host": ctx.host, "pidns": ctx.pidns})
     tcp.server.add_frames(AttachTarget(ctx.registry, tcp.server.identity))
-    return SameHostTransport(tcp, ctx.registry, ctx.host, ctx.pidns)
+    return SameHostTransport(tcp, ctx.registry, ctx.host, ctx.pidns, ctx.on_fallback)
 
 
 SPEC = TransportSpec("shm", _start,

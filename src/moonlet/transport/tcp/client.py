@@ -282,6 +282,10 @@ class Lane:
 class Progress:
     """The driver role: one waiting thread at a time reads replies for all lanes of a transport."""
 
+    def lanes(self) -> int:
+        """Lanes open now (to every peer)."""
+        return len(self._lanes)
+
     def __init__(self, spin_us: int) -> None:
         self._spin = spin_us / 1e6
         self._role = threading.Lock()  # held by the thread driving replies
@@ -480,7 +484,7 @@ class Peer:
 
     def __init__(self, name: str, endpoint: str, instance: str, lanes: int, connect_timeout: float,
                  send_timeout: float, socket_buffer: int | None, progress: Progress,
-                 on_stale: Callable[[str], None], hello: dict, on_refused: Callable[[Peer], None],
+                 on_stale: Callable[[str], None], hello: dict, on_refused: Callable[[Peer, int], None],
                  security: Security = PLAIN, stats: dict | None = None) -> None:
         self.name = name
         self.security = security
@@ -622,8 +626,8 @@ class Peer:
     def _fall_back(self, frame: OutFrame, entries: list[tuple[int, list[int]]]) -> None:
         """The target may not copy our memory directly: carry these entries of a PULL/PUSH frame (each with
         the batch indices of its requests) over TCP."""
-        self.on_refused(self)
         tcp = frames.without_attach(frame, entries)
+        self.on_refused(self, len(tcp.refs))
         frame.batch.set_transport(list(tcp.refs), "tcp")
         self.send(tcp)
 

@@ -306,7 +306,8 @@ class FrameReader:
     """
 
     __slots__ = ("state", "initiator", "control", "fast", "head", "into", "got", "need", "prefix", "buf",
-                 "single", "entries", "body", "req_id", "statuses", "payload_len", "views", "_left")
+                 "single", "entries", "body", "req_id", "statuses", "payload_len", "views", "_left", "_hview",
+                 "_hsize")
 
     def __init__(self, initiator: bool, control: bool = False) -> None:
         """``initiator``: read replies (RESP, ERROR), and with ``control`` the answers to control frames
@@ -318,6 +319,8 @@ class FrameReader:
         #: has authenticated: until then every frame takes the general path, which explains refusals)
         self.fast = initiator
         self.head = bytearray(PREFIX_SIZE + (MIN_INITIATOR_TAIL if initiator else MIN_TARGET_TAIL))
+        self._hview = memoryview(self.head)  # made once: every frame starts here
+        self._hsize = len(self.head)
         self.prefix: Prefix | None = None
         self.single: tuple[int, int, int, int] = (0, 0, 0, 0)
         self.entries: list[tuple] = []
@@ -332,9 +335,9 @@ class FrameReader:
     def next(self) -> None:
         """Expect the head of the next frame."""
         self.state = HEAD
-        self.into = memoryview(self.head)
+        self.into = self._hview
         self.got = 0
-        self.need = len(self.head)
+        self.need = self._hsize
         self.buf: bytearray | None = None
 
     @property
@@ -388,16 +391,16 @@ class FrameReader:
         if self.fast:
             if self.initiator:
                 one = parse_single_reply(head)
-                if one is not None:
+                if one is not None:  # the head was all of it: the next frame starts where it did (no next())
                     self.req_id, status, self.payload_len = one
                     self.statuses = STATUS_BYTES[status]
-                    self.next()
+                    self.got = 0
                     return REPLY
             else:
                 single = parse_single(head)
-                if single is not None:
+                if single is not None:  # as above
                     self.single = single
-                    self.next()
+                    self.got = 0
                     return SINGLE
         p = self.prefix = parse_prefix(head)
         kind = p.kind

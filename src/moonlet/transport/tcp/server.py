@@ -85,6 +85,17 @@ class FrameService(Protocol):
         status table of the reply."""
 
 
+class _Reply:
+    """A reply queued until the socket takes it: the buffers still to send (consumed as they go), what stays
+    pinned and staged until then, the bytes left, and the memory it holds (counted against the caps)."""
+
+    __slots__ = ("bufs", "pinned", "stage", "left", "held")
+
+    def __init__(self, bufs: list, pinned: list[Buffer] | tuple, stage: Stage | None, left: int,
+                 held: int) -> None:
+        self.bufs, self.pinned, self.stage, self.left, self.held = bufs, pinned, stage, left, held
+
+
 class _Conn:
     """Per-connection parse state and output queue."""
 
@@ -104,7 +115,7 @@ class _Conn:
         self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives (see sockio.wake_later)
         self.fd = sock.fileno()
         self.reader = P.FrameReader(initiator=False)  # the frames this peer sends (state machine, sans-IO)
-        self.out: deque[list] = deque()  # [bufs, pinned, stage, bytes left, memory held]
+        self.out: deque[_Reply] = deque()
         self.out_bytes = 0
         self.out_held = 0
         self.drain: deque = _NONE  # type: ignore[assignment]  # the rest of a WRITE with refused entries
@@ -333,10 +344,10 @@ class TcpServer(Reactor):
         self._registry.release(conn.pinned)
         if conn.stage is not None:
             conn.stage.release()
-        for _, pinned, stage, _, _ in conn.out:
-            self._registry.release(pinned)
-            if stage is not None:
-                stage.release()
+        for reply in conn.out:
+            self._registry.release(reply.pinned)
+            if reply.stage is not None:
+                reply.stage.release()
         conn.out.clear()
         self._held -= conn.out_held
         conn.out_held = 0
@@ -609,7 +620,7 @@ class TcpServer(Reactor):
             held = _ENTRY_COST * len(bufs) + (len(bufs[0]) if type(bufs[0]) is bytes else 0)
         else:
             held = _ENTRY_COST + nbytes
-        conn.out.append([bufs, pinned, stage, nbytes, held])
+        conn.out.append(_Reply(bufs, pinned, stage, nbytes, held))
         conn.out_bytes += nbytes
         conn.out_held += held
         self._held += held
@@ -618,18 +629,18 @@ class TcpServer(Reactor):
     def _flush(self, conn: _Conn) -> None:
         """Send queued replies until the socket would block; unpin buffers whose bytes are out."""
         while conn.out:
-            entry = conn.out[0]
-            sent = sendmsg_some(conn.sock, entry[0], entry[3])
-            entry[3] -= sent
+            reply = conn.out[0]
+            sent = sendmsg_some(conn.sock, reply.bufs, reply.left)
+            reply.left -= sent
             conn.out_bytes -= sent
-            if entry[0]:
+            if reply.bufs:
                 break
             conn.out.popleft()
-            conn.out_held -= entry[4]
-            self._held -= entry[4]
-            self._registry.release(entry[1])
-            if entry[2] is not None:
-                entry[2].release()
+            conn.out_held -= reply.held
+            self._held -= reply.held
+            self._registry.release(reply.pinned)
+            if reply.stage is not None:
+                reply.stage.release()
         self._set_mask(conn)
         if self._throttled and self._held < _HELD_TOTAL:
             self._rearm()

@@ -46,7 +46,7 @@ class TcpTransport(Transport):
         self._on_note = ctx.on_note
         self._hello: dict[str, Any] = {}  # what our HELLO offers besides our name (greet_with)
         #: called when a peer refused to copy our memory directly (the same-host transport listens)
-        self.on_attach_refused: Callable[[Peer], None] = lambda peer: None
+        self.on_attach_refused: Callable[[Peer, int], None] = lambda peer, count: None
         self.security = ctx.security
         #: counters: frames retried on another connection, connections opened
         self.counters = {"retries": 0, "connects": 0}
@@ -92,6 +92,9 @@ class TcpTransport(Transport):
     def failure(self) -> str | None:
         return self.server.failure
 
+    def connections(self) -> int:
+        return self.server.connections + self.progress.lanes()
+
     def notify(self, peer: SegmentDescriptor, name: str, message: str, timeout: float) -> bool:
         """A CONNECT to the peer's ``notify`` service on a connection of its own."""
         endpoint = peer.endpoints.get("tcp")
@@ -127,7 +130,7 @@ class TcpTransport(Transport):
                 peer = self._peers[key] = Peer(segment.name, d.endpoints["tcp"], d.instance, self._cfg.lanes,
                                                self._cfg.connect_timeout, self._cfg.request_timeout,
                                                self._cfg.socket_buffer, self.progress, self._on_stale,
-                                               self._hello, lambda p: self.on_attach_refused(p), self.security,
+                                               self._hello, lambda p, n: self.on_attach_refused(p, n), self.security,
                                                self.counters)
             elif peer.instance != d.instance:
                 peer.instance = d.instance
