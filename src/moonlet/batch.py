@@ -63,6 +63,7 @@ class RequestStatus:
 
     @property
     def ok(self) -> bool:
+        """Whether the request completed."""
         return self.state is State.COMPLETED
 
 

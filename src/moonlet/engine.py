@@ -206,6 +206,7 @@ class TransferEngine:
 
     @property
     def metadata(self) -> str:
+        """Where this engine's descriptor is published (``p2p``, or the store's URL)."""
         return str(self._meta)
 
     def _identity(self) -> dict[str, Any]:

@@ -152,6 +152,7 @@ class Buffer:
 
     @property
     def end(self) -> int:
+        """The address just past the buffer (``addr + length``)."""
         return self.addr + self.length
 
     def view(self, addr: int, length: int) -> memoryview:

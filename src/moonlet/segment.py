@@ -341,6 +341,7 @@ class Segment:
         return watch is not None and watch.word() != self.descriptor.generation
 
     def update(self, descriptor: SegmentDescriptor) -> None:
+        """Take ``descriptor`` as the peer's current one (the engine does, when it fetches it again)."""
         with self._lock:
             self.descriptor = descriptor
             bufs = sorted((RemoteBuffer.of(b) for b in descriptor.buffers), key=lambda b: b.addr)

@@ -539,6 +539,7 @@ class MetadataServer:
 
     @property
     def url(self) -> str:
+        """What engines pass as ``metadata`` to use this server."""
         return f"http://{self.host}:{self.port}/metadata"
 
     def start(self) -> MetadataServer:
@@ -548,6 +549,7 @@ class MetadataServer:
         return self
 
     def serve_forever(self) -> None:
+        """Serve in the calling thread until :meth:`stop` (``moonlet metadata-server`` uses :meth:`start`)."""
         self._server.serve_forever()
 
     def stop(self) -> None:
