@@ -197,3 +197,23 @@ def test_two_engines_of_one_process_use_the_same_process_path() -> None:
         target.close()
         gone = eng.submit([Request(Op.WRITE, lbuf.addr, seg, rbuf.addr, 4096)]).wait()[0]
         assert gone.state is State.FAILED, gone
+
+
+def test_engines_of_one_process_with_different_secrets_do_not_take_the_short_path() -> None:
+    """The same-process path admits whom the wire would: the same secret, or none on either side."""
+    secret = "s" * 32
+    with TransferEngine(secret=secret) as target, TransferEngine(secret=secret) as same, \
+            TransferEngine(secret="t" * 32) as other:
+        remote = bytearray(os.urandom(4096))
+        rbuf = target.register(remote)
+        for eng in (same, other):
+            local = bytearray(os.urandom(4096))
+            lbuf = eng.register(local)
+            before = bytes(remote)
+            if eng is same:
+                status = eng.submit([Request(Op.WRITE, lbuf.addr, target.name, rbuf.addr, 4096)]).wait()[0]
+                assert status.ok and status.transport == "local" and remote == local
+            else:  # neither the memmove nor the wire: the handshake refuses the other secret
+                with pytest.raises(MetadataError, match="failed to prove it holds the cluster secret"):
+                    eng.submit([Request(Op.WRITE, lbuf.addr, target.name, rbuf.addr, 4096)])
+                assert bytes(remote) == before

@@ -52,6 +52,8 @@ def test_counters_match_what_moved_over_tcp():
         assert local[:4 * KiB] == remote[:4 * KiB]
         st = eng.submit([Request(Op.WRITE, lbuf.addr, seg, ro.addr, 4 * KiB)]).wait()
         assert st[0].state is State.FAILED
+        st = eng.submit([Request(Op.READ, lbuf.addr, seg, rbuf.addr + (1 << 20), 16)]).wait()  # fails at submit
+        assert st[0].state is State.FAILED
         s = scrape(eng.metrics_url)
         name = eng.name
         assert sample(s, "moonlet_transfer_bytes_total", engine=name, op="write", transport="tcp") == 15 * 64 * KiB
@@ -61,10 +63,11 @@ def test_counters_match_what_moved_over_tcp():
         assert sample(s, "moonlet_requests_total", engine=name, op="write", transport="tcp", state="failed") == 1
         assert sample(s, "moonlet_request_seconds_count", engine=name, op="write", transport="tcp") == 4
         assert sample(s, "moonlet_request_seconds_count", engine=name, op="read", transport="tcp") == 1
-        assert sample(s, "moonlet_batch_requests_count", engine=name) == 5
-        assert sample(s, "moonlet_batch_requests_sum", engine=name) == 15 + 7 + 1
-        assert sample(s, "moonlet_batch_requests_bucket", engine=name, le="4.0") == 1  # the refused one
-        assert sample(s, "moonlet_batch_requests_bucket", engine=name, le="8.0") == 5
+        assert sample(s, "moonlet_requests_total", engine=name, op="read", transport="none", state="failed") == 1
+        assert sample(s, "moonlet_batch_requests_count", engine=name) == 6
+        assert sample(s, "moonlet_batch_requests_sum", engine=name) == 15 + 7 + 1 + 1
+        assert sample(s, "moonlet_batch_requests_bucket", engine=name, le="4.0") == 2  # the two refused
+        assert sample(s, "moonlet_batch_requests_bucket", engine=name, le="8.0") == 6
         assert sample(s, "moonlet_registered_bytes", engine=name, location=lbuf.location) == 1 << 20
         assert sample(s, "moonlet_peers", engine=name) == 1
         assert sample(s, "moonlet_connections", engine=name, transport="tcp") >= 1
@@ -121,3 +124,31 @@ def test_a_taken_metrics_port_is_a_clear_error():
             initiator(metrics_port=port)
     with pytest.raises(ConfigError, match="metrics_port must be in 0..65535"):
         EngineConfig(metrics_port=70000)
+
+
+def test_engines_of_one_process_share_a_registry():
+    """Each family written once, one set of samples per engine; an engine leaves the registry when it closes."""
+    from moonlet import metrics
+
+    registry = prometheus_client.CollectorRegistry(auto_describe=True)  # as prometheus_client.REGISTRY is
+    with initiator() as target, initiator() as a, initiator() as b:
+        rbuf = target.register(bytearray(os.urandom(64 * KiB)))
+        for eng in (a, b):
+            metrics.register(eng, registry)
+        moved = {}
+        for eng, n in ((a, 3), (b, 5)):
+            lbuf = eng.register(bytearray(os.urandom(64 * KiB)))
+            seg = eng.open_segment(target.name)
+            assert all(x.ok for x in eng.submit_many(Op.WRITE, seg, [lbuf.addr] * n, [rbuf.addr] * n,
+                                                     [4 * KiB] * n).wait())
+            moved[eng.name] = n * 4 * KiB
+        text = prometheus_client.generate_latest(registry).decode()
+        assert text.count("# TYPE moonlet_transfer_bytes_total counter") == 1
+        s = {(x.name, tuple(sorted(x.labels.items()))): x.value
+             for family in text_string_to_metric_families(text) for x in family.samples}
+        for name, n in moved.items():
+            assert sample(s, "moonlet_transfer_bytes_total", engine=name, op="write", transport="tcp") == n
+        gone = a.name
+        a.close()
+        text = prometheus_client.generate_latest(registry).decode()
+        assert f'engine="{gone}"' not in text and f'engine="{b.name}"' in text

@@ -239,8 +239,9 @@ NOT_FROM_ENV = frozenset({"secret"})
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
-#: MOONLET_ variables moonlet reads besides the fields' own.
+#: MOONLET_ variables moonlet reads besides the fields' own, and prefixes of its test harness's (tests/lab.sh).
 OTHER_VARIABLES = frozenset({"MOONLET_SECRET"})
+_HARNESS = ("MOONLET_LAB", "MOONLET_RDMA_LAB", "MOONLET_FUZZ", "MOONLET_MOONCAKE_PYTHON")
 _misspelled_warned: set[str] = set()  # variables already warned about, once per process
 
 
@@ -249,7 +250,8 @@ def _warn_misspelled(environ: Mapping[str, str], names: list[str]) -> None:
     a typo would otherwise leave the default in force without a word."""
     known = {env_name(n) for n in names} | OTHER_VARIABLES
     for var in environ:
-        if var.startswith("MOONLET_") and var not in known and var not in _misspelled_warned:
+        if var.startswith("MOONLET_") and var not in known and var not in _misspelled_warned \
+                and not var.startswith(_HARNESS):
             close = difflib.get_close_matches(var, sorted(known), n=1, cutoff=0.8)
             if close:
                 _misspelled_warned.add(var)

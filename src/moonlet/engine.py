@@ -113,6 +113,7 @@ class TransferEngine:
         self._notes_lock = threading.Lock()
         self._meter: Meter | None = None  # made when metrics are first asked for (served or registered)
         self._metrics_server: Any = None
+        self._collectors: list[metrics.Collector] = []  # that report this engine (it leaves them at close)
         #: where this engine serves its Prometheus metrics (``EngineConfig.metrics_port``), or None
         self.metrics_url: str | None = None
         ctx = HostContext(cfg, self._registry, security, self._instance, self._host, self._pidns, wanted,
@@ -162,11 +163,13 @@ class TransferEngine:
             out.update(t.stats())
         return out
 
-    def _metrics_collector(self) -> metrics.Collector:
-        """This engine's Prometheus collector; counting starts with the first one."""
-        if self._meter is None:
-            self._meter = metrics.Meter()
-        return metrics.Collector(self._name, self._meter, self._gauges)
+    def _join_metrics(self, collector: metrics.Collector) -> None:
+        """Be reported by ``collector`` until this engine closes; counting starts with the first."""
+        with self._lock:
+            if self._meter is None:
+                self._meter = metrics.Meter()
+            self._collectors.append(collector)
+        collector.add(id(self), metrics.Source(self._name, self._meter, self._gauges))
 
     def _gauges(self) -> dict[str, Any]:
         """What the metrics read at scrape time: connections per transport, registered bytes per location,
@@ -609,6 +612,8 @@ class TransferEngine:
             items.append((i, r, local, remote))
         if not batch.done:  # else every request failed here, and nothing is left to move
             self._hold(batch, held)
+        elif self._meter is not None:  # ... but it counts
+            self._release_metered(batch)
         for t, seg, work in groups.values():
             t.submit(seg, batch, work)
         return batch
@@ -643,7 +648,7 @@ class TransferEngine:
         now = time.monotonic()
         batch = Batch(n, now + timeout, self._expire, t.drive)
         if self._meter is not None:
-            batch.meter = (op, ln, now)
+            batch.meter = (op, ln[:], now)  # a copy: the caller may reuse its list before the batch ends
         self._hold(batch, [local])
         t.submit_many(seg, batch, op, la, ra, ln, local, remote)
         return batch
@@ -821,8 +826,11 @@ class TransferEngine:
             raise MoonletError(f"engine is broken and must be closed: {failure}")
 
     def _close_transports(self) -> None:
-        for t in self._all_transports:
-            t.close()
+        for t in self._all_transports:  # each in turn, whatever the one before raised
+            try:
+                t.close()
+            except Exception:  # noqa: BLE001 - the other transports must still close
+                log.error("closing transport %s failed", t.name, exc_info=True)
 
     def close(self) -> None:
         """Withdraw the descriptor, close connections and stop serving peers.
@@ -837,6 +845,8 @@ class TransferEngine:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
             self._metrics_server.server_close()
+        for collector in self._collectors:
+            collector.remove(id(self))
         try:
             self._meta.remove(self._name)
         except MoonletError as e:

@@ -17,7 +17,7 @@ Metrics (every one labelled with ``engine``, the engine's segment name):
 - ``moonlet_batch_requests``: histogram of the number of requests per batch;
 - ``moonlet_fallbacks_total{from,to,reason}``: requests a transport handed to another (same-host copies
   refused by the kernel, no RDMA queue pair);
-- ``moonlet_connections{transport}``: connections open now (both directions);
+- ``moonlet_connections{transport}``: connections open now (TCP: the listener's and the lanes to peers);
 - ``moonlet_registered_bytes{location}``: registered memory, by location (cpu:N, cuda:N);
 - ``moonlet_peers``: segments this engine has open.
 """
@@ -29,7 +29,7 @@ from bisect import bisect_left as _bisect
 from collections.abc import Callable, Iterator
 from operator import attrgetter
 from time import monotonic as _monotonic
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from .batch import Batch, Op, State
 from .errors import ConfigError
@@ -164,54 +164,69 @@ class Meter:
                     "batch_requests": (self.batch_requests.cumulative(), self.batch_requests.total)}
 
 
-class Collector:
-    """A ``prometheus_client`` collector of one engine: the :class:`Meter`'s counters and gauges read from
-    the engine at scrape time."""
+class Source(NamedTuple):
+    """One engine as a collector sees it: its name (the ``engine`` label), counters and gauges."""
 
-    def __init__(self, name: str, meter: Meter, gauges: Callable[[], dict[str, Any]]) -> None:
-        self._name = name
-        self._meter = meter
-        self._gauges = gauges
+    name: str
+    meter: Meter
+    gauges: Callable[[], dict[str, Any]]
+
+
+class Collector:
+    """A ``prometheus_client`` collector of every engine added to it: one per registry, so each family is
+    written once with a set of samples per engine. Engines leave it when they close."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sources: dict[int, Source] = {}
+
+    def add(self, key: int, source: Source) -> None:
+        with self._lock:
+            self._sources[key] = source
+
+    def remove(self, key: int) -> None:
+        with self._lock:
+            self._sources.pop(key, None)
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        snap, gauges, e = self._meter.snapshot(), self._gauges(), self._name
+        with self._lock:
+            sources = list(self._sources.values())
+        seen = [(src.name, src.meter.snapshot(), src.gauges()) for src in sources]
         moved = CounterMetricFamily("moonlet_transfer_bytes", "Bytes of completed requests",
                                     labels=["engine", "op", "transport"])
-        for (op, transport), n in sorted(snap["bytes"].items()):
-            moved.add_metric([e, op, transport], n)
-        yield moved
         ended = CounterMetricFamily("moonlet_requests", "Requests ended, by state",
                                     labels=["engine", "op", "transport", "state"])
-        for (op, transport, state), n in sorted(snap["requests"].items()):
-            ended.add_metric([e, op, transport, state], n)
-        yield ended
         took = HistogramMetricFamily("moonlet_request_seconds", "Time from submit to the end of a batch, one "
                                      "observation per batch", labels=["engine", "op", "transport"])
-        for (op, transport), (buckets, total) in sorted(snap["seconds"].items()):
-            took.add_metric([e, op, transport], buckets, total)
-        yield took
         sizes = HistogramMetricFamily("moonlet_batch_requests", "Requests per batch", labels=["engine"])
-        buckets, total = snap["batch_requests"]
-        sizes.add_metric([e], buckets, total)
-        yield sizes
         fell = CounterMetricFamily("moonlet_fallbacks", "Requests a transport handed to another",
                                    labels=["engine", "from", "to", "reason"])
-        for (source, target, reason), n in sorted(snap["fallbacks"].items()):
-            fell.add_metric([e, source, target, reason], n)
-        yield fell
         conns = GaugeMetricFamily("moonlet_connections", "Connections open now", labels=["engine", "transport"])
-        for transport, n in sorted(gauges["connections"].items()):
-            conns.add_metric([e, transport], n)
-        yield conns
         memory = GaugeMetricFamily("moonlet_registered_bytes", "Registered memory", labels=["engine", "location"])
-        for location, n in sorted(gauges["registered"].items()):
-            memory.add_metric([e, location], n)
-        yield memory
         peers = GaugeMetricFamily("moonlet_peers", "Segments this engine has open", labels=["engine"])
-        peers.add_metric([e], gauges["peers"])
-        yield peers
+        for e, snap, gauges in seen:
+            for (op, transport), n in sorted(snap["bytes"].items()):
+                moved.add_metric([e, op, transport], n)
+            for (op, transport, state), n in sorted(snap["requests"].items()):
+                ended.add_metric([e, op, transport, state], n)
+            for (op, transport), (buckets, total) in sorted(snap["seconds"].items()):
+                took.add_metric([e, op, transport], buckets, total)
+            buckets, total = snap["batch_requests"]
+            sizes.add_metric([e], buckets, total)
+            for (source, target, reason), n in sorted(snap["fallbacks"].items()):
+                fell.add_metric([e, source, target, reason], n)
+            for transport, n in sorted(gauges["connections"].items()):
+                conns.add_metric([e, transport], n)
+            for location, n in sorted(gauges["registered"].items()):
+                memory.add_metric([e, location], n)
+            peers.add_metric([e], gauges["peers"])
+        yield from (moved, ended, took, sizes, fell, conns, memory, peers)
+
+
+_collectors: dict[int, tuple[Any, Collector]] = {}  # id(registry) -> (registry, its moonlet collector)
+_collectors_lock = threading.Lock()
 
 
 def _prometheus() -> Any:
@@ -224,22 +239,34 @@ def _prometheus() -> Any:
 
 def register(engine: TransferEngine, registry: Any = None) -> Collector:
     """Add ``engine``'s metrics to ``registry`` (default: ``prometheus_client.REGISTRY``), which the
-    application serves; counting starts now if it had not. Returns the collector (to unregister it)."""
+    application serves; counting starts now if it had not. Every engine of the process may be added to the
+    same registry: one collector writes them all, labelled by engine, and an engine leaves when it closes."""
     prometheus = _prometheus()
-    collector = engine._metrics_collector()
-    (prometheus.REGISTRY if registry is None else registry).register(collector)
+    registry = prometheus.REGISTRY if registry is None else registry
+    with _collectors_lock:
+        held = _collectors.get(id(registry))
+        if held is None or held[0] is not registry:
+            collector = Collector()
+            registry.register(collector)
+            _collectors[id(registry)] = (registry, collector)
+        else:
+            collector = held[1]
+    engine._join_metrics(collector)
     return collector
 
 
 def serve(engine: TransferEngine, host: str, port: int) -> tuple[Any, str]:
-    """Serve ``engine``'s metrics at ``http://host:port/metrics`` from a thread of their own registry: the
-    server (``shutdown()`` stops it) and its URL."""
+    """Serve ``engine``'s metrics at ``http://host:port/metrics`` from a thread, with a registry of their
+    own: the server (``shutdown()`` stops it) and its URL."""
     prometheus = _prometheus()
     registry = prometheus.CollectorRegistry(auto_describe=False)
-    registry.register(engine._metrics_collector())
+    collector = Collector()
+    registry.register(collector)
+    engine._join_metrics(collector)
     try:
         server, _ = prometheus.start_http_server(port, host, registry)
     except OSError as e:
         raise ConfigError(f"cannot serve metrics on {host}:{port}: {e}") from None
     bound_host, bound_port = server.server_address[:2]
-    return server, f"http://{bound_host}:{bound_port}/metrics"
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return server, f"http://{shown}:{bound_port}/metrics"

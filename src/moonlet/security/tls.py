@@ -37,6 +37,7 @@ class Tls:
     """Client and server TLS contexts built from the cluster CA and this engine's certificate."""
 
     def __init__(self, cert: str, key: str, ca: str) -> None:
+        self.ca = ca  # the cluster authority's file: engines of one process with the same one trust each other
         try:
             self.server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=ca)
             self.server.load_cert_chain(cert, key)

@@ -718,6 +718,7 @@ class RdmaTransport(Transport):
             for batch, parts in by_batch.values():
                 refs = [index for _, index, *_ in parts]
                 batch.set_transport(refs, tcp.name)
+                self._on_fallback(self.name, tcp.name, "queue pair failed", len(set(refs)))
                 batch.add_driver(tcp.drive)  # Batch.wait picks up drivers added while it waits
                 views = [origin[1].view(laddr, length) for _, _, _, laddr, _, _, _, length, _, origin in parts]
                 peer.send(frames.ranges(P.WRITE if op else P.READ, [raddr for _, _, _, _, _, raddr, *_ in parts],
@@ -728,7 +729,7 @@ class RdmaTransport(Transport):
         if self._fallback is not None and all(self._fallback.reaches(it[2], segment.descriptor, it[3])
                                               for it in items):
             batch.add_driver(self._fallback.drive)
-            self._on_fallback(self.name, self._fallback.name, "no queue pair", len(items))
+            self._on_fallback(self.name, self._fallback.name, "no RDMA route", len(items))
             self._fallback.submit(segment, batch, items)
             return
         for index, *_ in items:
