@@ -57,6 +57,19 @@ def test_bytes_cross_tls_intact(tls_target, pki):
             assert sha(m[i * 8192:i * 8192 + 4096]) == tls_target.digest(tls_target.addr + i * 4096, 4096)
 
 
+def test_a_same_host_peer_over_tls_is_served_over_tcp(tls_target, pki):
+    """Every transport in order, as deployments leave it: the same-host path cannot prove who holds a TLS
+    connection (the target sees the local end of its relay), so the target refuses to attach and the bytes
+    go over TLS; its HELLO used to fail instead (a TypeError on the relay's socket)."""
+    cfg = EngineConfig(secret="tls and secret together", **tls(pki["cluster"]))
+    with TransferEngine(config=cfg) as eng:
+        buf, m = register_random(eng, 1 << 20)
+        seg = eng.open_segment(tls_target.name)
+        status = eng.write(buf.addr, seg, tls_target.addr, 1 << 20)
+        assert status.ok and status.transport == "tcp", status
+        assert tls_target.digest(tls_target.addr, 1 << 20) == sha(m)
+
+
 def test_certificate_from_another_ca_is_refused(tls_target, pki):
     cfg = EngineConfig(transports=("tcp",), secret="tls and secret together", **tls(pki["rogue"]))
     with TransferEngine(config=cfg) as eng:

@@ -112,6 +112,8 @@ def socket_owned_by(sock: socket.socket, pid: int) -> bool:
     A peer's claimed pid is trusted for cross-memory copies only after this
     check: otherwise any local client could aim the target at a third process.
     """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):  # with TLS, the local end of a relay's socket
+        return False  # pair: who holds the TCP connection cannot be told from it, so no attaching
     try:
         peer = sock.getpeername()[:2]
         me = sock.getsockname()[:2]
