@@ -446,10 +446,11 @@ class LiveTarget:
         failure = getattr(self.server, "failure", None)
         if failure is not None:
             return f"the target's reactor failed: {failure!r}"
-        thread = getattr(self.server, "_thread", None)
-        alive = thread.is_alive() if thread is not None else any(
-            t.name == "moonlet-tcp-server" for t in threading.enumerate())
-        return None if alive else "the target's reactor thread is dead"
+        loops = getattr(getattr(self.server, "_shared", None), "loops", None)
+        if loops is None:  # another kind of server: its own thread
+            loops = [self.server]
+        alive = all(loop._thread.is_alive() for loop in loops)
+        return None if alive else "a reactor thread of the target is dead"
 
     def _check(self) -> None:
         broken = self._reactor_state()

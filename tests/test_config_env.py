@@ -29,6 +29,7 @@ NON_DEFAULT = {
     "metadata_ttl": (30.0, "30"),
     "socket_buffer": (None, ""),
     "spin_us": (0, "0"),
+    "reactors": (3, "3"),
     "gpu_kernel_max_block": (0, "0"),
     "rdma": ("off", "off"),
     "rdma_devices": (("mlx5_0", "mlx5_1"), "mlx5_0, mlx5_1"),

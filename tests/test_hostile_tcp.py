@@ -113,7 +113,8 @@ def test_a_bug_while_serving_one_connection_ends_that_connection_only():
         server = transport(target, "tcp").server
         with connect(target.name) as bystander:
             assert read_32(bystander, buf.addr) == mem[:32]
-            server._describe = lambda: 1 // 0  # a bug reached through a peer's frame
+            for loop in server._shared.loops:
+                loop._describe = lambda: 1 // 0  # a bug reached through a peer's frame
             with connect(target.name) as s:
                 s.sendall(P.encode_get_desc())
                 with pytest.raises(ProtocolError, match="ZeroDivisionError"):
@@ -130,8 +131,9 @@ def test_a_reactor_that_dies_says_so(caplog):
         def broken(now: float) -> None:
             raise RuntimeError("a bug in the loop itself")
 
-        server._tick = broken
-        os.write(server._wake_w, b"x")  # a loop turn now
+        loop = server._shared.loops[-1]  # whichever reactor dies, the engine is broken
+        loop._tick = broken
+        loop._wake()  # a loop turn now
         for _ in range(100):
             if server.failure is not None:
                 break

@@ -69,7 +69,12 @@ class EngineConfig:
         spin_us: after traffic, poll this long without sleeping before blocking.
             A sleep/wake-up pair costs tens to a hundred microseconds on
             virtual machines; spinning trades up to this much CPU time (one
-            core, after each burst) for latency. 0 disables.
+            core, after each burst) for latency. 0 disables. The window adapts:
+            it shrinks while spinning catches nothing, and no thread spins
+            while the machine has as many runnable threads as CPUs.
+        reactors: threads serving peers' connections on this engine's
+            listener (each peer's connections are spread over them once they
+            authenticate); 0: one per CPU this process may run on, at most 16.
         gpu_kernel_max_block: GPU-to-GPU batches whose blocks average at most
             this many bytes are moved by one gather-copy kernel (fast for small
             scattered blocks, but it borrows SMs); larger ones by the copy
@@ -139,6 +144,7 @@ class EngineConfig:
     metadata_ttl: float = 10.0
     socket_buffer: int | None = 4 * MiB
     spin_us: int = 1000
+    reactors: int = 0
     gpu_kernel_max_block: int = 1 * MiB
     rdma: str = "auto"
     rdma_devices: tuple[str, ...] = field(default_factory=tuple)
@@ -161,6 +167,18 @@ class EngineConfig:
     mooncake_wire: bool = False
     metrics_port: int | None = None
 
+    @property
+    def reactor_threads(self) -> int:
+        """How many reactor threads serve peers: ``reactors``, or for 0 one per CPU this process may use, at
+        most 16."""
+        if self.reactors:
+            return self.reactors
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+        return max(1, min(16, cpus))
+
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
@@ -177,6 +195,8 @@ class EngineConfig:
             raise ConfigError(f"socket_buffer must be at least 65536 bytes, got {self.socket_buffer}")
         if not 0 <= self.spin_us <= 1_000_000:
             raise ConfigError(f"spin_us must be in 0..1000000, got {self.spin_us}")
+        if not 0 <= self.reactors <= 256:
+            raise ConfigError(f"reactors must be in 0..256 (0: one per CPU), got {self.reactors}")
         if not 1 <= self.rdma_qps <= 64:
             raise ConfigError(f"rdma_qps must be in 1..64, got {self.rdma_qps}")
         if not 16 <= self.rdma_queue_depth <= 16384:

@@ -96,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also speak Mooncake's wire: Mooncake engines (transfer_engine_bench) can use this target, "
                         "and this initiator can use a Mooncake target")
     p.add_argument("--lanes", type=int, help="connections per peer (default $MOONLET_LANES, else 2)")
+    p.add_argument("--spin-us", type=int, help="busy-poll window after traffic, microseconds (default "
+                   "$MOONLET_SPIN_US, else 1000; 0: never spin)")
+    p.add_argument("--reactors", type=int, help="target: threads serving peers (default $MOONLET_REACTORS, "
+                   "else one per CPU, at most 16)")
     p.add_argument("--sweep", action="store_true",
                    help="block sizes 4K..16M x batch sizes 1..128, or one of them with --block-size or "
                         "--batch-size (all of it needs --buffer-size 4G, or 2G with --adjacent)")
@@ -130,8 +134,9 @@ def _engine(args: argparse.Namespace, port: int | None = None) -> TransferEngine
         explicit["listen_host"] = args.listen
     if port is not None:
         explicit["port"] = port
-    if args.lanes is not None:
-        explicit["lanes"] = args.lanes
+    for name in ("lanes", "spin_us", "reactors"):
+        if getattr(args, name) is not None:
+            explicit[name] = getattr(args, name)
     if args.protocol is not None:
         explicit["transports"] = () if args.protocol == "auto" else (args.protocol,)
     if args.secret_file:
@@ -372,7 +377,8 @@ def run_both(args: argparse.Namespace) -> int:
            "--buffer-size", str(args.buffer_size), "--log-level", level, "--quiet-no-secret",
            "--gpu", str(args.gpu if args.target_gpu is None else args.target_gpu)]
     for flag, value in (("--listen", args.listen), ("--port", args.port), ("--protocol", args.protocol),
-                        ("--lanes", args.lanes), ("--tls", args.tls), ("--secret-file", args.secret_file)):
+                        ("--lanes", args.lanes), ("--spin-us", args.spin_us), ("--reactors", args.reactors),
+                        ("--tls", args.tls), ("--secret-file", args.secret_file)):
         if value is not None:
             cmd += [flag, str(value)]
     cmd += [flag for flag, on in (("--shared", args.shared), ("--use-vram", args.use_vram),

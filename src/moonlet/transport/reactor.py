@@ -1,8 +1,11 @@
-"""A listening socket served by one poll() thread: what moonlet's TCP target and its Mooncake data port share.
+"""Connections served by one poll() thread: what moonlet's TCP target and its Mooncake data port share.
 
-After traffic the thread polls without sleeping for ``spin_us`` microseconds
-before it blocks (on virtual machines a sleep/wake-up pair costs more than a
-small transfer).  Subclasses say what a connection is (:meth:`_admit`), whether
+A reactor either owns a listening socket and accepts on it, or is handed
+connections that another reactor accepted (:meth:`Reactor.hand`): a target
+spreads its peers over several reactors, one thread each.  After traffic the
+thread polls without sleeping for a while before it blocks (on virtual
+machines a sleep/wake-up pair costs more than a small transfer); how long
+adapts to what it buys (:class:`~.spin.Spinner`).  Subclasses say what a connection is (:meth:`_admit`), whether
 a newcomer may have one (:meth:`_make_room`), how to turn one away
 (:meth:`_refuse`), what to do when it is ready (:meth:`_serve`) and how to let
 it go (:meth:`_drop`, which calls :meth:`_forget`); :meth:`_tick` runs once per
@@ -25,7 +28,10 @@ import select
 import socket
 import threading
 import time
+from collections import deque
 from typing import Any
+
+from .spin import Spinner
 
 log = logging.getLogger("moonlet")
 
@@ -37,19 +43,26 @@ _OUT_OF_RESOURCES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 class Reactor:
-    """``listener`` (bound and listening) plus the thread serving every connection accepted on it."""
+    """``listener`` (bound and listening; or None: connections come by :meth:`hand`) plus the thread serving
+    every connection accepted on it or handed to it."""
 
-    def __init__(self, listener: socket.socket, spin_us: int, max_connections: int, name: str) -> None:
+    def __init__(self, listener: socket.socket | None, spin_us: int, max_connections: int, name: str) -> None:
         """Call :meth:`start` once the subclass is ready to serve."""
-        listener.setblocking(False)
         self._sock = listener
-        self._spin = spin_us / 1e6
+        self._spinner = Spinner(spin_us)
         self._max_conns = max_connections
         self._conns: dict[int, Any] = {}  # fd -> connection (anything with an ``fd``)
         self._poll = select.poll()
-        self._poll.register(listener.fileno(), POLLIN)
+        if listener is not None:
+            listener.setblocking(False)
+            self._poll.register(listener.fileno(), POLLIN)
+        #: connections handed over by another reactor's thread, not yet watched by this one (see hand)
+        self._inbox: deque[Any] = deque()
+        self._inbox_lock = threading.Lock()
+        self._gone = False  # the thread has left and dropped what it held: hand() refuses
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._poll.register(self._wake_r, POLLIN)
         self._closed = False
         #: the longest an idle loop turn blocks in poll(), ms (a subclass whose timeouts are short lowers it)
@@ -64,15 +77,34 @@ class Reactor:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def load(self) -> int:
+        """Connections this reactor serves or is about to (read from any thread)."""
+        return len(self._conns) + len(self._inbox)
+
+    def hand(self, conn: Any) -> bool:
+        """From another thread: serve ``conn`` (no other thread touches it any more) from this reactor's
+        thread, with :meth:`_adopt`; False if this reactor has stopped (the caller still owns ``conn``)."""
+        with self._inbox_lock:
+            if self._gone:
+                return False
+            self._inbox.append(conn)
+        self._wake()
+        return True
+
     def close(self) -> None:
         """Stop serving: close the listener and every connection, and join the thread."""
         self._closed = True
+        self._wake()
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            os.close(self._wake_w)
+
+    def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"x")
-        except OSError:
+        except OSError:  # full: a wake-up is pending anyway
             pass
-        self._thread.join(timeout=5)
-        os.close(self._wake_w)
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -98,6 +130,19 @@ class Reactor:
     def _tick(self, now: float) -> None:
         """Once per loop turn, busy or idle (timeouts)."""
 
+    def _adopt(self, conn: Any) -> None:
+        """Start watching ``conn``, handed over by another reactor (see :meth:`hand`)."""
+        self._conns[conn.fd] = conn
+        self._poll.register(conn.fd, POLLIN)
+
+    def _take_inbox(self) -> None:
+        while self._inbox:
+            conn = self._inbox.popleft()
+            try:
+                self._adopt(conn)
+            except Exception:  # noqa: BLE001 - see _fault
+                self._fault(conn)
+
     # -- the loop ----------------------------------------------------------------------------
 
     def _forget(self, conn: Any) -> bool:
@@ -111,6 +156,7 @@ class Reactor:
         return True
 
     def _accept(self) -> None:
+        assert self._sock is not None
         for _ in range(_ACCEPTS_PER_TURN):
             try:
                 sock, _ = self._sock.accept()
@@ -149,12 +195,13 @@ class Reactor:
         self._pause = min(self._pause * 2, _PAUSE_MAX) if self._pause else _PAUSE_MIN
         self._resume_at = time.monotonic() + self._pause
         try:
-            self._poll.unregister(self._sock.fileno())
+            self._poll.unregister(self._sock.fileno())  # type: ignore[union-attr]
         except (KeyError, ValueError):
             pass
 
     def _resume(self) -> None:
         """The rest is over: poll the listener again."""
+        assert self._sock is not None
         self._resume_at = 0.0
         self._poll.register(self._sock.fileno(), POLLIN)
 
@@ -169,18 +216,25 @@ class Reactor:
 
     def _run(self) -> None:
         poll = self._poll.poll
-        listener = self._sock.fileno()
-        last = 0.0
+        listener = self._sock.fileno() if self._sock is not None else -1
+        spinner = self._spinner
+        last = 0.0  # when the last traffic came
+        spin = 0.0  # how long to spin after it
         try:
             while not self._closed:
                 events = poll(0)
                 if not events:
-                    if time.monotonic() - last < self._spin:
+                    if time.monotonic() - last < spin:
                         continue
+                    if spin:
+                        spinner.wasted()
+                        spin = 0.0
                     wait = self._wait_ms
                     if self._resume_at:
                         wait = max(1, min(wait, int((self._resume_at - time.monotonic()) * 1000) + 1))
                     events = poll(wait)
+                    if events and last:
+                        spinner.woke(time.monotonic() - last)
                 for fd, ev in events:
                     conn = self._conns.get(fd)
                     if conn is not None:
@@ -193,6 +247,7 @@ class Reactor:
                             os.read(self._wake_r, 64)
                         except BlockingIOError:
                             pass
+                        self._take_inbox()
                     elif fd == listener:
                         self._accept()
                 now = time.monotonic()
@@ -201,15 +256,23 @@ class Reactor:
                     self._resume()
                 if events:
                     last = now
+                    spin = spinner.after_traffic(now)
         except BaseException as e:  # noqa: BLE001 - a bug: say so loudly, and leave the reason for the owner
             self.failure = f"{self._thread.name} stopped serving: {type(e).__name__}: {e}"
             log.critical("%s; every connection is dropped and the listener closed", self.failure, exc_info=True)
         finally:
+            spinner.release()
+            with self._inbox_lock:
+                self._gone = True
+            for conn in self._inbox:  # watched by nobody yet: _drop ends only what it finds watched
+                self._conns[conn.fd] = conn
+            self._inbox.clear()
             for conn in list(self._conns.values()):
                 try:
                     self._drop(conn)
                 except Exception:  # noqa: BLE001 - close the rest regardless
                     log.error("%s: dropping a connection on the way out failed", self._thread.name,
                               exc_info=True)
-            self._sock.close()
+            if self._sock is not None:
+                self._sock.close()
             os.close(self._wake_r)

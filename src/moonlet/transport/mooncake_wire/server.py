@@ -24,7 +24,6 @@ without a cluster secret (the engine refuses the combination).
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import time
@@ -62,9 +61,8 @@ class MooncakeServer(Reactor):
         """``describe``: the engine's native descriptor (a dict); ``on_notify(name, msg)``: queue a notification;
         ``spin_us``: how long the data reactor polls without sleeping after traffic (as the TCP server);
         ``idle_timeout``: close a data connection that sent no request for this long."""
-        super().__init__(socket.create_server((host, 0), backlog=256), spin_us, max_connections,
-                         "moonlet-mooncake-data")
-        os.set_blocking(self._wake_w, False)  # adopt() wakes the reactor from the listener's thread
+        listener = socket.create_server((host, 0), backlog=256)
+        super().__init__(listener, spin_us, max_connections, "moonlet-mooncake-data")
         self._registry = registry
         self._describe = describe
         self._on_notify = on_notify
@@ -73,7 +71,7 @@ class MooncakeServer(Reactor):
         self._sweep_every = max(0.05, min(1.0, idle_timeout / 2))
         self._wait_ms = int(self._sweep_every * 1000)  # idle turns come at least as often as sweeps are due
         self.host = advertise
-        self.port: int = self._sock.getsockname()[1]
+        self.port: int = listener.getsockname()[1]
         self._next_sweep = 0.0
         self._max_shakes = min(_HANDSHAKES, max_connections)
         self._shakes: dict[int, _Handshake] = {}  # fd -> handshake in flight, oldest first
@@ -109,10 +107,7 @@ class MooncakeServer(Reactor):
             self._turn_away(sock)
             return
         self._adopted.append((sock, head))
-        try:
-            os.write(self._wake_w, b"h")
-        except OSError:  # BlockingIOError: the reactor has wake-ups pending already
-            pass
+        self._wake()
 
     def _turn_away(self, sock: socket.socket) -> None:
         self.refused += 1

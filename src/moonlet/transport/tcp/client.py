@@ -4,10 +4,13 @@ Each peer gets ``config.lanes`` persistent connections ("lanes").  Frames are
 sent inline by the submitting thread (one ``sendmsg`` of header + registered
 memory views) and pipelined: a lane never waits for one reply before the next
 frame goes out.  Replies are read by whichever thread is waiting for a batch:
-it takes the driver role in :class:`Progress`, polls every lane without
-sleeping for ``spin_us`` and then blocks, and completes every frame that
+it takes the driver role in that peer's :class:`Progress`, polls the peer's
+lanes without sleeping for a while (``spin_us`` at most, see
+:class:`~..spin.Spinner`) and then blocks, and completes every frame that
 arrives, its own and other threads'.  No thread hand-off sits on the path of
 a request; on virtual machines each hand-off costs tens of microseconds.
+Each peer has its own driver role, so threads waiting on different peers
+read their replies at once.
 
 Whoever pops a frame from ``Lane.inflight`` (the driver on a reply,
 ``abort`` on failure) owns it and ends it exactly once, whatever goes wrong
@@ -45,18 +48,19 @@ from ...errors import ProtocolError, SegmentError
 from ...gpu import GpuError
 from ...memory import Denied
 from ...security import PLAIN, Security
+from ..spin import Spinner
 from . import frames
 from . import protocol as P
 from .dial import dial, read_control
 from .frames import OutFrame, Pin
 from .server import tune_socket
-from .sockio import recv_some, recv_some_into, send_all, wake_later
+from .sockio import LOWAT, allow_waits, recv_some, recv_some_into, send_all, wake_later
 
 log = logging.getLogger("moonlet.tcp")
 
 MAX_ATTEMPTS = 2
 _CHECK_PERIOD = 0.02
-_GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
+GRACE = 1.0  # a driver gives up this long after a batch's deadline; Batch.wait takes over
 _CLOSE_WAIT = 2.0  # Progress.close waits this long for the driver to leave before releasing its pipe
 _SCRATCH = 1 << 20  # the most memory a lane drains an abandoned READ payload through
 #: How long :meth:`Progress.close` waits for the targets of attach frames still unanswered on dead lanes to
@@ -80,6 +84,8 @@ class Lane:
     """One persistent connection to a peer."""
 
     def __init__(self, peer: Peer, sock: socket.socket) -> None:
+        """``sock``: connected and greeted; from now on blocking, with bounded waiting receives."""
+        allow_waits(sock)
         self.peer = peer
         self.sock = sock
         self.fd = sock.fileno()
@@ -96,6 +102,7 @@ class Lane:
         self._into: Batch | None = None  # the batch of the READ payload being received ...
         self._drained = False  # ... and whether the payload goes to scratch memory instead (see _drain)
         self._lowat = 0  # SO_RCVLOWAT in force while a large READ payload arrives
+        self._steady = True  # its READ payloads come at full speed: the rest of one is waited for in the kernel
         # Holds on the buffers of attach frames in flight when the lane died, given back by settle()
         # (under _state_lock, as is _settled: whether settle() has given them back).
         self._unsettled: list[Pin] = []
@@ -207,7 +214,15 @@ class Lane:
             if reader.state == P.PAYLOAD:
                 if not self._drained and self._into is not None and self._into.done:
                     self._drain()
-                if not recv_some(sock, reader.views):
+                # At least LOWAT bytes are due: wait in the kernel for the rest (see sockio.recv_some), unless
+                # such a wait once ran out with little to show on this lane.
+                wait = self._lowat == LOWAT and self._steady
+                if wait:
+                    self._lowat = wake_later(sock, (), self._lowat)
+                n = recv_some(sock, reader.views, wait)
+                if wait and n < LOWAT and reader.views:
+                    self._steady = False
+                if not n:
                     return
                 if reader.views or self._lowat:
                     self._lowat = wake_later(sock, reader.views, self._lowat)
@@ -280,14 +295,15 @@ class Lane:
 
 
 class Progress:
-    """The driver role: one waiting thread at a time reads replies for all lanes of a transport."""
+    """The driver role: one waiting thread at a time reads replies for all lanes of one peer (threads
+    waiting on different peers read at once)."""
 
     def lanes(self) -> int:
         """Lanes open now (to every peer)."""
         return len(self._lanes)
 
     def __init__(self, spin_us: int) -> None:
-        self._spin = spin_us / 1e6
+        self._spinner = Spinner(spin_us)
         self._role = threading.Lock()  # held by the thread driving replies
         self._cv = threading.Condition()  # guards the lane set; waiters who do not drive sleep on it
         self._sleepers = 0
@@ -329,13 +345,17 @@ class Progress:
                 except OSError:  # full: a wake-up is pending anyway
                     pass
 
-    def wait(self, batch: Batch, block: bool = True) -> None:
-        """Drive replies until ``batch`` is done or past its deadline (once, without blocking, if not ``block``)."""
-        end = batch.deadline + _GRACE
+    def wait(self, batch: Batch, block: bool = True, until_clear: Peer | None = None) -> None:
+        """Drive replies until ``batch`` is done or past its deadline (once, without blocking, if not ``block``);
+        with ``until_clear``, also stop once that peer carries no frame of ``batch`` (its other frames go to
+        other peers, whose replies other drivers read)."""
+        end = batch.deadline + GRACE
         while not batch.done and not self._closed:
+            if until_clear is not None and not until_clear.carries(batch):
+                return
             if self._role.acquire(False):  # nobody drives: this thread does
                 try:
-                    self._drive(batch, block)
+                    self._drive(batch, block, until_clear)
                 finally:
                     self._hand_over()
             elif not block:
@@ -407,8 +427,16 @@ class Progress:
         self._poll_cache = (poller, lanes)
         self._poll_version = version
 
-    def _drive(self, batch: Batch, block: bool) -> None:
+    def _drive(self, batch: Batch, block: bool, until_clear: Peer | None) -> None:
+        try:
+            self._drive_replies(batch, block, until_clear)
+        finally:
+            self._spinner.release()
+
+    def _drive_replies(self, batch: Batch, block: bool, until_clear: Peer | None) -> None:
+        spinner = self._spinner
         last = time.monotonic()
+        spin = spinner.after_traffic(last)
         next_check = last + _CHECK_PERIOD
         while not batch.done and not self._closed:
             if self._version != self._poll_version:  # lanes came or went
@@ -417,7 +445,7 @@ class Progress:
             events = poller.poll(0)
             now = time.monotonic()
             if not events:
-                if not block or now >= batch.deadline + _GRACE:
+                if not block or now >= batch.deadline + GRACE:
                     self.on_tick(now)
                     return
                 if now >= next_check:
@@ -426,13 +454,18 @@ class Progress:
                     if self._settling:
                         self._settle()
                     continue
-                if now - last < self._spin:
+                if now - last < spin:
                     continue
+                if spin:
+                    spinner.wasted()
+                    spin = 0.0
                 events = poller.poll(max(1, min(50, int((batch.deadline - now) * 1000) + 1)))
                 if not events:
                     continue
                 now = time.monotonic()
+                spinner.woke(now - last)
             last = now
+            spin = spinner.after_traffic(now)
             for fd, _ in events:
                 if fd == self._wake_r:
                     try:
@@ -446,6 +479,8 @@ class Progress:
             if self._sleepers:  # their batches may be done now
                 with self._cv:
                     self._cv.notify_all()
+            if until_clear is not None and not until_clear.carries(batch):
+                return
 
     def close(self) -> None:
         """End every lane's frames, make the driver leave, then release sockets and the wake-up pipe.
@@ -656,6 +691,10 @@ class Peer:
 
     def lanes(self) -> list[Lane]:
         return [lane for lane in self._lanes if lane is not None]
+
+    def carries(self, batch: Batch) -> bool:
+        """Whether a frame of ``batch`` waits for its reply on one of this peer's lanes."""
+        return any(lane.carries(batch) for lane in self._lanes if lane is not None)
 
     def expire(self, batch: Batch | None, now: float) -> None:
         """Abort lanes carrying frames of ``batch`` (or, with None, of any batch past its deadline)."""

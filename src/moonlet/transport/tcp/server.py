@@ -1,4 +1,4 @@
-"""Target side of the TCP transport: one reactor thread serves every peer connection.
+"""Target side of the TCP transport: a few reactor threads serve every peer connection.
 
 Each connection is a small state machine (prefix -> table -> payload) fed by
 non-blocking ``recv_into`` / ``recvmsg_into`` calls, so WRITE payloads land
@@ -32,6 +32,7 @@ import json
 import logging
 import select
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from ...security import PLAIN, Security
 from ...security.auth import TargetAuth
 from ..reactor import Reactor
 from . import protocol as P
-from .sockio import recv_some, recv_some_into, sendmsg_some, wake_later
+from .sockio import LOWAT, allow_waits, recv_some, recv_some_into, sendmsg_some, wake_later
 
 log = logging.getLogger("moonlet.tcp")
 
@@ -101,7 +102,7 @@ class _Conn:
 
     __slots__ = ("sock", "fd", "reader", "req_id", "pinned", "statuses", "lowat", "out", "out_bytes", "out_held",
                  "mask", "sessions", "stage", "closers", "auth", "authed", "born", "first", "drain", "busy", "quiet",
-                 "since")
+                 "since", "steady", "fresh")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -113,6 +114,8 @@ class _Conn:
         self.quiet = self.born  # when a sweep last found it busy
         self.req_id = 0  # of the request being served
         self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives (see sockio.wake_later)
+        self.steady = True  # its payloads come at full speed: the rest of one is waited for in the kernel
+        self.fresh = False  # a WRITE payload of LOWAT bytes or more was just announced
         self.fd = sock.fileno()
         self.reader = P.FrameReader(initiator=False)  # the frames this peer sends (state machine, sans-IO)
         self.out: deque[_Reply] = deque()
@@ -132,8 +135,60 @@ class _Conn:
         self.since = 0.0  # when a sweep first saw this frame under way (0: none has)
 
 
-class TcpServer(Reactor):
-    """Listener plus the reactor thread that serves all accepted connections."""
+class _Shared:
+    """What every reactor of one server serves with: settings, the engine's callbacks, the services added
+    to it, and the reactors themselves (for counting connections and choosing where a peer goes)."""
+
+    def __init__(self, registry: MemoryRegistry, describe: Callable[[], bytes], identity: Callable[[], dict],
+                 socket_buffer: int | None, security: Security, max_connections: int, auth_timeout: float,
+                 request_timeout: float, idle_timeout: float, max_unauthenticated: int) -> None:
+        self.registry = registry
+        self.describe = describe
+        self.identity = identity
+        self.bufsize = socket_buffer
+        self.secret = security.secret
+        self.tls = security.tls
+        self.max_conns = max_connections
+        self.max_pending = min(max_unauthenticated, max_connections)
+        self.auth_timeout = auth_timeout
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        #: CONNECT handlers by service name: body -> (reply body, cleanup run when the connection ends)
+        self.services: dict[str, Callable[[dict], tuple[dict, Callable[[], None]]]] = {}
+        self.frame_services: dict[int, FrameService] = {}  # frame kind -> who serves it (add_frames)
+        #: Another protocol served on this port: connections whose first bytes it ``claims(head)`` are
+        #: handed to its ``adopt(sock, head)`` (Mooncake's handshake, when the engine speaks its wire).
+        self.foreign: Any = None
+        self.loops: list[_Loop] = []
+        self._stage_pool: StagingPool | None = None
+        self._stage_lock = threading.Lock()
+
+    def connections(self) -> int:
+        return sum(loop.load for loop in self.loops)
+
+    def staging(self) -> StagingPool | None:
+        """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
+        if self._stage_pool is None and gpu.available():
+            with self._stage_lock:
+                if self._stage_pool is None:
+                    self._stage_pool = StagingPool(_STAGE_BYTES)
+        return self._stage_pool
+
+    def close(self) -> None:
+        if self._stage_pool is not None:
+            self._stage_pool.close()
+
+
+class TcpServer:
+    """The listener and the reactors that serve its connections.
+
+    The first reactor accepts and holds every connection until its peer has
+    authenticated (so the quota of unauthenticated connections and who makes
+    room for whom are decided in one thread); then it hands the connection to
+    the reactor serving the fewest (itself included). Each reactor is one
+    thread doing its own connections' socket work, so peers are served on as
+    many cores as there are reactors, each with its own spin window, sweep,
+    memory caps and scratch buffer."""
 
     def __init__(
         self,
@@ -150,72 +205,108 @@ class TcpServer(Reactor):
         request_timeout: float = 30.0,
         idle_timeout: float = 120.0,
         max_unauthenticated: int = 64,
+        reactors: int = 1,
     ) -> None:
         """``security``: TLS on every connection, and serve only peers that prove they hold the secret.
         ``max_connections``: refuse more at once; ``max_unauthenticated`` of them at most not yet
         authenticated (a newcomer closes the oldest of those). ``auth_timeout``: drop a connection that has
         not authenticated within this many seconds; ``request_timeout``: ... whose frame has not arrived in
         full within this many (or whose replies went unread that long); ``idle_timeout``: ... that carried
-        nothing for this many."""
-        super().__init__(socket.create_server((host, port), backlog=256), spin_us, max_connections,
-                         "moonlet-tcp-server")
-        self._registry = registry
-        self._describe = describe
-        self._identity = identity
-        self._bufsize = socket_buffer
-        self._secret = security.secret
-        self._tls = security.tls
-        self._auth_timeout = auth_timeout
-        self._request_timeout = request_timeout
-        self._idle_timeout = idle_timeout
-        self._max_pending = min(max_unauthenticated, max_connections)
-        self._pending: dict[int, _Conn] = {}  # connections not authenticated yet, by fd, oldest first
-        self._period = min(1.0, auth_timeout / 2, request_timeout / 4, idle_timeout / 4)  # between sweeps
-        self._wait_ms = max(1, int(self._period * 1000))
-        self._next_sweep = 0.0
-        self._held = 0  # memory held by the queued replies of every connection
-        self._throttled: set[_Conn] = set()  # connections not read only because of _HELD_TOTAL
-        self.refused = 0  # connections turned away at the limit
-        self.evicted = 0  # unauthenticated connections closed to make room for newcomers
-        self.expired = 0  # connections closed by the sweep (authentication, request or idle timeout)
-        self.address: tuple[str, int] = self._sock.getsockname()[:2]
-        self._scratch = memoryview(bytearray(_SCRATCH))
-        self._stage_pool: StagingPool | None = None
-        #: CONNECT handlers by service name: body -> (reply body, cleanup run when the connection ends)
-        self._services: dict[str, Callable[[dict], tuple[dict, Callable[[], None]]]] = {}
-        self._frame_services: dict[int, FrameService] = {}  # frame kind -> who serves it (add_frames)
-        #: Another protocol served on this port: connections whose first bytes it ``claims(head)`` are
-        #: handed to its ``adopt(sock, head)`` (Mooncake's handshake, when the engine speaks its wire).
-        self._foreign: Any = None
-        self.start()
+        nothing for this many. ``reactors``: threads serving connections (at least 1)."""
+        self._shared = _Shared(registry, describe, identity, socket_buffer, security, max_connections,
+                               auth_timeout, request_timeout, idle_timeout, max_unauthenticated)
+        listener = socket.create_server((host, port), backlog=256)
+        self.address: tuple[str, int] = listener.getsockname()[:2]
+        loops = self._shared.loops
+        for i in range(max(1, reactors)):
+            name = "moonlet-tcp-server" + (f"-{i}" if reactors > 1 else "")
+            loops.append(_Loop(self._shared, listener if i == 0 else None, spin_us, name))
+        for loop in loops:
+            loop.start()
 
     @property
     def connections(self) -> int:
-        return len(self._conns)
+        return self._shared.connections()
+
+    @property
+    def reactors(self) -> int:
+        return len(self._shared.loops)
+
+    @property
+    def failure(self) -> str | None:
+        """Why a reactor died (None while all serve): once set, that reactor's peers are not served."""
+        return next((loop.failure for loop in self._shared.loops if loop.failure is not None), None)
+
+    @property
+    def refused(self) -> int:
+        """Connections turned away at the limit."""
+        return self._shared.loops[0].refused
+
+    @property
+    def evicted(self) -> int:
+        """Unauthenticated connections closed to make room for newcomers."""
+        return self._shared.loops[0].evicted
+
+    @property
+    def expired(self) -> int:
+        """Connections closed by a sweep (authentication, request or idle timeout)."""
+        return sum(loop.expired for loop in self._shared.loops)
 
     def add_service(self, name: str, handler: Callable[[dict], tuple[dict, Callable[[], None]]]) -> None:
         """Answer CONNECT frames naming ``name`` with ``handler(body)`` -> (reply body, cleanup run when the
-        connection ends)."""
-        self._services[name] = handler
+        connection ends); ``handler`` may be called from several reactor threads at once."""
+        self._shared.services[name] = handler
 
     def add_frames(self, service: FrameService) -> None:
-        """Serve request frames of ``service.kinds`` with ``service`` (before any peer connects)."""
-        self._frame_services = {**self._frame_services, **{kind: service for kind in service.kinds}}  # atomic
+        """Serve request frames of ``service.kinds`` with ``service`` (before any peer connects; called from
+        every reactor thread)."""
+        shared = self._shared
+        shared.frame_services = {**shared.frame_services, **{kind: service for kind in service.kinds}}  # atomic
 
     def add_foreign(self, protocol: Any) -> None:
         """Hand connections whose first bytes ``protocol.claims(head)`` to ``protocol.adopt(sock, head)``:
         another protocol served on this port (Mooncake's handshake, when the engine speaks its wire)."""
-        self._foreign = protocol
+        self._shared.foreign = protocol
 
     def identity(self) -> dict[str, Any]:
         """Who this engine is to peers (the HELLO reply): name, instance, host, pidns, endpoint."""
-        return self._identity()
+        return self._shared.identity()
 
     def close(self) -> None:
-        """Stop serving: close the listener and every connection, and join the reactor."""
-        super().close()
-        if self._stage_pool is not None:
-            self._stage_pool.close()
+        """Stop serving: the listener first, then every reactor with its connections (each joined)."""
+        for loop in self._shared.loops:
+            loop.close()
+        self._shared.close()
+
+
+class _Loop(Reactor):
+    """One reactor thread of a :class:`TcpServer`: serves the connections it holds; the first also accepts."""
+
+    def __init__(self, shared: _Shared, listener: socket.socket | None, spin_us: int, name: str) -> None:
+        super().__init__(listener, spin_us, shared.max_conns, name)
+        self._shared = shared
+        self._registry = shared.registry
+        self._describe = shared.describe
+        self._identity = shared.identity
+        self._bufsize = shared.bufsize
+        self._secret = shared.secret
+        self._tls = shared.tls
+        self._auth_timeout = shared.auth_timeout
+        self._request_timeout = shared.request_timeout
+        self._idle_timeout = shared.idle_timeout
+        self._max_pending = shared.max_pending
+        self._pending: dict[int, _Conn] = {}  # connections not authenticated yet, by fd, oldest first
+        self._moving: list[_Conn] = []  # authenticated while served here: handed to the least busy reactor
+        self._period = min(1.0, shared.auth_timeout / 2, shared.request_timeout / 4,
+                           shared.idle_timeout / 4)  # between sweeps
+        self._wait_ms = max(1, int(self._period * 1000))
+        self._next_sweep = 0.0
+        self._held = 0  # memory held by the queued replies of every connection of this reactor
+        self._throttled: set[_Conn] = set()  # connections not read only because of _HELD_TOTAL
+        self.refused = 0  # connections turned away at the limit
+        self.evicted = 0  # unauthenticated connections closed to make room for newcomers
+        self.expired = 0  # connections closed by the sweep (authentication, request or idle timeout)
+        self._scratch = memoryview(bytearray(_SCRATCH))
 
     # -- reactor -------------------------------------------------------------------
 
@@ -238,6 +329,35 @@ class TcpServer(Reactor):
         except Exception as e:  # noqa: BLE001 - whatever a peer's bytes provoke ends its connection only
             log.error("closing a connection: serving it failed", exc_info=True)
             self._fail(conn, f"the target failed to serve this connection: {type(e).__name__}: {e}")
+        if self._moving:
+            self._move_on()
+
+    def _move_on(self) -> None:
+        """Hand the connections that authenticated during this turn to the reactor serving the fewest (this
+        one included): from now on only that reactor's thread touches them."""
+        moving, self._moving = self._moving, []
+        for conn in moving:
+            if self._conns.get(conn.fd) is not conn:  # dropped meanwhile
+                continue
+            loop = min(self._shared.loops, key=lambda loop: loop.load)
+            if loop is self:
+                continue
+            self._forget(conn)
+            self._held -= conn.out_held
+            self._throttled.discard(conn)
+            if not loop.hand(conn):  # that reactor is closing: so is the server
+                self._conns[conn.fd] = conn
+                self._drop(conn)
+        if self._throttled and self._held < _HELD_TOTAL:
+            self._rearm()
+
+    def _adopt(self, conn: _Conn) -> None:
+        """Serve ``conn``, authenticated in the accepting reactor, from here on: with its queued replies
+        counted here and its input and output polled as they were."""
+        self._conns[conn.fd] = conn
+        self._held += conn.out_held
+        self._poll.register(conn.fd, conn.mask)
+        self._set_mask(conn)
 
     def _fail(self, conn: _Conn, message: str) -> None:
         """Tell ``conn``'s peer what went wrong (an ERROR frame, if the socket takes it now), then drop it."""
@@ -308,7 +428,7 @@ class TcpServer(Reactor):
         return True
 
     def _has_room(self) -> bool:
-        return len(self._pending) < self._max_pending and len(self._conns) < self._max_conns
+        return len(self._pending) < self._max_pending and self._shared.connections() < self._max_conns
 
     def _refuse(self, sock: socket.socket) -> None:
         self.refused += 1
@@ -323,7 +443,7 @@ class TcpServer(Reactor):
     def _admit(self, sock: socket.socket) -> _Conn:
         if self._tls is not None:  # the engine side of a relay whose thread runs TLS with the peer
             sock = self._tls.wrap_server(sock, self._auth_timeout)
-        sock.setblocking(False)
+        allow_waits(sock)
         tune_socket(sock, self._bufsize)
         conn = self._pending[sock.fileno()] = _Conn(sock)
         return conn
@@ -333,6 +453,8 @@ class TcpServer(Reactor):
         lone requests take the short path."""
         conn.authed = conn.reader.fast = True
         self._pending.pop(conn.fd, None)
+        if len(self._shared.loops) > 1:
+            self._moving.append(conn)
 
     def _forget(self, conn: _Conn) -> bool:
         self._pending.pop(conn.fd, None)
@@ -392,7 +514,17 @@ class TcpServer(Reactor):
         reader = conn.reader
         while budget > 0 and conn.mask & _IN:  # _set_mask takes input away while replies are over a cap
             if reader.state == P.PAYLOAD:
-                n = recv_some(sock, reader.views)
+                # A payload of LOWAT bytes or more just announced, or still that much due (poll woke at that
+                # mark): wait in the kernel for all of it, unless this peer once let such a wait run out with
+                # little to show (then its bytes are read as they come).
+                wait = conn.steady and (conn.fresh or conn.lowat == LOWAT)
+                if wait:
+                    conn.fresh = False
+                    if conn.lowat:
+                        conn.lowat = wake_later(sock, (), conn.lowat)
+                n = recv_some(sock, reader.views, wait)
+                if wait and n < LOWAT and reader.views:
+                    conn.steady = False
                 if not n:
                     break
                 budget -= n
@@ -430,11 +562,11 @@ class TcpServer(Reactor):
     def _hand_over(self, conn: _Conn, head: bytes) -> bool:
         """Give a connection whose first bytes ``head`` another protocol claims to it (Mooncake's handshake,
         whose shortest messages are shorter than a moonlet frame head); False if it stays ours."""
-        if self._foreign is None or head.startswith(P.MAGIC_BYTES) or not self._foreign.claims(head):
+        if self._shared.foreign is None or head.startswith(P.MAGIC_BYTES) or not self._shared.foreign.claims(head):
             return False
         self._forget(conn)
         conn.reader.detach()
-        self._foreign.adopt(conn.sock, head)
+        self._shared.foreign.adopt(conn.sock, head)
         return True
 
     def _on_single(self, conn: _Conn, kind: int, req_id: int, addr: int, length: int) -> bool:
@@ -458,7 +590,7 @@ class TcpServer(Reactor):
         assert p is not None
         if p.kind == P.HELLO:
             hello = P.decode_hello(conn.reader.body)
-            conn.sessions = {svc: svc.greet(conn.sock, hello) for svc in set(self._frame_services.values())}
+            conn.sessions = {svc: svc.greet(conn.sock, hello) for svc in set(self._shared.frame_services.values())}
             reply = P.encode_control(P.HELLO, json.dumps(self._identity()).encode(), p.req_id)
         elif p.kind == P.AUTH:
             if self._secret is None:
@@ -475,9 +607,10 @@ class TcpServer(Reactor):
             return
         elif p.kind == P.CONNECT:
             body = P.decode_connect(conn.reader.body)
-            service = self._services.get(body.get("service", ""))
+            service = self._shared.services.get(body.get("service", ""))
             if service is None:
-                raise ProtocolError(f"no service {body.get('service')!r} here; offered: {sorted(self._services)}")
+                raise ProtocolError(f"no service {body.get('service')!r} here; "
+                                    f"offered: {sorted(self._shared.services)}")
             answer, cleanup = service(body)
             conn.closers.append(cleanup)
             reply = P.encode_connect(answer)
@@ -498,7 +631,7 @@ class TcpServer(Reactor):
         kind = p.kind
         entries = reader.entries
         if kind != P.WRITE and kind != P.READ:  # PULL / PUSH: the same-host target copies; the reply: statuses
-            service = self._frame_services.get(kind)
+            service = self._shared.frame_services.get(kind)
             if service is None:  # this engine runs no same-host transport: the peer falls back to TCP
                 statuses = P.STATUS_BYTES[Denied.ATTACH_REFUSED] * len(entries)
             else:
@@ -518,7 +651,7 @@ class TcpServer(Reactor):
                 if buf.is_host:
                     views.append(buf.view(addr, length))
                     continue
-                if self._staging() is not None:
+                if self._shared.staging() is not None:
                     gpu_slots.append(len(views))
                     views.append(memoryview(b""))  # replaced by a staging view below
                     gpu_ranges.append((addr, length, int(buf.location.split(":")[1])))
@@ -531,7 +664,7 @@ class TcpServer(Reactor):
         statuses = bytes(refused) if refused is not None else bytes(len(entries))
         stage: Stage | None = None
         if gpu_ranges:
-            pool = self._staging()
+            pool = self._shared.staging()
             assert pool is not None  # GPU entries were taken only with a pool
             stage = pool.take(gpu_ranges)
             for slot, v in zip(gpu_slots, stage.views()):
@@ -543,6 +676,7 @@ class TcpServer(Reactor):
                 self._drain_next(conn)
             else:
                 reader.expect_payload(views)
+                conn.fresh = p.payload_len >= LOWAT
             return
         if stage is not None:
             try:
@@ -554,12 +688,6 @@ class TcpServer(Reactor):
         conn._reset()
         head = P.encode_response(p.req_id, statuses, total)
         self._queue(conn, [head, *views], len(head) + total, pinned, stage)
-
-    def _staging(self) -> StagingPool | None:
-        """The pinned pool that carries GPU memory through sockets (made on first use), if CUDA works."""
-        if self._stage_pool is None and gpu.available():
-            self._stage_pool = StagingPool(_STAGE_BYTES)
-        return self._stage_pool
 
     def _write_done(self, conn: _Conn) -> None:
         if conn.drain:  # the payload goes on past a refused entry

@@ -8,6 +8,7 @@ resume where the kernel stopped.
 from __future__ import annotations
 
 import socket
+import struct
 
 # Linux caps one sendmsg/recvmsg at 1024 iovecs; stay well below.
 _MAX_IOV = 512
@@ -16,6 +17,18 @@ _MAX_IOV = 512
 # interleaved runs each (2026-12-02): WRITE 5.15-5.66 GB/s at 128 KiB, 4.58-4.71 at 256 KiB; READ
 # 5.86-6.10 vs 5.24-5.66; 64 KiB (4.7 / 4.2) and 512 KiB (5.2 / 4.8) lower, 192 KiB in between.
 LOWAT = 128 * 1024
+
+
+#: How long one waiting receive (:func:`recv_some` with ``wait``) may block for bytes that do not come
+#: (SO_RCVTIMEO), seconds: a stalled peer costs the other connections of a reactor at most this per frame.
+WAIT_LIMIT = 0.002
+
+
+def allow_waits(sock: socket.socket) -> None:
+    """Make ``sock`` blocking with a receive timeout of :data:`WAIT_LIMIT`: every call made without
+    ``wait`` passes MSG_DONTWAIT and stays non-blocking; a waiting receive blocks at most that long."""
+    sock.setblocking(True)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(WAIT_LIMIT * 1e6)))
 
 
 def _consume(bufs: list, n: int) -> None:
@@ -79,19 +92,25 @@ def recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += r
 
 
-def recv_some(sock: socket.socket, views: list[memoryview]) -> int:
+def recv_some(sock: socket.socket, views: list[memoryview], wait: bool = False) -> int:
     """Fill ``views`` with what has arrived, without blocking; return the byte count (0: nothing yet).
 
+    With ``wait`` (on a socket set up by :func:`allow_waits`), wait in the kernel until every view is
+    full or :data:`WAIT_LIMIT` passes: a payload that is on its way lands in one call, copied with the
+    GIL released, instead of in many small receives each holding the GIL for its bookkeeping. The
+    receive low-water mark must be the default then (the kernel wakes a waiting receive only at the
+    mark, and a payload's tail is shorter than :data:`LOWAT`; ``wake_later(sock, (), lowat)`` resets it).
     Raises ConnectionError when the peer has closed the connection.
     """
+    flags = socket.MSG_WAITALL if wait else socket.MSG_DONTWAIT
     try:
         if len(views) == 1:
-            n = sock.recv_into(views[0], 0, socket.MSG_DONTWAIT)
+            n = sock.recv_into(views[0], 0, flags)
             if n == views[0].nbytes:  # the usual case when the bytes are already here
                 views.clear()
                 return n
         else:
-            n = sock.recvmsg_into(views[:_MAX_IOV], 0, socket.MSG_DONTWAIT)[0]
+            n = sock.recvmsg_into(views[:_MAX_IOV], 0, flags)[0]
     except BlockingIOError:
         return 0
     if n == 0:
@@ -114,7 +133,7 @@ def recv_some_into(sock: socket.socket, view: memoryview, got: int, need: int) -
     return n
 
 
-def wake_later(sock: socket.socket, views: list[memoryview], lowat: int) -> int:
+def wake_later(sock: socket.socket, views: list[memoryview] | tuple, lowat: int) -> int:
     """Set the socket's receive low-water mark for the payload still due into ``views``; return it.
 
     ``lowat`` is the mark now in force (0: the default). While :data:`LOWAT` bytes or more are due,

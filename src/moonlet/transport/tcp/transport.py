@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from ... import gpu
@@ -23,7 +24,7 @@ from ..base import HostContext, Transport, WorkItem
 from ..spec import TransportSpec
 from . import frames
 from . import protocol as P
-from .client import Peer, Progress
+from .client import GRACE, Peer, Progress
 from .dial import dial, read_control
 from .frames import OutFrame
 from .server import TcpServer
@@ -53,10 +54,9 @@ class TcpTransport(Transport):
         self.server = TcpServer(ctx.registry, ctx.describe, ctx.identity, cfg.listen_host, cfg.port,
                                 cfg.socket_buffer, cfg.spin_us, ctx.security, cfg.max_connections,
                                 cfg.connect_timeout, request_timeout=cfg.request_timeout,
-                                idle_timeout=cfg.idle_timeout, max_unauthenticated=cfg.max_unauthenticated)
+                                idle_timeout=cfg.idle_timeout, max_unauthenticated=cfg.max_unauthenticated,
+                                reactors=cfg.reactor_threads)
         self.server.add_service("notify", self._on_notify)
-        self.progress = Progress(cfg.spin_us)
-        self.progress.on_tick = self._expire_overdue
         host = cfg.advertise_host or self.server.address[0]
         if host in ("0.0.0.0", "::", ""):
             import socket
@@ -93,7 +93,7 @@ class TcpTransport(Transport):
         return self.server.failure
 
     def connections(self) -> int:
-        return self.server.connections + self.progress.lanes()
+        return self.server.connections + sum(peer.progress.lanes() for peer in self._all_peers())
 
     def notify(self, peer: SegmentDescriptor, name: str, message: str, timeout: float) -> bool:
         """A CONNECT to the peer's ``notify`` service on a connection of its own."""
@@ -127,11 +127,14 @@ class TcpTransport(Transport):
         with self._lock:
             peer = self._peers.get(key)
             if peer is None or peer.closed:
+                # Each peer has its own driver role: threads waiting on different peers read replies at once.
+                progress = Progress(self._cfg.spin_us)
                 peer = self._peers[key] = Peer(segment.name, d.endpoints["tcp"], d.instance, self._cfg.lanes,
                                                self._cfg.connect_timeout, self._cfg.request_timeout,
-                                               self._cfg.socket_buffer, self.progress, self._on_stale,
+                                               self._cfg.socket_buffer, progress, self._on_stale,
                                                self._hello, lambda p, n: self.on_attach_refused(p, n), self.security,
                                                self.counters)
+                progress.on_tick = partial(peer.expire, None)
             elif peer.instance != d.instance:
                 peer.instance = d.instance
         return peer
@@ -214,7 +217,24 @@ class TcpTransport(Transport):
             peer.send(frame)
 
     def drive(self, batch: Batch, block: bool) -> None:
-        self.progress.wait(batch, block)
+        """Read replies for ``batch`` in this thread: from its one peer until it is done (the usual case), or
+        from each peer carrying part of it in turn, waiting on each only while that peer owes it replies."""
+        peers = [peer for peer in self._all_peers() if peer.carries(batch)]
+        if len(peers) == 1:
+            peers[0].progress.wait(batch, block)
+            return
+        while not batch.done and not self._closed.is_set():
+            for peer in peers:
+                peer.progress.wait(batch, block, until_clear=peer)
+            if not block or time.monotonic() >= batch.deadline + GRACE:
+                return
+            peers = [peer for peer in self._all_peers() if peer.carries(batch)]
+            if not peers:  # its frames are between lanes (a retry) or it ends in another transport
+                time.sleep(0.001)
+                peers = self._all_peers()
+
+    def _all_peers(self) -> list[Peer]:
+        return list(self._peers.values())
 
     def expire(self, batch: Batch) -> None:
         with self._lock:
@@ -222,16 +242,11 @@ class TcpTransport(Transport):
         for peer in peers:
             peer.expire(batch, time.monotonic())
 
-    def _expire_overdue(self, now: float) -> None:
-        with self._lock:
-            peers = list(self._peers.values())
-        for peer in peers:
-            peer.expire(None, now)
-
     def _watch(self) -> None:
-        """Enforce deadlines while no waiting thread is driving (e.g. nobody waits at all)."""
+        """Enforce deadlines where no waiting thread is driving (e.g. nobody waits at all)."""
         while not self._closed.wait(_WATCHDOG_PERIOD):
-            self.progress.try_tick()
+            for peer in self._all_peers():
+                peer.progress.try_tick()
 
     def close(self) -> None:
         self._closed.set()
@@ -241,7 +256,8 @@ class TcpTransport(Transport):
         for peer in peers:
             peer.close()
         self._watchdog.join(timeout=2)
-        self.progress.close()
+        for peer in peers:
+            peer.progress.close()
         self.server.close()
         if self._stage_pool is not None:
             self._stage_pool.close()
