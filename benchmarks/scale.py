@@ -259,7 +259,7 @@ def plot(result: dict, path: Path) -> str:
         for r in rows:
             if (r["pattern"], r["op"], r["block"]) == (pattern, op, block):
                 label = r["engine"] if r["engine"] != "moonlet" else f"moonlet {r['transport']}"
-                if pattern == "fan-out" and r["engine"] == "moonlet" and r["threads"] == 1:
+                if pattern == "fan-out" and r["engine"] == "moonlet" and r["threads"] == 1 and r["peers"] > 1:
                     label += " (1 thread)"
                 lines.setdefault(label, []).append((r["peers"], r["GBps"]))
         for label, pts in sorted(lines.items()):

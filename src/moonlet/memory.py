@@ -279,7 +279,7 @@ class MemoryRegistry:
 
     def __init__(self) -> None:
         self._starts: list[int] = []
-        self._by_start: dict[int, Buffer] = {}
+        self._bufs: list[Buffer] = []  # in the order of _starts (a list: one index, no hashing, per lookup)
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self._last: Buffer | None = None  # the last buffer a lookup returned; cleared when it is removed
@@ -289,7 +289,7 @@ class MemoryRegistry:
 
     def buffers(self) -> list[Buffer]:
         with self._lock:
-            return [self._by_start[s] for s in self._starts]
+            return list(self._bufs)
 
     def add(self, buf: Buffer) -> Buffer:
         """Insert ``buf``; refuse exact duplicates and overlaps with a clear reason."""
@@ -298,13 +298,13 @@ class MemoryRegistry:
             i = bisect.bisect_right(self._starts, buf.addr)
             for j in (i - 1, i):
                 if 0 <= j < len(self._starts):
-                    other = self._by_start[self._starts[j]]
+                    other = self._bufs[j]
                     if other.addr < buf.end and buf.addr < other.end:
                         what = "is already registered" if (other.addr, other.length) == (buf.addr, buf.length) \
                             else f"overlaps registered buffer [{other.addr:#x}, +{other.length})"
                         raise RegistrationError(f"range [{buf.addr:#x}, +{buf.length}) {what}")
             self._starts.insert(i, buf.addr)
-            self._by_start[buf.addr] = buf
+            self._bufs.insert(i, buf)
         return buf
 
     def remove(self, addr: int, timeout: float, settle: Callable[[Buffer, float], None] | None = None) -> Buffer:
@@ -320,7 +320,8 @@ class MemoryRegistry:
         is removed and returned.
         """
         with self._lock:
-            buf = self._by_start.get(addr)
+            i = bisect.bisect_left(self._starts, addr)
+            buf = self._bufs[i] if i < len(self._starts) and self._starts[i] == addr else None
             if buf is None:
                 raise RegistrationError(f"no buffer is registered at {addr:#x}")
             if buf._dead:
@@ -341,8 +342,9 @@ class MemoryRegistry:
                             "it stays registered"
                         )
                     self._idle.wait(left)
-                del self._starts[bisect.bisect_left(self._starts, addr)]
-                del self._by_start[addr]
+                i = bisect.bisect_left(self._starts, addr)
+                del self._starts[i]
+                del self._bufs[i]
         except BaseException:
             with self._lock:
                 buf._dead = False  # still registered, as before: lookups find it again
@@ -356,7 +358,7 @@ class MemoryRegistry:
         i = bisect.bisect_right(self._starts, addr) - 1
         if i < 0:
             return None
-        buf = self._by_start[self._starts[i]]
+        buf = self._bufs[i]
         if addr + length > buf.addr + buf.length or buf._dead:  # dead: being unregistered (draining)
             return None
         self._last = buf
@@ -383,7 +385,7 @@ class MemoryRegistry:
         """Why no buffer holds ``[addr, addr+length)``: by how much it overruns the buffer its start lies in."""
         with self._lock:
             i = bisect.bisect_right(self._starts, addr) - 1
-            buf = self._by_start[self._starts[i]] if i >= 0 else None
+            buf = self._bufs[i] if i >= 0 else None
         if buf is None or addr >= buf.end:
             return f"no registered buffer holds its start {addr:#x}"
         if buf._dead:
@@ -401,6 +403,7 @@ class MemoryRegistry:
         out: list[Buffer | int] = []
         pinned: list[Buffer] = []
         last: Buffer | None = None  # ranges of one frame mostly share a buffer: try it before a lookup
+        seen: set[int] = set()  # ids of the buffers pinned
         with self._lock:
             for addr, length in ranges:
                 if length <= 0 or addr < 0 or addr + length > _ADDR_LIMIT:
@@ -417,7 +420,8 @@ class MemoryRegistry:
                 else:
                     out.append(buf)
                     last = buf
-                    if buf not in pinned:  # identity: buffers compare by identity
+                    if id(buf) not in seen:  # a set: a frame may name thousands of distinct buffers
+                        seen.add(id(buf))
                         pinned.append(buf)
                         buf._users += 1
         return out, pinned

@@ -60,6 +60,7 @@ class Reactor:
         self._inbox: deque[Any] = deque()
         self._inbox_lock = threading.Lock()
         self._gone = False  # the thread has left and dropped what it held: hand() refuses
+        self._pipe_open = True  # the write end of the wake-up pipe (closed by close(), under _inbox_lock)
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -97,14 +98,22 @@ class Reactor:
         self._closed = True
         self._wake()
         self._thread.join(timeout=5)
-        if not self._thread.is_alive():
+        if self._thread.is_alive():
+            log.warning("%s: still running 5 s after close; its wake-up pipe stays open", self._thread.name)
+            return
+        with self._inbox_lock:  # no wake-up is written to the fd once it is closed (see _wake)
+            self._pipe_open = False
             os.close(self._wake_w)
 
     def _wake(self) -> None:
-        try:
-            os.write(self._wake_w, b"x")
-        except OSError:  # full: a wake-up is pending anyway
-            pass
+        """Wake the thread out of poll (from any thread; a no-op once the pipe is closed)."""
+        with self._inbox_lock:
+            if not self._pipe_open:
+                return
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:  # full: a wake-up is pending anyway
+                pass
 
     # -- what subclasses provide -----------------------------------------------------------
 
@@ -137,11 +146,13 @@ class Reactor:
 
     def _take_inbox(self) -> None:
         while self._inbox:
-            conn = self._inbox.popleft()
+            conn = self._inbox[0]  # watched before it leaves the inbox: load never misses it
             try:
                 self._adopt(conn)
             except Exception:  # noqa: BLE001 - see _fault
+                self._conns[conn.fd] = conn
                 self._fault(conn)
+            self._inbox.popleft()
 
     # -- the loop ----------------------------------------------------------------------------
 

@@ -35,11 +35,18 @@ _FLOOR = 20e-6  # the smallest window worth spinning; below it the window is 0
 _SCHEDSTAT = "/proc/thread-self/schedstat"  # "<ns on a CPU> <ns waiting for one> <time slices>"
 
 
+_schedstat = True  # False once the kernel turned out not to keep it (no CONFIG_SCHED_INFO, not Linux)
+
+
 def _run_delay() -> float | None:
     """Seconds the calling thread has waited, runnable, for a CPU; None where the kernel does not say."""
+    global _schedstat
+    if not _schedstat:
+        return None
     try:
         fd = os.open(_SCHEDSTAT, os.O_RDONLY)
     except OSError:
+        _schedstat = False
         return None
     try:
         return int(os.read(fd, 128).split()[1]) / 1e9
@@ -82,7 +89,7 @@ class Spinner:
         self.limit = spin_us / 1e6  # the configured most (EngineConfig.spin_us)
         self.window = self.limit  # what spinning has been worth lately
         self._slot = False  # holds one of the process's spin slots
-        self._look_at = 0.0  # when the run delay was last read (0: not while spinning)
+        self._look_at = 0.0  # when the run delay was last read (0: never; time blocked in between counts too)
         self._delay = 0.0  # ... and what it was
         self._ident = 0  # ... by which thread
         self._seen = 0  # consecutive looks that found the thread waiting for a CPU

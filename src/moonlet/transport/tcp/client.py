@@ -210,17 +210,19 @@ class Lane:
     def _read(self) -> None:
         sock = self.sock
         reader = self._reader
+        waited = False
         while True:
             if reader.state == P.PAYLOAD:
                 if not self._drained and self._into is not None and self._into.done:
                     self._drain()
                 # At least LOWAT bytes are due: wait in the kernel for the rest (see sockio.recv_some), unless
-                # such a wait once ran out with little to show on this lane.
-                wait = self._lowat == LOWAT and self._steady
+                # such a wait once ran out on this lane.
+                wait = self._lowat == LOWAT and self._steady and not waited
                 if wait:
+                    waited = True  # once a call: the driver checks deadlines between calls
                     self._lowat = wake_later(sock, (), self._lowat)
                 n = recv_some(sock, reader.views, wait)
-                if wait and n < LOWAT and reader.views:
+                if wait and reader.views:  # the wait ran out before the payload was in
                     self._steady = False
                 if not n:
                     return
@@ -299,7 +301,7 @@ class Progress:
     waiting on different peers read at once)."""
 
     def lanes(self) -> int:
-        """Lanes open now (to every peer)."""
+        """Lanes open now (to this peer)."""
         return len(self._lanes)
 
     def __init__(self, spin_us: int) -> None:

@@ -1,12 +1,14 @@
 """Target side of the TCP transport: a few reactor threads serve every peer connection.
 
 Each connection is a small state machine (prefix -> table -> payload) fed by
-non-blocking ``recv_into`` / ``recvmsg_into`` calls, so WRITE payloads land
-straight in registered memory and READ replies leave straight from it via
-``sendmsg``, with no Python-side copy and no thread per peer.  After traffic
-the reactor polls without sleeping for ``spin_us`` microseconds before it
-blocks: on virtual machines a sleep/wake-up pair costs tens of microseconds,
-more than a whole small transfer.
+``recv_into`` / ``recvmsg_into`` calls that do not block, so WRITE payloads
+land straight in registered memory and READ replies leave straight from it
+via ``sendmsg``, with no Python-side copy and no thread per peer. Connections
+are spread over ``reactors`` threads once their peer has authenticated (see
+:class:`TcpServer`); a large WRITE payload whose bytes are arriving is taken
+with one receive that waits in the kernel (``sockio.recv_some``), so the copy
+runs with the GIL released. After traffic a reactor polls without sleeping
+for a while before it blocks (``spin.Spinner``).
 
 Every entry is checked against the registry before a byte moves; a malformed
 frame gets an ERROR reply and the connection is closed; memory is never
@@ -15,15 +17,17 @@ touched on its behalf.
 Nothing a peer sends may cost the others more than a bounded share: any
 exception while serving a connection ends that connection only; a refused
 WRITE's bytes are swallowed by one reused scratch buffer; every frame counts
-against a connection's turn, not only payload bytes; a connection stops being
-read while its unsent replies hold too much memory (each queued reply counts a
-fixed overhead plus what was copied), or too many bytes of registered memory,
-or while all connections' queues together hold too much; connections that
-have not authenticated (without a secret: not sent a valid frame) live in a
-small quota of their own, newcomers displacing the oldest; and a periodic
-sweep closes connections that are idle, that did not authenticate in time, or
-whose frame did not arrive in full within the request timeout (releasing what
-it pinned, so later bytes never land).
+against a connection's turn, not only payload bytes, and a turn waits in the
+kernel at most once (WAIT_LIMIT), never again for a peer whose wait ran out;
+a connection stops being read while its unsent replies hold too much memory
+(each queued reply counts a fixed overhead plus what was copied), or too many
+bytes of registered memory, or while its reactor's queues together hold more
+than that reactor's share of a total; connections that have not
+authenticated (without a secret: not sent a valid frame) live in a small
+quota of their own, in the accepting reactor, newcomers displacing the
+oldest; and a periodic sweep closes connections that are idle, that did not
+authenticate in time, or whose frame did not arrive in full within the
+request timeout (releasing what it pinned, so later bytes never land).
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ _SCRATCH = 1 << 20
 _STAGE_BYTES = 128 << 20  # pinned staging for GPU buffers served over TCP
 _OUT_CAP = 256 << 20  # stop reading a peer whose unsent replies exceed this many bytes (views, mostly) ...
 _HELD_CAP = 4 << 20  # ... or hold this much memory (see _queue) ...
-_HELD_TOTAL = 64 << 20  # ... or, with replies of its own queued, while all queues together hold this much
+_HELD_TOTAL = 64 << 20  # ... or, with replies of its own queued, while its reactor's queues hold their share of this
 _ENTRY_COST = 256  # memory a queued reply holds per buffer besides copied bytes: lists, views, deque slot
 _WORK_PER_TURN = 32 << 20  # bytes one connection may move before others get a turn ...
 _FRAME_COST = 512 << 10  # ... where every frame counts this much besides its payload: 64 frames at most
@@ -102,7 +106,7 @@ class _Conn:
 
     __slots__ = ("sock", "fd", "reader", "req_id", "pinned", "statuses", "lowat", "out", "out_bytes", "out_held",
                  "mask", "sessions", "stage", "closers", "auth", "authed", "born", "first", "drain", "busy", "quiet",
-                 "since", "steady", "fresh")
+                 "since", "steady", "settled")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -115,7 +119,7 @@ class _Conn:
         self.req_id = 0  # of the request being served
         self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives (see sockio.wake_later)
         self.steady = True  # its payloads come at full speed: the rest of one is waited for in the kernel
-        self.fresh = False  # a WRITE payload of LOWAT bytes or more was just announced
+        self.settled = False  # authenticated and in the reactor that keeps it (waiting receives allowed)
         self.fd = sock.fileno()
         self.reader = P.FrameReader(initiator=False)  # the frames this peer sends (state machine, sans-IO)
         self.out: deque[_Reply] = deque()
@@ -160,6 +164,7 @@ class _Shared:
         #: handed to its ``adopt(sock, head)`` (Mooncake's handshake, when the engine speaks its wire).
         self.foreign: Any = None
         self.loops: list[_Loop] = []
+        self.reactors = 1  # how many loops there will be
         self._stage_pool: StagingPool | None = None
         self._stage_lock = threading.Lock()
 
@@ -218,7 +223,8 @@ class TcpServer:
         listener = socket.create_server((host, port), backlog=256)
         self.address: tuple[str, int] = listener.getsockname()[:2]
         loops = self._shared.loops
-        for i in range(max(1, reactors)):
+        self._shared.reactors = max(1, reactors)
+        for i in range(self._shared.reactors):
             name = "moonlet-tcp-server" + (f"-{i}" if reactors > 1 else "")
             loops.append(_Loop(self._shared, listener if i == 0 else None, spin_us, name))
         for loop in loops:
@@ -302,7 +308,9 @@ class _Loop(Reactor):
         self._wait_ms = max(1, int(self._period * 1000))
         self._next_sweep = 0.0
         self._held = 0  # memory held by the queued replies of every connection of this reactor
-        self._throttled: set[_Conn] = set()  # connections not read only because of _HELD_TOTAL
+        #: this reactor's share of _HELD_TOTAL: all reactors' queues together stay under it
+        self._held_cap = max(_HELD_CAP, _HELD_TOTAL // shared.reactors)
+        self._throttled: set[_Conn] = set()  # connections not read only because of _held_cap
         self.refused = 0  # connections turned away at the limit
         self.evicted = 0  # unauthenticated connections closed to make room for newcomers
         self.expired = 0  # connections closed by the sweep (authentication, request or idle timeout)
@@ -339,8 +347,10 @@ class _Loop(Reactor):
         for conn in moving:
             if self._conns.get(conn.fd) is not conn:  # dropped meanwhile
                 continue
-            loop = min(self._shared.loops, key=lambda loop: loop.load)
+            live = [loop for loop in self._shared.loops if loop.failure is None]  # a dead one takes nobody
+            loop = min(live, key=lambda loop: loop.load) if live else self
             if loop is self:
+                conn.settled = True
                 continue
             self._forget(conn)
             self._held -= conn.out_held
@@ -348,12 +358,13 @@ class _Loop(Reactor):
             if not loop.hand(conn):  # that reactor is closing: so is the server
                 self._conns[conn.fd] = conn
                 self._drop(conn)
-        if self._throttled and self._held < _HELD_TOTAL:
+        if self._throttled and self._held < self._held_cap:
             self._rearm()
 
     def _adopt(self, conn: _Conn) -> None:
         """Serve ``conn``, authenticated in the accepting reactor, from here on: with its queued replies
         counted here and its input and output polled as they were."""
+        conn.settled = True
         self._conns[conn.fd] = conn
         self._held += conn.out_held
         self._poll.register(conn.fd, conn.mask)
@@ -455,6 +466,8 @@ class _Loop(Reactor):
         self._pending.pop(conn.fd, None)
         if len(self._shared.loops) > 1:
             self._moving.append(conn)
+        else:
+            conn.settled = True
 
     def _forget(self, conn: _Conn) -> bool:
         self._pending.pop(conn.fd, None)
@@ -474,7 +487,7 @@ class _Loop(Reactor):
         self._held -= conn.out_held
         conn.out_held = 0
         self._throttled.discard(conn)
-        if self._throttled and self._held < _HELD_TOTAL:
+        if self._throttled and self._held < self._held_cap:
             self._rearm()
         for close in conn.closers:
             try:
@@ -488,7 +501,7 @@ class _Loop(Reactor):
         if conn.out:
             mask = _OUT
             if conn.out_bytes < _OUT_CAP and conn.out_held < _HELD_CAP:
-                if self._held < _HELD_TOTAL:
+                if self._held < self._held_cap:
                     mask = _OUT | _IN
                 else:
                     self._throttled.add(conn)
@@ -499,7 +512,8 @@ class _Loop(Reactor):
             self._poll.modify(conn.fd, mask)
 
     def _rearm(self) -> None:
-        """All queues together hold less than :data:`_HELD_TOTAL` again: read the connections it stopped."""
+        """This reactor's queues together hold less than its share of :data:`_HELD_TOTAL` again: read the
+        connections that stopped."""
         throttled, self._throttled = self._throttled, set()
         for conn in throttled:
             self._set_mask(conn)
@@ -512,18 +526,19 @@ class _Loop(Reactor):
         budget = _WORK_PER_TURN
         sock = conn.sock
         reader = conn.reader
+        waited = False
         while budget > 0 and conn.mask & _IN:  # _set_mask takes input away while replies are over a cap
             if reader.state == P.PAYLOAD:
-                # A payload of LOWAT bytes or more just announced, or still that much due (poll woke at that
-                # mark): wait in the kernel for all of it, unless this peer once let such a wait run out with
-                # little to show (then its bytes are read as they come).
-                wait = conn.steady and (conn.fresh or conn.lowat == LOWAT)
+                # LOWAT bytes or more still due of a payload whose first bytes came (the mark is set): wait in
+                # the kernel for the rest, once a turn, on a connection this reactor keeps, unless this peer
+                # once let such a wait run out (from then on its bytes are read as they come). A peer can
+                # make a reactor wait at most WAIT_LIMIT for nothing, once.
+                wait = conn.lowat == LOWAT and conn.steady and conn.settled and not waited
                 if wait:
-                    conn.fresh = False
-                    if conn.lowat:
-                        conn.lowat = wake_later(sock, (), conn.lowat)
+                    waited = True
+                    conn.lowat = wake_later(sock, (), conn.lowat)
                 n = recv_some(sock, reader.views, wait)
-                if wait and n < LOWAT and reader.views:
+                if wait and reader.views:  # the wait ran out before the payload was in
                     conn.steady = False
                 if not n:
                     break
@@ -676,7 +691,6 @@ class _Loop(Reactor):
                 self._drain_next(conn)
             else:
                 reader.expect_payload(views)
-                conn.fresh = p.payload_len >= LOWAT
             return
         if stage is not None:
             try:
@@ -770,5 +784,5 @@ class _Loop(Reactor):
             if reply.stage is not None:
                 reply.stage.release()
         self._set_mask(conn)
-        if self._throttled and self._held < _HELD_TOTAL:
+        if self._throttled and self._held < self._held_cap:
             self._rearm()

@@ -217,21 +217,17 @@ class TcpTransport(Transport):
             peer.send(frame)
 
     def drive(self, batch: Batch, block: bool) -> None:
-        """Read replies for ``batch`` in this thread: from its one peer until it is done (the usual case), or
-        from each peer carrying part of it in turn, waiting on each only while that peer owes it replies."""
-        peers = [peer for peer in self._all_peers() if peer.carries(batch)]
-        if len(peers) == 1:
-            peers[0].progress.wait(batch, block)
-            return
+        """Read replies for ``batch`` in this thread: from each peer carrying part of it, in turn, each until
+        it owes the batch nothing (the usual batch has one peer: until the batch is done)."""
+        end = batch.deadline + GRACE
         while not batch.done and not self._closed.is_set():
+            peers = [peer for peer in self._all_peers() if peer.carries(batch)]
             for peer in peers:
                 peer.progress.wait(batch, block, until_clear=peer)
-            if not block or time.monotonic() >= batch.deadline + GRACE:
+            if not block or batch.done or time.monotonic() >= end:
                 return
-            peers = [peer for peer in self._all_peers() if peer.carries(batch)]
-            if not peers:  # its frames are between lanes (a retry) or it ends in another transport
+            if not peers:  # its frames are between lanes (a retry), or it ends in another transport
                 time.sleep(0.001)
-                peers = self._all_peers()
 
     def _all_peers(self) -> list[Peer]:
         return list(self._peers.values())
