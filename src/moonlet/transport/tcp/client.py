@@ -54,7 +54,7 @@ from . import protocol as P
 from .dial import dial, read_control
 from .frames import OutFrame, Pin
 from .server import tune_socket
-from .sockio import LOWAT, allow_waits, recv_some, recv_some_into, send_all, wake_later
+from .sockio import PayloadReceiver, allow_waits, recv_some_into, send_all
 
 log = logging.getLogger("moonlet.tcp")
 
@@ -101,8 +101,7 @@ class Lane:
         self._statuses = b""
         self._into: Batch | None = None  # the batch of the READ payload being received ...
         self._drained = False  # ... and whether the payload goes to scratch memory instead (see _drain)
-        self._lowat = 0  # SO_RCVLOWAT in force while a large READ payload arrives
-        self._steady = True  # its READ payloads come at full speed: the rest of one is waited for in the kernel
+        self._payload = PayloadReceiver()  # how READ payloads are received
         # Holds on the buffers of attach frames in flight when the lane died, given back by settle()
         # (under _state_lock, as is _settled: whether settle() has given them back).
         self._unsettled: list[Pin] = []
@@ -215,19 +214,10 @@ class Lane:
             if reader.state == P.PAYLOAD:
                 if not self._drained and self._into is not None and self._into.done:
                     self._drain()
-                # At least LOWAT bytes are due: wait in the kernel for the rest (see sockio.recv_some), unless
-                # such a wait once ran out on this lane.
-                wait = self._lowat == LOWAT and self._steady and not waited
-                if wait:
-                    waited = True  # once a call: the driver checks deadlines between calls
-                    self._lowat = wake_later(sock, (), self._lowat)
-                n = recv_some(sock, reader.views, wait)
-                if wait and reader.views:  # the wait ran out before the payload was in
-                    self._steady = False
+                n, now_waited = self._payload.receive(sock, reader.views, not waited)
+                waited = waited or now_waited  # once a call: the driver checks deadlines between calls
                 if not n:
                     return
-                if reader.views or self._lowat:
-                    self._lowat = wake_later(sock, reader.views, self._lowat)
                 if reader.views:
                     continue
                 reader.payload_done()

@@ -6,7 +6,7 @@ land straight in registered memory and READ replies leave straight from it
 via ``sendmsg``, with no Python-side copy and no thread per peer. Connections
 are spread over ``reactors`` threads once their peer has authenticated (see
 :class:`TcpServer`); a large WRITE payload whose bytes are arriving is taken
-with one receive that waits in the kernel (``sockio.recv_some``), so the copy
+with one receive that waits in the kernel (``sockio.PayloadReceiver``), so the copy
 runs with the GIL released. After traffic a reactor polls without sleeping
 for a while before it blocks (``spin.Spinner``).
 
@@ -50,7 +50,7 @@ from ...security import PLAIN, Security
 from ...security.auth import TargetAuth
 from ..reactor import Reactor
 from . import protocol as P
-from .sockio import LOWAT, allow_waits, recv_some, recv_some_into, sendmsg_some, wake_later
+from .sockio import PayloadReceiver, allow_waits, recv_some_into, sendmsg_some
 
 log = logging.getLogger("moonlet.tcp")
 
@@ -104,9 +104,9 @@ class _Reply:
 class _Conn:
     """Per-connection parse state and output queue."""
 
-    __slots__ = ("sock", "fd", "reader", "req_id", "pinned", "statuses", "lowat", "out", "out_bytes", "out_held",
+    __slots__ = ("sock", "fd", "reader", "req_id", "pinned", "statuses", "payload", "out", "out_bytes", "out_held",
                  "mask", "sessions", "stage", "closers", "auth", "authed", "born", "first", "drain", "busy", "quiet",
-                 "since", "steady", "settled")
+                 "since", "settled")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
@@ -117,8 +117,7 @@ class _Conn:
         self.busy = False  # polled since the last sweep
         self.quiet = self.born  # when a sweep last found it busy
         self.req_id = 0  # of the request being served
-        self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives (see sockio.wake_later)
-        self.steady = True  # its payloads come at full speed: the rest of one is waited for in the kernel
+        self.payload = PayloadReceiver()  # how its WRITE payloads are received
         self.settled = False  # authenticated and in the reactor that keeps it (waiting receives allowed)
         self.fd = sock.fileno()
         self.reader = P.FrameReader(initiator=False)  # the frames this peer sends (state machine, sans-IO)
@@ -529,22 +528,13 @@ class _Loop(Reactor):
         waited = False
         while budget > 0 and conn.mask & _IN:  # _set_mask takes input away while replies are over a cap
             if reader.state == P.PAYLOAD:
-                # LOWAT bytes or more still due of a payload whose first bytes came (the mark is set): wait in
-                # the kernel for the rest, once a turn, on a connection this reactor keeps, unless this peer
-                # once let such a wait run out (from then on its bytes are read as they come). A peer can
-                # make a reactor wait at most WAIT_LIMIT for nothing, once.
-                wait = conn.lowat == LOWAT and conn.steady and conn.settled and not waited
-                if wait:
-                    waited = True
-                    conn.lowat = wake_later(sock, (), conn.lowat)
-                n = recv_some(sock, reader.views, wait)
-                if wait and reader.views:  # the wait ran out before the payload was in
-                    conn.steady = False
+                # Waiting in the kernel for the rest of a payload: once a turn, on a connection this reactor
+                # keeps. A peer can make a reactor wait at most WAIT_LIMIT for nothing, once.
+                n, now_waited = conn.payload.receive(sock, reader.views, conn.settled and not waited)
+                waited = waited or now_waited
                 if not n:
                     break
                 budget -= n
-                if reader.views or conn.lowat:
-                    conn.lowat = wake_later(sock, reader.views, conn.lowat)
                 if not reader.views:
                     self._write_done(conn)
                 continue

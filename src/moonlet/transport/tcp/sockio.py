@@ -151,3 +151,31 @@ def wake_later(sock: socket.socket, views: list[memoryview] | tuple, lowat: int)
     if want != lowat:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want or 1)
     return want
+
+
+class PayloadReceiver:
+    """How one connection takes the payloads sent to it: the receive low-water mark in force (see
+    :func:`wake_later`) and whether its payloads come at full speed, so that the rest of one may be waited
+    for in the kernel (see :func:`recv_some`). Both ends of the TCP transport use one per connection."""
+
+    __slots__ = ("lowat", "steady")
+
+    def __init__(self) -> None:
+        self.lowat = 0  # SO_RCVLOWAT in force while a large payload arrives
+        self.steady = True  # no wait for the rest of a payload has run out on this connection
+
+    def receive(self, sock: socket.socket, views: list[memoryview], may_wait: bool) -> tuple[int, bool]:
+        """Receive what has arrived of the payload due into ``views``; return the byte count (0: nothing
+        yet) and whether it waited. With ``may_wait``, while :data:`LOWAT` bytes or more are still due of a
+        payload whose first bytes came (the mark is set), wait in the kernel for the rest, at most
+        :data:`WAIT_LIMIT`; never again on this connection once such a wait ran out (its bytes are then
+        read as they come). Raises ConnectionError when the peer has closed the connection."""
+        wait = may_wait and self.steady and self.lowat == LOWAT
+        if wait:
+            self.lowat = wake_later(sock, (), self.lowat)
+        n = recv_some(sock, views, wait)
+        if wait and views:  # the wait ran out before the payload was in
+            self.steady = False
+        if n and (views or self.lowat):
+            self.lowat = wake_later(sock, views, self.lowat)
+        return n, wait
