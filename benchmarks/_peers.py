@@ -76,3 +76,12 @@ def peer_rows(name: str, py: str, spec: list, buffer: int, env: dict | None = No
             target.wait(10)
         except subprocess.TimeoutExpired:
             target.kill()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a benchmark's helper process: SIGTERM, then SIGKILL if it is still there 10 s later."""
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -26,7 +26,7 @@ import threading
 from pathlib import Path
 
 from _moonlet_bench import ROOT, bench_row
-from _peers import peer_python
+from _peers import peer_python, stop
 
 ROWS = (("write", 65536, 32), ("read", 65536, 32), ("write", 1 << 20, 32), ("read", 1 << 20, 32))
 BUFFER = 256 << 20
@@ -59,14 +59,6 @@ def _start(cmd: list[str], pattern: str, env: dict | None = None) -> tuple[subpr
         proc.kill()
         raise RuntimeError(f"{cmd[0]} target did not start")
     return proc, found[0]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
 
 
 def mooncake_target(binary: str) -> tuple[subprocess.Popen, str]:
@@ -105,8 +97,8 @@ def one_run(binary: str, duration: float) -> dict[tuple, dict[str, float]]:
                                     "--mooncake-wire", "--threads", str(THREADS))["gbps"]
             r["ml->ml"] = bench_row("tcp", op, block, batch, duration, "--threads", str(THREADS))["gbps"]
     finally:
-        _stop(mc)
-        _stop(ml)
+        stop(mc)
+        stop(ml)
     return out
 
 

@@ -41,6 +41,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _peers import peer_python, stop
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 WORKER = str(HERE / "_scale_worker.py")
@@ -163,9 +165,6 @@ def moonlet_fan_out(targets: Targets, transport: str, n: int, op: str, block: in
 def mooncake_binary(explicit: str | None) -> tuple[str | None, str]:
     if explicit:
         return (explicit, "") if os.access(explicit, os.X_OK) else (None, f"{explicit} is not executable")
-    sys.path.insert(0, str(HERE))
-    from _peers import peer_python
-
     py, why = peer_python("mooncake")
     if py is None:
         return None, why
@@ -204,11 +203,7 @@ def mooncake_fan_in(binary: str, n: int, op: str, block: int, seconds: float, si
             out.append(float(m.group(1)))
         return out
     finally:
-        target.terminate()
-        try:
-            target.wait(10)
-        except subprocess.TimeoutExpired:
-            target.kill()
+        stop(target)
 
 
 def row(pattern: str, engine: str, transport: str, op: str, n: int, block: int, per_peer: list[float],

@@ -233,9 +233,7 @@ class TcpTransport(Transport):
         return list(self._peers.values())
 
     def expire(self, batch: Batch) -> None:
-        with self._lock:
-            peers = list(self._peers.values())
-        for peer in peers:
+        for peer in self._all_peers():
             peer.expire(batch, time.monotonic())
 
     def _watch(self) -> None:
