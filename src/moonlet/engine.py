@@ -301,7 +301,8 @@ class TransferEngine:
         return self._meta.seal(self._name, self.descriptor().to_json())
 
     def _publish(self) -> None:
-        self._meta.publish(self._name, self._descriptor_json())
+        if self._meta.keeps_descriptors:
+            self._meta.publish(self._name, self._descriptor_json())
 
     # -- memory ------------------------------------------------------------------
 

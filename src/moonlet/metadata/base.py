@@ -19,6 +19,9 @@ class MetadataBackend(ABC):
     names_are_endpoints: bool = False
     #: True when published descriptors expire unless :meth:`keepalive` is called (etcd, Redis).
     leased: bool = False
+    #: False when :meth:`publish` keeps nothing because the engine's own listener serves its descriptor (p2p):
+    #: the engine then skips building one on every registration (quadratic in buffers registered one by one).
+    keeps_descriptors: bool = True
 
     def seal(self, name: str, descriptor: bytes) -> bytes:
         """``descriptor`` (JSON) as the engine of ``name`` publishes and serves it: sealed with the cluster

@@ -75,6 +75,7 @@ class MooncakeMetadata(MetadataBackend):
         self._rpc = rpc
         self.names_are_endpoints = inner.names_are_endpoints
         self.leased = inner.leased
+        self.keeps_descriptors = inner.keeps_descriptors
 
     def publish(self, name: str, descriptor: bytes) -> None:
         self._inner.publish(name, descriptor)

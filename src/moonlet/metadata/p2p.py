@@ -15,6 +15,7 @@ from .base import MetadataBackend
 
 class P2PMetadata(MetadataBackend):
     names_are_endpoints = True
+    keeps_descriptors = False
 
     def __init__(self, timeout: float, security: Security = PLAIN) -> None:
         self._timeout = timeout

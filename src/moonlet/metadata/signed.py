@@ -79,6 +79,7 @@ class SignedMetadata(MetadataBackend):
         self._secret = secret
         self.names_are_endpoints = inner.names_are_endpoints
         self.leased = inner.leased
+        self.keeps_descriptors = inner.keeps_descriptors
 
     def seal(self, name: str, descriptor: bytes) -> bytes:
         return seal(self._secret, name, descriptor)
