@@ -269,10 +269,15 @@ def test_a_spin_window_shrinks_when_nothing_comes_and_grows_when_it_would_have_p
     for _ in range(10):
         s.wasted()
     assert s.window == 0 and s.after_traffic(1.2) == 0  # nothing left to spin ...
-    s.woke(0.5e-3)  # ... until a blocking wait ends within the limit
-    assert s.after_traffic(1.3) == pytest.approx(20e-6)
+    s.woke(0.2e-3)  # ... until a blocking wait ends within the limit: the window covers that gap again
+    assert s.after_traffic(1.3) == pytest.approx(0.4e-3)
     s.woke(5e-3)  # later than the limit: spinning would not have caught it
-    assert s.window == pytest.approx(20e-6)
+    assert s.window == pytest.approx(0.4e-3)
+    s.wasted()
+    s.woke(10e-6)  # a short gap still at least doubles the window
+    assert s.window == pytest.approx(0.4e-3)
+    s.woke(0.9e-3)
+    assert s.window == pytest.approx(1e-3)  # never past the limit
 
 
 def test_one_thread_of_a_process_spins_at_a_time(fresh_process, monkeypatch):
@@ -290,10 +295,25 @@ def test_spinning_stops_for_the_whole_process_when_a_spinner_waits_for_a_cpu(fre
     s, other = spin.Spinner(1000), spin.Spinner(1000)
     now = 1.0
     assert s.after_traffic(now) > 0
-    for _ in range(2):  # two looks, each finding it waited half the time since the last
+    for _ in range(spin._LOOKS):  # looks running, each finding it waited half the time since the last
         now += 0.01
         delay[0] += 0.005
         s.after_traffic(now)
     assert s.after_traffic(now + 0.001) == 0
     assert other.after_traffic(now + 0.001) == 0  # the whole process backs off ...
     assert other.after_traffic(now + spin._BACK_OFF + 0.01) > 0  # ... for a while
+
+
+def test_a_look_now_and_then_that_finds_a_wait_for_a_cpu_does_not_stop_spinning(fresh_process, monkeypatch):
+    """Only _LOOKS looks running that find the thread waiting for a CPU mean contention: the engine's own threads
+    on a small machine wait that much at a few looks in a hundred."""
+    delay = [0.0]
+    monkeypatch.setattr(spin, "_run_delay", lambda: delay[0])
+    s = spin.Spinner(1000)
+    now = 1.0
+    s.after_traffic(now)
+    for look in range(100):
+        now += 0.01
+        if look % spin._LOOKS:  # contended at all but one look in every _LOOKS
+            delay[0] += 0.005
+        assert s.after_traffic(now) > 0, look

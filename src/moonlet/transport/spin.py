@@ -9,17 +9,22 @@ CPUs a spinning thread delays the very reply it waits for by a scheduler time
 slice (milliseconds). So a :class:`Spinner`
 
 - halves its window each time it spins in full and nothing comes (down to
-  none), and doubles it again (up to ``spin_us``) each time a blocking wait
-  ends sooner than ``spin_us`` after the last traffic: spinning would have
-  paid;
+  none), and each time a blocking wait ends sooner than ``spin_us`` after the
+  last traffic (spinning would have paid) widens it again, to twice what it
+  was or twice that gap, whichever is more (up to ``spin_us``): doubling
+  alone from none would restart at a window shorter than the gap between
+  replies, waste it, and halve back to none, never catching up;
 - spins only while it holds the process's spin slot: of a target's many
   reactors one spins at a time (a spinning thread holds the GIL most of the
   time, which the others need to do their work);
 - does not spin while the machine is oversubscribed: every 5 ms of spinning
   the thread looks at how long it waited for a CPU meanwhile (the run delay
-  the kernel keeps per thread, ``/proc/thread-self/schedstat``); a fifth of
-  that time or more, twice running, means runnable threads outnumber CPUs,
-  and then no thread of the process spins for half a second.
+  the kernel keeps per thread, ``/proc/thread-self/schedstat``); a quarter of
+  that time or more, four looks running, means runnable threads outnumber
+  CPUs (a busy process beside it finds a third or more at most looks; the
+  engine's own threads on a 2-CPU machine that much at a few looks in a
+  hundred, which at two looks running backed spinning off by mistake), and
+  then no thread of the process spins for half a second.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ import os
 import threading
 
 _LOOK_EVERY = 0.005  # seconds of spinning between looks at the thread's run delay
-_CONTENDED = 0.2  # waiting for a CPU this share of the time since the last look: oversubscribed
-_LOOKS = 2  # consecutive looks that must find it so (a thread waking for a moment is not contention)
+_CONTENDED = 0.25  # waiting for a CPU this share of the time since the last look: oversubscribed
+_LOOKS = 4  # consecutive looks that must find it so (a thread waking for a moment is not contention)
 _BACK_OFF = 0.5  # after that, no thread of the process spins for this long
 _FLOOR = 20e-6  # the smallest window worth spinning; below it the window is 0
 _SCHEDSTAT = "/proc/thread-self/schedstat"  # "<ns on a CPU> <ns waiting for one> <time slices>"
@@ -138,4 +143,4 @@ class Spinner:
         """A blocking wait ended with traffic ``since_traffic`` seconds after the last: had that been within
         the limit, spinning would have caught it."""
         if since_traffic < self.limit:
-            self.window = min(self.limit, max(2 * self.window, _FLOOR))
+            self.window = min(self.limit, max(2 * self.window, 2 * since_traffic, _FLOOR))
