@@ -187,8 +187,13 @@ class Lane:
             cur is not None and now >= cur.batch.deadline)
 
     def carries(self, batch: Batch) -> bool:
-        return any(f.batch is batch for f in list(self.inflight.values())) or (
-            self._cur is not None and self._cur.batch is batch)
+        cur = self._cur
+        if cur is not None and cur.batch is batch:
+            return True
+        for frame in list(self.inflight.values()):  # a plain loop: asked a few times per batch, on every batch
+            if frame.batch is batch:
+                return True
+        return False
 
     # -- reply parsing (driver only) -------------------------------------------------
 
@@ -686,7 +691,10 @@ class Peer:
 
     def carries(self, batch: Batch) -> bool:
         """Whether a frame of ``batch`` waits for its reply on one of this peer's lanes."""
-        return any(lane.carries(batch) for lane in self._lanes if lane is not None)
+        for lane in self._lanes:
+            if lane is not None and lane.carries(batch):
+                return True
+        return False
 
     def expire(self, batch: Batch | None, now: float) -> None:
         """Abort lanes carrying frames of ``batch`` (or, with None, of any batch past its deadline)."""
