@@ -59,6 +59,51 @@ def test_register_with_the_metadata_server_down_is_all_or_nothing() -> None:
             srv.stop()
 
 
+def test_register_many_publishes_once_and_is_all_or_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from moonlet.metadata.http import HttpMetadata
+
+    published: list[bytes] = []
+    real = HttpMetadata.publish
+
+    def counted(self: HttpMetadata, name: str, value: bytes) -> None:
+        published.append(value)
+        real(self, name, value)
+
+    monkeypatch.setattr(HttpMetadata, "publish", counted)
+    srv = MetadataServer(port=0).start()
+    try:
+        with initiator("edges-many", srv.url) as eng, initiator(metadata=srv.url, name="edges-many-peer") as peer:
+            areas = [bytearray(os.urandom(4096 + 64 * i)) for i in range(50)]
+            raw = bytearray(os.urandom(8192))
+            raw_addr = np.frombuffer(raw, dtype=np.uint8).ctypes.data
+            published.clear()
+            bufs = eng.register_many([*areas, (raw_addr, len(raw))])
+            assert len(published) == 1  # one descriptor for the 51 ranges, not 51 ever longer ones
+            assert [b.addr for b in bufs[:-1]] == [np.frombuffer(a, dtype=np.uint8).ctypes.data for a in areas]
+            assert (bufs[-1].addr, bufs[-1].length) == (raw_addr, len(raw))
+            seg = peer.open_segment("edges-many")
+            got = bytearray(len(raw))
+            lbuf = peer.register(got)
+            for i in (0, 17, 49):  # the peer reaches them through the one descriptor, bytes compared
+                assert peer.read(lbuf.addr, seg, bufs[i].addr, len(areas[i])).ok
+                assert sha(got[:len(areas[i])]) == sha(areas[i])
+            assert peer.read(lbuf.addr, seg, raw_addr, len(raw)).ok and got == raw
+
+            before = [(b.addr, b.length) for b in eng.buffers()]
+            fresh = bytearray(os.urandom(4096))
+            with pytest.raises(MoonletError, match="already registered"):
+                eng.register_many([fresh, areas[3]])  # the second is registered already: neither stays
+            with pytest.raises(MemoryAccessError, match="not an .address, length. pair"):
+                eng.register_many([fresh, (raw_addr,)])
+            srv.stop()
+            with pytest.raises(MetadataError):
+                eng.register_many([fresh, bytearray(os.urandom(4096))])
+            assert [(b.addr, b.length) for b in eng.buffers()] == before
+            assert eng.register_many([]) == []
+    finally:
+        srv.stop()
+
+
 @pytest.fixture
 def pair() -> Iterator[tuple]:
     """An initiator with random local memory and a target with random memory, connected over TCP."""

@@ -316,12 +316,41 @@ class TransferEngine:
         if a transport or the metadata store refuses it, nothing stays registered.
         """
         self._check_open()
+        buf = self._buffer(target, length, location, remote_read, remote_write)
+        self._registry.add(buf)
+        return self._offer([buf])[0]
+
+    def register_many(self, targets: Sequence[Any], location: str | None = None, *, remote_read: bool = True,
+                      remote_write: bool = True) -> list[Buffer]:
+        """Register several memory ranges at once, as :meth:`register` does each, and publish the
+        descriptor once rather than once per range: with a metadata store, registering n ranges one by one
+        writes n ever longer descriptors. ``targets``: objects exposing the buffer protocol, or
+        ``(address, length)`` pairs. All or nothing: if one is refused, none stays registered."""
+        self._check_open()
+        bufs: list[Buffer] = []
+        try:
+            for target in targets:
+                if isinstance(target, tuple):
+                    if len(target) != 2:
+                        raise MemoryAccessError(f"register_many: {target!r} is not an (address, length) pair")
+                    buf = self._buffer(target[0], target[1], location, remote_read, remote_write)
+                else:
+                    buf = self._buffer(target, None, location, remote_read, remote_write)
+                self._registry.add(buf)
+                bufs.append(buf)
+        except BaseException:
+            for buf in bufs:  # in the registry, not yet offered to any transport: nothing else to undo
+                self._registry.remove(buf.addr, self.config.request_timeout, self._settle)
+            raise
+        return self._offer(bufs) if bufs else []
+
+    def _buffer(self, target: Any, length: int | None, location: str | None, remote_read: bool,
+                remote_write: bool) -> Buffer:
+        """The :class:`Buffer` that registering ``target`` makes (not yet in the registry)."""
         addr, length, location, keep, share = self._locate(target, length, location)
         if share and "ipc" in share and not (remote_read and remote_write):
             share = {"gpu": share["gpu"]}  # a CUDA IPC mapping is read-write: peers come through us, we check
-        buf = Buffer(addr, length, location, remote_read, remote_write, keep, share=share)
-        self._registry.add(buf)
-        return self._offer(buf)
+        return Buffer(addr, length, location, remote_read, remote_write, keep, share=share)
 
     @staticmethod
     def _locate(target: Any, length: int | None,
@@ -394,34 +423,40 @@ class TransferEngine:
         except BaseException:
             shared.release()
             raise
-        return self._offer(buf)
+        return self._offer([buf])[0]
 
-    def _offer(self, buf: Buffer) -> Buffer:
-        """Register ``buf``, just added to the registry, with every transport and publish it: all or nothing.
+    def _offer(self, bufs: list[Buffer]) -> list[Buffer]:
+        """Register ``bufs``, just added to the registry, with every transport and publish them once: all or
+        nothing.
 
-        If a transport or the metadata store refuses it, the buffer is withdrawn
+        If a transport or the metadata store refuses one, every buffer is withdrawn
         (registry, the transports that took it, an :meth:`allocate` buffer's
         memory) and the error re-raised, so the same call works once the cause
         is gone (no "already registered" from a half-done one).
         """
-        taken: list[Transport] = []
+        taken: list[tuple[Buffer, list[Transport]]] = []
         try:
-            for t in self._all_transports:
-                t.register(buf)
-                taken.append(t)
+            for buf in bufs:
+                taken.append((buf, []))
+                for t in self._all_transports:
+                    t.register(buf)
+                    taken[-1][1].append(t)
             self._publish()
         except BaseException:
-            # A peer may have seen it meanwhile (p2p descriptors are served live): withdraw it as unregister does.
-            self._registry.remove(buf.addr, self.config.request_timeout, self._settle)
-            self._forget(buf, taken)
+            # A peer may have seen them meanwhile (p2p descriptors are served live): withdraw as unregister does.
+            for buf in bufs:
+                self._registry.remove(buf.addr, self.config.request_timeout, self._settle)
+            for buf, transports in taken:
+                self._forget(buf, transports)
             try:
                 self._publish()  # the store keeps (and keepalive renews) the last descriptor handed to it
             except MoonletError as e:
                 log.info("descriptor of %s not republished after a refused registration: %s", self._name, e)
-            if isinstance(buf.keepalive, SharedMemory):
-                buf.keepalive.release()
+            for buf in bufs:
+                if isinstance(buf.keepalive, SharedMemory):
+                    buf.keepalive.release()
             raise
-        return buf
+        return bufs
 
     def _forget(self, buf: Buffer, transports: list[Transport]) -> None:
         """Withdraw ``buf``, removed from the registry, from ``transports``, and tell same-host peers."""

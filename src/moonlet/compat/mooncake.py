@@ -151,13 +151,11 @@ class TransferEngine:
                               location: str = "*") -> int:
         if len(buffer_addresses) != len(capacities):
             return self._fail("buffer_addresses and capacities differ in length")
-        done: list[int] = []
-        for addr, cap in zip(buffer_addresses, capacities):
-            if self.register_memory(addr, cap, location):
-                for a in done:  # all or nothing
-                    self.unregister_memory(a)
-                return -1
-            done.append(addr)
+        try:  # all or nothing, and the descriptor published once
+            self._need().register_many([(int(a), int(c)) for a, c in zip(buffer_addresses, capacities)],
+                                       None if location in ("*", "") else location)
+        except MoonletError as e:
+            return self._fail(f"batch_register_memory({len(capacities)} buffers): {e}")
         return 0
 
     def batch_unregister_memory(self, buffer_addresses: Sequence[int]) -> int:
