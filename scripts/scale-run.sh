@@ -27,9 +27,9 @@ fan-in|fan-out)
 profile)
   python3 benchmarks/scale.py --patterns fan-in --peers "${2:-8}" --engines moonlet --transports tcp --ops write \
     --blocks 64K --duration 20 --out "$out/profile" > "$out/profile.log" 2>&1 &
-  run=$!
   sleep 8
   pid=$(pgrep -f "_scale_worker.py target" | head -1)
+  [ -n "$pid" ] || { echo "no target process to sample (see $out/profile.log)" >&2; wait; exit 1; }
   .bench/py-spy record --nonblocking --gil --threads -r 250 -d 8 -f raw -o "$out/profile-gil.txt" -p "$pid" \
     > "$out/profile-py-spy.log" 2>&1 &
   .bench/py-spy record --nonblocking --idle --threads -r 250 -d 8 -f raw -o "$out/profile-all.txt" -p "$pid" \
@@ -38,6 +38,7 @@ profile)
   ;;
 ab)
   rounds=${2:-3}; old=$(readlink -f "${3:-.bench/head-src}")
+  [ -d "$old/moonlet" ] || { echo "no moonlet package under ${3:-.bench/head-src}" >&2; exit 1; }
   args=(--patterns fan-in --peers 1 --engines moonlet --transports tcp,shm --duration 2)
   [ $# -gt 3 ] && args=("${@:4}")
   for r in $(seq "$rounds"); do

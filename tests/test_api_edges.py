@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from helpers.engines import initiator
+from helpers.engines import initiator, transport
 from helpers.memory import register_random, sha
 from helpers.procs import open_fds
 from moonlet import (
@@ -23,6 +23,7 @@ from moonlet import (
     MetadataServer,
     MoonletError,
     Op,
+    RegistrationError,
     Request,
     State,
     TransferEngine,
@@ -90,14 +91,49 @@ def test_register_many_publishes_once_and_is_all_or_nothing(monkeypatch: pytest.
             assert peer.read(lbuf.addr, seg, raw_addr, len(raw)).ok and got == raw
 
             before = [(b.addr, b.length) for b in eng.buffers()]
-            fresh = bytearray(os.urandom(4096))
-            with pytest.raises(MoonletError, match="already registered"):
+            fresh, other = bytearray(os.urandom(4096)), bytearray(os.urandom(4096))
+            with pytest.raises(MoonletError, match=r"targets\[1\]: .*already registered"):
                 eng.register_many([fresh, areas[3]])  # the second is registered already: neither stays
-            with pytest.raises(MemoryAccessError, match="not an .address, length. pair"):
+            with pytest.raises(MoonletError, match=r"targets\[1\]: .*already registered"):
+                eng.register_many([fresh, fresh])  # the same range twice in one call
+            with pytest.raises(RegistrationError, match=r"targets\[1\]: .*not an \(address, length\) pair"):
                 eng.register_many([fresh, (raw_addr,)])
+            with pytest.raises(MemoryAccessError, match=r"targets\[0\]: length must be an integer"):
+                eng.register_many([(fresh, True)])
+            with pytest.raises(RegistrationError, match="use register"):
+                eng.register_many((raw_addr, len(raw)))  # one pair, not a sequence of them
+            with pytest.raises(RegistrationError, match="use register"):
+                eng.register_many(fresh)  # a buffer, not a sequence of them
+            # A transport refusing the third buffer: the two it took are withdrawn from it, nothing stays.
+            tcp = transport(eng, "tcp")
+            took, gave_back = [], []
+            real_register, real_unregister = tcp.register, tcp.unregister
+
+            def refuse_third(buf):
+                if len(took) == 2:
+                    raise RegistrationError("refused for the test")
+                took.append(buf.addr)
+                real_register(buf)
+
+            def unregister(buf):
+                gave_back.append(buf.addr)
+                real_unregister(buf)
+
+            monkeypatch.setattr(tcp, "register", refuse_third)
+            monkeypatch.setattr(tcp, "unregister", unregister)
+            third = bytearray(os.urandom(4096))
+            with pytest.raises(RegistrationError, match="refused for the test"):
+                eng.register_many([fresh, other, third])
+            assert sorted(gave_back) == sorted(took) and len(took) == 2
+            assert [(b.addr, b.length) for b in eng.buffers()] == before
+            monkeypatch.setattr(tcp, "register", real_register)
+            again = eng.register_many([fresh, other, third])  # the refusal left nothing behind to trip on
+            eng.unregister(again[0])
+            eng.unregister(again[1])
+            eng.unregister(again[2])
             srv.stop()
             with pytest.raises(MetadataError):
-                eng.register_many([fresh, bytearray(os.urandom(4096))])
+                eng.register_many([fresh, [np.frombuffer(other, dtype=np.uint8).ctypes.data, len(other)]])
             assert [(b.addr, b.length) for b in eng.buffers()] == before
             assert eng.register_many([]) == []
     finally:

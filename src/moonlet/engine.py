@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import sys
 import threading
@@ -16,7 +17,15 @@ from . import gpu, metrics
 from . import metadata as md
 from .batch import Batch, Op, Request, RequestStatus, State
 from .config import EngineConfig, check_timeout
-from .errors import ConfigError, MemoryAccessError, MoonletError, ProtocolError, SegmentError, TransferError
+from .errors import (
+    ConfigError,
+    MemoryAccessError,
+    MoonletError,
+    ProtocolError,
+    RegistrationError,
+    SegmentError,
+    TransferError,
+)
 from .memory import (
     Buffer,
     MemoryRegistry,
@@ -61,6 +70,12 @@ def _warn_no_secret(name: str, endpoint: str) -> None:
     """Log :data:`NO_SECRET_WARNING` for the first engine of this process that has no secret."""
     if _no_secret_warned.acquire(blocking=False):
         log.warning(NO_SECRET_WARNING, name, endpoint)
+
+
+def _is_pair(value: Any) -> bool:
+    """Whether ``value`` looks like one ``(address, length)`` pair rather than a sequence of targets."""
+    return isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def _as_list(seq: Sequence[int]) -> list[int]:
@@ -322,27 +337,47 @@ class TransferEngine:
 
     def register_many(self, targets: Sequence[Any], location: str | None = None, *, remote_read: bool = True,
                       remote_write: bool = True) -> list[Buffer]:
-        """Register several memory ranges at once, as :meth:`register` does each, and publish the
-        descriptor once rather than once per range: with a metadata store, registering n ranges one by one
-        writes n ever longer descriptors. ``targets``: objects exposing the buffer protocol, or
-        ``(address, length)`` pairs. All or nothing: if one is refused, none stays registered."""
+        """Register several memory ranges at once, as :meth:`register` does each (with the same
+        ``location`` and rights for all), and publish the descriptor once rather than once per range: with a
+        metadata store, registering n ranges one by one writes n ever longer descriptors.
+
+        ``targets``: a sequence whose items are objects exposing the buffer protocol, or ``(address,
+        length)`` / ``(object, length)`` pairs (tuples or lists). All or nothing: if one is refused, none
+        stays registered, and the error names the item.
+        """
         self._check_open()
+        if isinstance(targets, (str, bytes, bytearray, memoryview)) or hasattr(targets, "__array_interface__") \
+                or _is_pair(targets):
+            raise RegistrationError("register_many takes a sequence of targets (objects or (address, length) "
+                                    "pairs); to register one range, use register()")
         bufs: list[Buffer] = []
         try:
-            for target in targets:
-                if isinstance(target, tuple):
-                    if len(target) != 2:
-                        raise MemoryAccessError(f"register_many: {target!r} is not an (address, length) pair")
-                    buf = self._buffer(target[0], target[1], location, remote_read, remote_write)
-                else:
-                    buf = self._buffer(target, None, location, remote_read, remote_write)
-                self._registry.add(buf)
+            for i, target in enumerate(targets):
+                try:
+                    if isinstance(target, (tuple, list)):
+                        if len(target) != 2:
+                            raise RegistrationError(f"{target!r} is not an (address, length) pair")
+                        buf = self._buffer(target[0], target[1], location, remote_read, remote_write)
+                    else:
+                        buf = self._buffer(target, None, location, remote_read, remote_write)
+                    self._registry.add(buf)
+                except (MemoryAccessError, RegistrationError) as e:
+                    raise type(e)(f"register_many: targets[{i}]: {e}") from None
                 bufs.append(buf)
         except BaseException:
-            for buf in bufs:  # in the registry, not yet offered to any transport: nothing else to undo
-                self._registry.remove(buf.addr, self.config.request_timeout, self._settle)
+            self._withdraw(bufs)  # in the registry, not yet offered to any transport: nothing else to undo
             raise
         return self._offer(bufs) if bufs else []
+
+    def _withdraw(self, bufs: list[Buffer]) -> None:
+        """Take ``bufs`` out of the registry on the way out of a refused registration: each one, even if an
+        earlier one could not be (a peer pinned it past ``request_timeout``), which is logged."""
+        for buf in bufs:
+            try:
+                self._registry.remove(buf.addr, self.config.request_timeout, self._settle)
+            except MoonletError as e:
+                log.error("withdrawing [%#x, +%d) after a refused registration failed; it stays registered: %s",
+                          buf.addr, buf.length, e)
 
     def _buffer(self, target: Any, length: int | None, location: str | None, remote_read: bool,
                 remote_write: bool) -> Buffer:
@@ -358,6 +393,13 @@ class TransferEngine:
         """Address, length, location, keep-alive object and peer-sharing info of memory to register."""
         keep: Any = None
         share: dict[str, Any] | None = None
+        if length is not None:
+            try:
+                if isinstance(length, bool):
+                    raise TypeError
+                length = operator.index(length)
+            except TypeError:
+                raise MemoryAccessError(f"length must be an integer, got {length!r}") from None
         if isinstance(target, int) and not isinstance(target, bool):
             if length is None:
                 raise MemoryAccessError("registering a raw address needs a length")
@@ -444,8 +486,7 @@ class TransferEngine:
             self._publish()
         except BaseException:
             # A peer may have seen them meanwhile (p2p descriptors are served live): withdraw as unregister does.
-            for buf in bufs:
-                self._registry.remove(buf.addr, self.config.request_timeout, self._settle)
+            self._withdraw(bufs)
             for buf, transports in taken:
                 self._forget(buf, transports)
             try:
