@@ -240,7 +240,10 @@ class TcpServer:
     @property
     def failure(self) -> str | None:
         """Why a reactor died (None while all serve): once set, that reactor's peers are not served."""
-        return next((loop.failure for loop in self._shared.loops if loop.failure is not None), None)
+        for loop in self._shared.loops:  # asked on every submit: a plain loop, no generator
+            if loop.failure is not None:
+                return loop.failure
+        return None
 
     @property
     def refused(self) -> int:
