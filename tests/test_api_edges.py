@@ -28,6 +28,7 @@ from moonlet import (
     State,
     TransferEngine,
 )
+from moonlet.memory import address_of
 
 
 def test_register_with_the_metadata_server_down_is_all_or_nothing() -> None:
@@ -76,11 +77,11 @@ def test_register_many_publishes_once_and_is_all_or_nothing(monkeypatch: pytest.
         with initiator("edges-many", srv.url) as eng, initiator(metadata=srv.url, name="edges-many-peer") as peer:
             areas = [bytearray(os.urandom(4096 + 64 * i)) for i in range(50)]
             raw = bytearray(os.urandom(8192))
-            raw_addr = np.frombuffer(raw, dtype=np.uint8).ctypes.data
+            raw_addr = address_of(raw)[0]
             published.clear()
             bufs = eng.register_many([*areas, (raw_addr, len(raw))])
             assert len(published) == 1  # one descriptor for the 51 ranges, not 51 ever longer ones
-            assert [b.addr for b in bufs[:-1]] == [np.frombuffer(a, dtype=np.uint8).ctypes.data for a in areas]
+            assert [b.addr for b in bufs[:-1]] == [address_of(a)[0] for a in areas]
             assert (bufs[-1].addr, bufs[-1].length) == (raw_addr, len(raw))
             seg = peer.open_segment("edges-many")
             got = bytearray(len(raw))
@@ -128,12 +129,11 @@ def test_register_many_publishes_once_and_is_all_or_nothing(monkeypatch: pytest.
             assert [(b.addr, b.length) for b in eng.buffers()] == before
             monkeypatch.setattr(tcp, "register", real_register)
             again = eng.register_many([fresh, other, third])  # the refusal left nothing behind to trip on
-            eng.unregister(again[0])
-            eng.unregister(again[1])
-            eng.unregister(again[2])
+            for buf in again:
+                eng.unregister(buf)
             srv.stop()
             with pytest.raises(MetadataError):
-                eng.register_many([fresh, [np.frombuffer(other, dtype=np.uint8).ctypes.data, len(other)]])
+                eng.register_many([fresh, [address_of(other)[0], len(other)]])
             assert [(b.addr, b.length) for b in eng.buffers()] == before
             assert eng.register_many([]) == []
     finally:

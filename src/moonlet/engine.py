@@ -479,10 +479,11 @@ class TransferEngine:
         taken: list[tuple[Buffer, list[Transport]]] = []
         try:
             for buf in bufs:
-                taken.append((buf, []))
+                took: list[Transport] = []
+                taken.append((buf, took))
                 for t in self._all_transports:
                     t.register(buf)
-                    taken[-1][1].append(t)
+                    took.append(t)
             self._publish()
         except BaseException:
             # A peer may have seen them meanwhile (p2p descriptors are served live): withdraw as unregister does.

@@ -22,9 +22,9 @@ slice (milliseconds). So a :class:`Spinner`
   the kernel keeps per thread, ``/proc/thread-self/schedstat``); a quarter of
   that time or more, four looks running, means runnable threads outnumber
   CPUs (a busy process beside it finds a third or more at most looks; the
-  engine's own threads on a 2-CPU machine that much at a few looks in a
-  hundred, which at two looks running backed spinning off by mistake), and
-  then no thread of the process spins for half a second.
+  engine's own threads on a 2-CPU machine find that much at a few looks in a
+  hundred, never four running), and then no thread of the process spins for
+  half a second.
 """
 
 from __future__ import annotations
