@@ -45,7 +45,7 @@ def _ready_then_go(line: str) -> None:
 def _engine(protocol: str):
     from moonlet import EngineConfig, TransferEngine
 
-    return TransferEngine(config=EngineConfig(transports=(protocol,)))
+    return TransferEngine(config=EngineConfig.from_env(transports=(protocol,)))  # MOONLET_* settings apply
 
 
 def target(protocol: str, size: int) -> None:
