@@ -7,6 +7,10 @@
 #   OUT=dir scripts/scale-run.sh ab [ROUNDS [OLD_SRC [SCALE_ARGS...]]]
 #                                       OLD_SRC (.bench/head-src) and src interleaved, ROUNDS (3) times: the N = 1
 #                                       fan-in rows, or those SCALE_ARGS pick; OUT/ab-{old,src}-<round>.{json,md,log}
+#   OUT=dir scripts/scale-run.sh rep [ROUNDS [DURATION]]
+#                                       the bar rows (TCP writes, N = 4 and 8, 64 KiB and 1 MiB, fan-in with the
+#                                       streams and Mooncake, fan-out with the streams) ROUNDS (3) times:
+#                                       OUT/rep-<round>.{json,md,log}
 #   OUT=dir scripts/scale-run.sh profile [N]   where the target's time goes at fan-in N (8), TCP 64 KiB x 32 writes:
 #                                       py-spy (carry .bench/py-spy) samples the target's threads for 8 s, those
 #                                       holding the GIL (OUT/profile-gil.txt) and all (OUT/profile-all.txt),
@@ -23,6 +27,12 @@ case "$1" in
 fan-in|fan-out)
   python3 benchmarks/scale.py --patterns "$1" --duration "${2:-2}" --mooncake-bench "$mc/transfer_engine_bench" \
     --out "$out/scale-$1" "${@:3}" > "$out/scale-$1.log" 2>&1
+  ;;
+rep)
+  for r in $(seq "${2:-3}"); do
+    python3 benchmarks/scale.py --patterns fan-in,fan-out --peers 4,8 --ops write --blocks 64K,1M --transports tcp \
+      --duration "${3:-1.5}" --mooncake-bench "$mc/transfer_engine_bench" --out "$out/rep-$r" > "$out/rep-$r.log" 2>&1
+  done
   ;;
 profile)
   python3 benchmarks/scale.py --patterns fan-in --peers "${2:-8}" --engines moonlet --transports tcp --ops write \

@@ -12,13 +12,15 @@ from helpers.memory import sha
 from moonlet import ConfigError, Op, State, TransferEngine
 
 
-@pytest.mark.parametrize("n,longest,stride", [
-    (200, 9000, 10000),
-    (600, 6000, 6000),  # more requests than a frame carries (frame_entries 256), over 1 MiB (frame_bytes)
+@pytest.mark.parametrize("n,longest,stride,frame_bytes", [
+    (200, 9000, 10000, None),
+    (600, 6000, 6000, None),  # more requests than a frame carries (frame_entries 256)
+    (300, 12000, 12000, 256 << 10),  # more bytes than a frame carries: about seven frames
 ])
 @pytest.mark.parametrize("transport,target_memory", [("tcp", "register"), ("shm", "register"), ("shm", "allocate")])
-def test_arrays_move_the_same_bytes(peer, transport, target_memory, n, longest, stride):
-    with TransferEngine(transports=(transport,)) as eng:
+def test_arrays_move_the_same_bytes(peer, transport, target_memory, n, longest, stride, frame_bytes):
+    limits = {} if frame_bytes is None else {"frame_bytes": frame_bytes}
+    with TransferEngine(transports=(transport,), **limits) as eng:
         mem = bytearray(os.urandom(8 << 20))
         buf = eng.register(mem)
         remote = peer.addr if target_memory == "register" else peer.call(f"allocate {8 << 20}")["addr"]

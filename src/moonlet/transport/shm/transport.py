@@ -49,6 +49,10 @@ from .target import AttachTarget
 
 log = logging.getLogger("moonlet.shm")
 
+#: Bytes the PULL / PUSH frames of one submit name at most (their payload never crosses the socket: the
+#: target copies it with process_vm_readv/writev): large, so a batch pipelines in few frames.
+ATTACH_FRAME_BYTES = 64 << 20
+
 
 class SameHostTransport(Transport):
     name = "shm"
@@ -91,9 +95,9 @@ class SameHostTransport(Transport):
         if not attach:
             return
         peer = self._tcp.peer(segment)
-        max_bytes, max_entries = self._tcp.config.frame_bytes * 64, self._tcp.config.frame_entries
-        for frame in frames.attach_requests(attach, batch, self._registry, max_bytes, max_entries):  # no socket
-            peer.send(frame)  # to pipeline: big frames
+        for frame in frames.attach_requests(attach, batch, self._registry, ATTACH_FRAME_BYTES,
+                                            self._tcp.config.frame_entries):  # no payload on the socket
+            peer.send(frame)
 
     def submit_many(self, segment: Segment, batch: Batch, op: int, local_addrs: list[int],
                     remote_addrs: list[int], lengths: list[int], local: Buffer, remote: RemoteBuffer) -> None:
@@ -135,7 +139,7 @@ class SameHostTransport(Transport):
         batch.add_parts_all(self.name)
         cfg = self._tcp.config
         for frame in frames.attach_arrays(kind, local_addrs, remote_addrs, lengths, local, batch, self._registry,
-                                          cfg.frame_bytes * 64, cfg.frame_entries):
+                                          ATTACH_FRAME_BYTES, cfg.frame_entries):
             peer.send(frame)
 
     def _copy_mapped(self, peer: SegmentDescriptor, batch: Batch, item: WorkItem) -> bool:
