@@ -3,8 +3,8 @@ holds PATTERN, CPU % (user + system) over each INTERVAL, for SECONDS.
 
     python3 scripts/cpu-sample.py PATTERN SECONDS [INTERVAL]      (Linux /proc; prints one block per interval)
 
-A thread at 100 % is one CPU busy; a process's threads summing to far less than their count while the
-benchmark is slow point at waiting (locks, the GIL, wake-ups), far more at spinning.
+Threads are named by their id. A thread at 100 % is one CPU busy; a process's threads summing to far less
+than their count while the benchmark is slow point at waiting (locks, the GIL, wake-ups).
 """
 
 from __future__ import annotations
@@ -25,16 +25,8 @@ def _ticks(path: str) -> int | None:
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
 
 
-def _name(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def _snapshot(pattern: str) -> dict[str, tuple[str, int, dict[str, tuple[str, int]]]]:
-    """pid -> (role, process ticks, tid -> (thread name, ticks)) for the processes matching ``pattern``
+def _snapshot(pattern: str) -> dict[str, tuple[str, int, dict[str, int]]]:
+    """pid -> (role, process ticks, tid -> ticks) for the processes matching ``pattern``
     (those, and threads, that ended while being read are left out)."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -53,14 +45,18 @@ def _snapshot(pattern: str) -> dict[str, tuple[str, int, dict[str, tuple[str, in
         for tid in tids:
             t = _ticks(f"/proc/{pid}/task/{tid}/stat")
             if t is not None:
-                threads[tid] = (_name(f"{pid}/task/{tid}"), t)
+                threads[tid] = t
         out[pid] = (role, ticks, threads)
     return out
 
 
 def main() -> int:
+    if len(sys.argv) not in (3, 4):
+        raise SystemExit(__doc__)
     pattern, seconds = sys.argv[1], float(sys.argv[2])
     interval = float(sys.argv[3]) if len(sys.argv) > 3 else 1.0
+    if not pattern or seconds <= 0 or interval <= 0:
+        raise SystemExit("PATTERN must be non-empty, SECONDS and INTERVAL positive")
     end = time.monotonic() + seconds
     before, t0 = _snapshot(pattern), time.monotonic()
     while time.monotonic() < end:
@@ -72,10 +68,11 @@ def main() -> int:
             if pid not in before:
                 continue
             old = before[pid][2]
-            per = sorted(((round((t - old[tid][1]) * scale), name) for tid, (name, t) in threads.items()
-                          if tid in old and t > old[tid][1]), reverse=True)
-            print(f"{pid:>7} {role:<28} {(ticks - before[pid][1]) * scale:6.0f} %  threads: "
-                  + " ".join(f"{n}={p}" for p, n in per[:20]))
+            # a thread started since the last sample counts from zero
+            per = sorted(((round((t - old.get(tid, 0)) * scale), tid) for tid, t in threads.items()
+                          if t > old.get(tid, 0)), reverse=True)
+            print(f"{pid:>7} {role:<28} {(ticks - before[pid][1]) * scale:6.0f} %  threads (id=%): "
+                  + " ".join(f"{tid}={p}" for p, tid in per[:20]))
         sys.stdout.flush()
         before, t0 = after, t1
     return 0

@@ -180,7 +180,7 @@ def test_gpu_memory_over_tcp(peer_factory, local_gpu, remote_gpu):
     """Across hosts GPU memory is staged through pinned host buffers; here over TCP loopback."""
     args = ("--gpu", str(gpu.device_count() - 1)) if remote_gpu else ()
     target = peer_factory(*args, "--size", str(32 * MiB))
-    with TransferEngine(transports=("tcp",), slice_size=MiB) as eng:
+    with TransferEngine(transports=("tcp",), slice_size=MiB, frame_bytes=MiB) as eng:  # several staged frames
         data = bytearray(os.urandom(12 * MiB))
         ptr = gpu.alloc(0, 32 * MiB) if local_gpu else None
         try:

@@ -15,7 +15,7 @@ from moonlet import ConfigError, Op, State, TransferEngine
 @pytest.mark.parametrize("n,longest,stride,frame_bytes", [
     (200, 9000, 10000, None),
     (600, 6000, 6000, None),  # more requests than a frame carries (frame_entries 256)
-    (300, 12000, 12000, 256 << 10),  # more bytes than a frame carries: about seven frames
+    (300, 12000, 12000, 256 << 10),  # tcp: more bytes than a frame carries (about seven frames)
 ])
 @pytest.mark.parametrize("transport,target_memory", [("tcp", "register"), ("shm", "register"), ("shm", "allocate")])
 def test_arrays_move_the_same_bytes(peer, transport, target_memory, n, longest, stride, frame_bytes):

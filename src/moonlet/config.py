@@ -59,6 +59,8 @@ class EngineConfig:
             target a fixed share of Python work, so larger frames serve more peers
             from one process: 4 MiB moved 1.5x-2.2x the bytes of 1 MiB with eight
             peers on a 16-CPU host (docs/performance.md, "Scale with peers").
+            Same-host PULL/PUSH frames, whose payload never crosses the socket,
+            have their own limit (64 MiB).
         frame_entries: ... or this many requests.
         request_timeout: default deadline of a request, in seconds. This and
             the three below, like every timeout argument of the engine, must be
