@@ -82,6 +82,11 @@ def _transports(protocol: str) -> tuple[str, ...]:
     return () if protocol == "rdma" else tuple(t for t in here if t != "rdma")
 
 
+def _location(location: str) -> str | None:
+    """Mooncake's location of memory to register as moonlet's: "*" (or nothing) means find it out."""
+    return None if location in ("*", "") else location
+
+
 class TransferEngine:
     """``mooncake.engine.TransferEngine``, backed by :class:`moonlet.TransferEngine`."""
 
@@ -135,7 +140,7 @@ class TransferEngine:
 
     def register_memory(self, buffer_addr: int, capacity: int, location: str = "*") -> int:
         try:
-            self._need().register(int(buffer_addr), int(capacity), None if location in ("*", "") else location)
+            self._need().register(int(buffer_addr), int(capacity), _location(location))
         except MoonletError as e:
             return self._fail(f"register_memory({buffer_addr:#x}, {capacity}): {e}")
         return 0
@@ -153,7 +158,7 @@ class TransferEngine:
             return self._fail("buffer_addresses and capacities differ in length")
         try:  # all or nothing, and the descriptor published once
             self._need().register_many([(int(a), int(c)) for a, c in zip(buffer_addresses, capacities)],
-                                       None if location in ("*", "") else location)
+                                       _location(location))
         except MoonletError as e:
             return self._fail(f"batch_register_memory({len(capacities)} buffers): {e}")
         return 0
